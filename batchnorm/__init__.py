@@ -1,0 +1,12 @@
+"""batchnorm: Batch Normalization (Ioffe & Szegedy 2015) for PyTorch.
+
+Algorithm 1 lives in `batchnorm.functional`, the layers in `batchnorm.modules`, Algorithm 2's
+inference side (population statistics, freezing, folding) in `batchnorm.population`.
+"""
+
+from batchnorm import functional
+from batchnorm.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

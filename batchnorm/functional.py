@@ -1,0 +1,340 @@
+"""Algorithm 1 (Sec. 3): the Batch Normalizing Transform, its statistics and its backward pass.
+
+Everything here is a pure function: it computes and returns, new running statistics included,
+and never writes into its arguments, so `torch.func` transforms and `torch.compile` apply.
+
+Conventions (stated once, here; the modules and the rest of the library refer to this).
+Paper symbols map to torch names as gamma = ``weight``, beta = ``bias``, mu_B = batch mean,
+sigma2_B = batch variance, E[x] = ``running_mean``, Var[x] = ``running_var``.
+
+- Statistics are taken per channel over every other axis: per activation for (N, C), per
+  feature map over N and all spatial positions for (N, C, *spatial) (Sec. 3.2, m' = m*p*q).
+  ``axis`` names the channel axis (1 by default, -1 for channels-last data).
+- Normalization uses the biased batch variance sigma2_B = 1/m sum (x - mu_B)^2 and
+  xhat = (x - mu_B) / sqrt(sigma2_B + eps): eps goes inside the square root.
+- ``running_var`` stores the unbiased variance m/(m-1) * sigma2_B (Algorithm 2, step 2), with
+  m the number of values per channel in the batch.
+- ``momentum`` weighs the NEW value (torch's convention):
+  running = (1 - momentum) * running + momentum * batch. Keras/Flax's momentum 0.99 is
+  torch's 0.01. A cumulative average (Algorithm 2's E_B over equal batches) is momentum
+  1/k at the k-th update.
+- Half-precision input (float16/bfloat16) is normalized with float32 statistics and float32
+  gamma/beta; the output keeps the input dtype.
+- A batch whose statistics are not finite still produces its (non-finite) output, but the
+  running statistics are returned unchanged and ``updated`` is False.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BatchStats",
+    "BatchNormOutput",
+    "batch_stats",
+    "normalize",
+    "inference_affine",
+    "update_running_stats",
+    "batch_norm",
+    "BatchNormFunction",
+]
+
+
+class BatchStats(NamedTuple):
+    """Per-channel statistics of one mini-batch: mu_B, the biased sigma2_B, and m."""
+
+    mean: Tensor
+    var: Tensor
+    count: int
+
+
+class BatchNormOutput(NamedTuple):
+    """What `batch_norm` returns: y, the new running statistics, and whether they moved."""
+
+    output: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    updated: bool | Tensor | None
+
+
+def _channel_axis(input: Tensor, axis: int) -> int:
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch norm expects an input of at least 2 dimensions (N, C, ...), "
+            f"got shape {tuple(input.shape)}"
+        )
+    if not -input.dim() <= axis < input.dim():
+        raise ValueError(
+            f"channel axis {axis} is out of range for input of shape {tuple(input.shape)}"
+        )
+    return axis % input.dim()
+
+
+def _reduce_dims(input: Tensor, axis: int) -> list[int]:
+    return [d for d in range(input.dim()) if d != axis]
+
+
+def _per_channel(t: Tensor, input: Tensor, axis: int) -> Tensor:
+    """View a (C,) tensor so it broadcasts along ``axis`` of ``input``."""
+    shape = [1] * input.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _stats_dtype(input: Tensor) -> torch.dtype:
+    # Half-precision sums lose the mean; accumulate in float32 (float64 stays float64).
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _values_per_channel(input: Tensor, axis: int) -> int:
+    return input.numel() // input.shape[axis] if input.shape[axis] else 0
+
+
+def batch_stats(input: Tensor, axis: int = 1) -> BatchStats:
+    """mu_B and the biased sigma2_B of Algorithm 1, per channel.
+
+    Two passes (mean, then the mean of squared deviations), accumulated in float32 for half
+    input: E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std (1e4 + N(0, 1) in
+    float32 loses every digit of the variance).
+
+    Args:
+        input: (N, C, *) with the channel at ``axis``.
+        axis: the channel axis.
+
+    Returns:
+        BatchStats(mean (C,), var (C,), count m) in float32 (float64 for float64 input).
+    """
+    axis = _channel_axis(input, axis)
+    x = input.to(_stats_dtype(input))
+    var, mean = torch.var_mean(x, dim=_reduce_dims(input, axis), correction=0)
+    return BatchStats(mean, var, _values_per_channel(input, axis))
+
+
+def inference_affine(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Algorithm 2, step 3: BN with fixed statistics as one affine map y = scale * x + shift.
+
+    scale = gamma / sqrt(Var[x] + eps), shift = beta - gamma * E[x] / sqrt(Var[x] + eps).
+    Missing gamma/beta count as 1/0. Used for inference, folding and export.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def normalize(
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> Tensor:
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta, per channel along ``axis``.
+
+    With batch statistics this is Algorithm 1's output; with population statistics it is
+    Algorithm 2's inference transform. Computed in the statistics' dtype, returned in the
+    input's.
+    """
+    axis = _channel_axis(input, axis)
+    scale, shift = inference_affine(mean, var, weight, bias, eps)
+    x = input.to(scale.dtype)
+    y = x * _per_channel(scale, input, axis) + _per_channel(shift, input, axis)
+    return y.to(input.dtype)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> tuple[Tensor, Tensor]:
+    """One moving-average step towards this batch's statistics (conventions in the module doc).
+
+    Args:
+        mean, var: the batch's mu_B and biased sigma2_B; var is stored unbiased, * m/(m-1).
+        count: m, the values per channel.
+        momentum: the weight of the new value.
+
+    Returns:
+        (new_running_mean, new_running_var). No guard against non-finite values here:
+        `batch_norm` applies it.
+    """
+    mean = mean.to(running_mean.dtype)
+    var = var.to(running_var.dtype) * (count / (count - 1))
+    return torch.lerp(running_mean, mean, momentum), torch.lerp(running_var, var, momentum)
+
+
+def _keep_if_finite(old_mean, old_var, new_mean, new_var):
+    """Return the new statistics if all are finite, else the old ones; and which was chosen.
+
+    A non-finite batch (NaN/Inf input, overflowing variance) must never poison the running
+    statistics. On the CPU in eager mode the check is a Python bool (reading one number back
+    costs nothing there); on accelerators, under torch.compile and under torch.func
+    transforms it stays a tensor and selects with `torch.where`, so nothing synchronizes.
+    """
+    if (
+        new_var.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(new_var)
+    ):
+        # The variance is computed from the mean, so a non-finite mean makes it non-finite
+        # too: one sum of the new variances decides (a finite sum overflowing near 1e38
+        # would skip the update, the safe outcome).
+        if math.isfinite(new_var.sum().item()):
+            return new_mean, new_var, True
+        return old_mean, old_var, False
+    updated = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+    return (
+        torch.where(updated, new_mean, old_mean),
+        torch.where(updated, new_var, old_var),
+        updated,
+    )
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Algorithm 1 with the paper's backward pass, for channel-at-axis-1 input.
+
+    Forward saves only x, mu_B and 1/sqrt(sigma2_B + eps); backward recomputes xhat from them
+    and applies the compact form of the paper's chain rule (Sec. 3), with s = sqrt(sigma2_B+eps):
+
+        dl/dxhat  = dl/dy * gamma
+        dl/dx     = 1/(m s) * (m dl/dxhat - sum dl/dxhat - xhat * sum(dl/dxhat * xhat))
+        dl/dgamma = sum dl/dy * xhat          dl/dbeta = sum dl/dy
+
+    The gradient flows through mu_B and sigma2_B (the two sums), which Sec. 2 shows is
+    necessary. Returns (y, mu_B, sigma2_B); the statistics are not differentiable outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps):  # noqa: D102
+        stats = batch_stats(input, 1)
+        invstd = torch.rsqrt(stats.var + eps)
+        y = normalize(input, stats.mean, stats.var, weight, bias, eps, 1)
+        ctx.save_for_backward(input, weight, stats.mean, invstd)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(stats.mean, stats.var)
+        return y, stats.mean, stats.var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):  # noqa: D102
+        input, weight, mean, invstd = ctx.saved_tensors
+        dims = _reduce_dims(input, 1)
+        m = _values_per_channel(input, 1)
+        dtype = invstd.dtype
+        dy = grad_y.to(dtype)
+        xhat = (input.to(dtype) - _per_channel(mean, input, 1)) * _per_channel(invstd, input, 1)
+        sum_dy = dy.sum(dims)  # (C,): dl/dbeta
+        sum_dy_xhat = (dy * xhat).sum(dims)  # (C,): dl/dgamma
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            gamma = weight.to(dtype) if weight is not None else torch.ones_like(invstd)
+            k = gamma * invstd / m  # (C,)
+            # dl/dxhat = dy * gamma, so its two sums are gamma * sum_dy and gamma * sum_dy_xhat.
+            grad_input = _per_channel(k, input, 1) * (
+                m * dy - _per_channel(sum_dy, input, 1) - xhat * _per_channel(sum_dy_xhat, input, 1)
+            )
+            grad_input = grad_input.to(input.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(grad_y.dtype if weight is None else weight.dtype)
+        return grad_input, grad_weight, grad_bias, None
+
+
+def _check_training_batch(input: Tensor, axis: int) -> None:
+    if _values_per_channel(input, axis) <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{tuple(input.shape)} (channel axis {axis}): the batch variance of a single value "
+            "is undefined. Use a larger batch, drop the last incomplete batch, or evaluate "
+            "with population statistics (eval mode)."
+        )
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    backward: str = "native",
+) -> BatchNormOutput:
+    """The BN transform: Algorithm 1 in training, Algorithm 2's fixed affine map otherwise.
+
+    Arguments and their order follow ``torch.nn.functional.batch_norm``; unlike it, nothing is
+    mutated: the new running statistics are returned. Conventions are in this module's doc.
+
+    Args:
+        input: (N, C, *) with channels at ``axis``.
+        running_mean, running_var: (C,) population estimates, or None to always use batch
+            statistics (``track_running_stats=False``).
+        weight, bias: gamma and beta, (C,) or None.
+        training: normalize with batch statistics (and return updated running statistics).
+        momentum: weight of the new batch statistics in the running averages.
+        eps: added to the variance inside the square root.
+        axis: the channel axis.
+        backward: "native" uses torch's fused batch_norm kernel (fastest); "paper" uses
+            `BatchNormFunction`, this library's implementation of the paper's equations.
+
+    Returns:
+        BatchNormOutput(output, running_mean, running_var, updated); running statistics are
+        None when not tracked. ``updated`` is None when nothing is tracked, else whether the
+        batch statistics were finite and used: a Python bool on the CPU in eager mode, a 0-d
+        bool tensor where reading it back would synchronize (see `_keep_if_finite`).
+
+    Example:
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> out = batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
+        >>> out.running_mean.shape
+        torch.Size([3])
+    """
+    axis = _channel_axis(input, axis)
+    use_batch_stats = training or running_mean is None or running_var is None
+    if use_batch_stats:
+        _check_training_batch(input, axis)
+    if not use_batch_stats:
+        # Algorithm 2, step 3: one fixed affine map per channel.
+        output = normalize(input, running_mean, running_var, weight, bias, eps, axis)
+        return BatchNormOutput(output, running_mean, running_var, None)
+
+    tracking = training and running_mean is not None and running_var is not None
+    x = input.movedim(axis, 1) if axis != 1 else input
+    if backward == "native":
+        # torch's fused kernel updates running statistics in place: hand it copies, so the
+        # caller's tensors stay untouched, and let it do the unbiased, momentum-weighted update.
+        new_mean = running_mean.clone() if tracking else None
+        new_var = running_var.clone() if tracking else None
+        output = torch.batch_norm(
+            x, weight, bias, new_mean, new_var, True, momentum, eps, torch.backends.cudnn.enabled
+        )
+    elif backward == "paper":
+        output, mean, var = BatchNormFunction.apply(x, weight, bias, eps)
+        if tracking:
+            new_mean, new_var = update_running_stats(
+                running_mean, running_var, mean, var, _values_per_channel(input, axis), momentum
+            )
+    else:
+        raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
+    if axis != 1:
+        output = output.movedim(1, axis)
+    if not tracking:
+        return BatchNormOutput(output, running_mean, running_var, None)
+    return BatchNormOutput(output, *_keep_if_finite(running_mean, running_var, new_mean, new_var))
