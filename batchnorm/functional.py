@@ -218,15 +218,21 @@ class BatchNormFunction(torch.autograd.Function):
     necessary. Returns (y, mu_B, sigma2_B); the statistics are not differentiable outputs.
     """
 
+    generate_vmap_rule = True  # forward and backward use only torch ops, so vmap may batch them
+
     @staticmethod
-    def forward(ctx, input, weight, bias, eps):  # noqa: D102
+    def forward(input, weight, bias, eps):  # noqa: D102
         stats = batch_stats(input, 1)
-        invstd = torch.rsqrt(stats.var + eps)
         y = normalize(input, stats.mean, stats.var, weight, bias, eps, 1)
-        ctx.save_for_backward(input, weight, stats.mean, invstd)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(stats.mean, stats.var)
         return y, stats.mean, stats.var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        input, weight, bias, eps = inputs
+        _, mean, var = output
+        ctx.save_for_backward(input, weight, mean, torch.rsqrt(var + eps))
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var)
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):  # noqa: D102

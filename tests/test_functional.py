@@ -1,0 +1,249 @@
+"""Algorithm 1's pure core against independent oracles: a float64 one-line formula, gradcheck,
+torch's kernel, and torch.func transforms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchnorm import functional as F
+
+BACKWARDS = ["native", "paper"]
+
+# (shape, channel axis): per activation, per feature map (Sec. 3.2), channels-last, 3d.
+CASES = [
+    ((60, 10), 1),
+    ((8, 5, 7), 1),
+    ((4, 3, 5, 6), 1),
+    ((4, 6, 5, 3), -1),
+    ((2, 3, 4, 2, 3), 1),
+    ((5, 7, 4), 2),
+]
+
+
+def reference(x, gamma, beta, eps, axis):
+    """Algorithm 1 in float64, one formula: gamma * (x - mu_B) / sqrt(sigma2_B + eps) + beta."""
+    x = x.double()
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    mu = x.mean(dims, keepdim=True)
+    var = ((x - mu) ** 2).mean(dims, keepdim=True)
+    return gamma.double().reshape(shape) * (x - mu) / torch.sqrt(var + eps) + beta.double().reshape(
+        shape
+    )
+
+
+def make(shape, axis, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[axis]
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype)
+    gamma = torch.rand(c, generator=g) + 0.5
+    beta = torch.randn(c, generator=g)
+    return x, gamma, beta
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_training_output_matches_float64_formula(shape, axis, backward):
+    x, gamma, beta = make(shape, axis)
+    c = shape[axis]
+    out = F.batch_norm(
+        x, torch.zeros(c), torch.ones(c), gamma, beta, True, 0.1, 1e-5, axis=axis, backward=backward
+    )
+    torch.testing.assert_close(
+        out.output.double(), reference(x, gamma, beta, 1e-5, axis), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_running_statistics_follow_the_stated_convention(shape, axis, backward):
+    # running = (1 - momentum) * running + momentum * batch, variance stored unbiased.
+    x, gamma, beta = make(shape, axis)
+    c = shape[axis]
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    out = F.batch_norm(x, rm, rv, gamma, beta, True, 0.3, 1e-5, axis=axis, backward=backward)
+    xm = x.double().movedim(axis, -1).reshape(-1, c)
+    torch.testing.assert_close(out.running_mean.double(), 0.7 * rm0.double() + 0.3 * xm.mean(0))
+    torch.testing.assert_close(
+        out.running_var.double(),
+        0.7 * rv0.double() + 0.3 * xm.var(0, correction=1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # Pure: the arguments are untouched.
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert bool(out.updated)
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_backward_paths_agree_with_each_other_and_float64(shape, axis):
+    x, gamma, beta = make(shape, axis)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for backward in BACKWARDS + ["float64"]:
+        dtype = torch.float64 if backward == "float64" else torch.float32
+        xi = x.to(dtype).detach().clone().requires_grad_()
+        gi = gamma.to(dtype).detach().clone().requires_grad_()
+        bi = beta.to(dtype).detach().clone().requires_grad_()
+        if backward == "float64":
+            y = reference(xi, gi, bi, 1e-5, axis)
+        else:
+            y = F.batch_norm(xi, None, None, gi, bi, True, axis=axis, backward=backward).output
+        y.backward(grad.to(dtype))
+        grads[backward] = [t.grad.double() for t in (xi, gi, bi)]
+    for backward in BACKWARDS:
+        for ours, exact in zip(grads[backward], grads["float64"]):
+            torch.testing.assert_close(ours, exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_paper_backward_passes_gradcheck(affine):
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True) + 0.5 if affine else None
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True) if affine else None
+
+    def f(x, w, b):
+        return F.BatchNormFunction.apply(x, w, b, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_eval_is_one_affine_map_per_channel():
+    # Algorithm 2, step 3: y = gamma/sqrt(Var+eps) * x + (beta - gamma E[x]/sqrt(Var+eps)).
+    x, gamma, beta = make((10, 4, 3), 1)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.1
+    y = F.batch_norm(x, rm, rv, gamma, beta, False, eps=1e-3).output
+    expected = (gamma / torch.sqrt(rv + 1e-3))[:, None] * x + (
+        beta - gamma * rm / torch.sqrt(rv + 1e-3)
+    )[:, None]
+    torch.testing.assert_close(y, expected)
+    scale, shift = F.inference_affine(rm, rv, gamma, beta, 1e-3)
+    torch.testing.assert_close(y, scale[:, None] * x + shift[:, None])
+
+
+def test_variance_is_stable_with_large_offsets():
+    # 1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 loses every digit; two passes keep them.
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + torch.randn(256, 8, 16, generator=g)
+    naive_var = (x * x).mean((0, 2)) - x.mean((0, 2)) ** 2
+    exact = reference(x, torch.ones(8), torch.zeros(8), 1e-5, 1)
+    naive = (x - x.mean((0, 2), keepdim=True)) / torch.sqrt(naive_var.clamp_min(0) + 1e-5)[:, None]
+    assert (naive.double() - exact).abs().max() > 1e-2  # the check can fail
+    for backward in BACKWARDS:
+        y = F.batch_norm(x, None, None, training=True, backward=backward).output
+        assert (y.double() - exact).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_half_input_float32_statistics(dtype, backward):
+    x, gamma, beta = make((64, 6, 5), 1, dtype=dtype)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    out = F.batch_norm(x, rm, rv, gamma, beta, True, backward=backward)
+    assert out.output.dtype == dtype
+    assert out.running_mean.dtype == torch.float32 and out.running_var.dtype == torch.float32
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    torch.testing.assert_close(
+        out.output.double(), reference(x, gamma, beta, 1e-5, 1), atol=tol, rtol=tol
+    )
+    xs = x.double().transpose(0, 1).reshape(6, -1)
+    torch.testing.assert_close(out.running_mean.double(), 0.1 * xs.mean(1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_non_finite_batch_never_poisons_running_statistics(backward, bad):
+    x = torch.randn(16, 4)
+    x[3, 2] = bad
+    if bad == 3e38:
+        x[5, 2] = -3e38  # finite values whose variance overflows
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    out = F.batch_norm(x, rm, rv, None, None, True, backward=backward)
+    assert not bool(out.updated)
+    assert torch.equal(out.running_mean, rm) and torch.equal(out.running_var, rv)
+    if bad != 3e38:
+        assert not torch.isfinite(out.output[:, 2]).all()  # the output itself is not hidden
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (1, 3, 1, 1), (1, 4, 1)])
+def test_one_value_per_channel_in_training_is_an_error(shape):
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm(torch.randn(shape), torch.zeros(shape[1]), torch.ones(shape[1]), training=True)
+    # ... but fine in eval mode with population statistics.
+    F.batch_norm(torch.randn(shape), torch.zeros(shape[1]), torch.ones(shape[1]), training=False)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        F.batch_norm(torch.randn(5), None, None, training=True)
+    with pytest.raises(ValueError, match="out of range"):
+        F.batch_norm(torch.randn(5, 3), None, None, training=True, axis=2)
+    with pytest.raises(ValueError, match="backward must be"):
+        F.batch_norm(torch.randn(5, 3), None, None, training=True, backward="fast")
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_vmap_over_an_ensemble_of_layers(backward):
+    # Three independent BN layers, each with its own batch and statistics, in one vmap call.
+    k, n, c = 3, 12, 4
+    x = torch.randn(k, n, c)
+    w, b = torch.rand(k, c) + 0.5, torch.randn(k, c)
+    rm, rv = torch.zeros(k, c), torch.ones(k, c)
+
+    def one(x, rm, rv, w, b):
+        out = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backward=backward)
+        return out.output, out.running_mean, out.running_var
+
+    y, new_rm, new_rv = torch.func.vmap(one)(x, rm, rv, w, b)
+    for i in range(k):
+        yi, mi, vi = one(x[i], rm[i], rv[i], w[i], b[i])
+        torch.testing.assert_close(y[i], yi)
+        torch.testing.assert_close(new_rm[i], mi)
+        torch.testing.assert_close(new_rv[i], vi)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_torch_func_grad_matches_autograd(backward):
+    x = torch.randn(10, 3)
+    w = torch.rand(3) + 0.5
+
+    def loss(w):
+        return F.batch_norm(x, None, None, w, None, True, backward=backward).output.pow(3).sum()
+
+    wg = w.clone().requires_grad_()
+    loss(wg).backward()
+    torch.testing.assert_close(torch.func.grad(loss)(w), wg.grad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 6),
+    c=st.integers(1, 5),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    axis_choice=st.integers(0, 3),
+    backward=st.sampled_from(BACKWARDS),
+)
+def test_property_normalized_channels_have_zero_mean_unit_variance(
+    n, c, spatial, axis_choice, backward
+):
+    shape = [n, c, *spatial]
+    axis = 1 if axis_choice == 0 else (axis_choice % len(shape))
+    if axis == 0:
+        axis = len(shape) - 1
+    shape[1], shape[axis] = shape[axis], shape[1]
+    shape[axis] = c
+    x = torch.randn(shape, dtype=torch.float64) * 5 + 3
+    y = F.batch_norm(x, None, None, training=True, eps=0.0, axis=axis, backward=backward).output
+    dims = [d for d in range(len(shape)) if d != axis]
+    m = x.numel() // c
+    # With eps = 0 every channel of xhat has mean 0 and biased variance 1 (unless constant).
+    spread = x.std(dims) > 1e-6
+    torch.testing.assert_close(y.mean(dims), torch.zeros(c, dtype=torch.float64), atol=1e-9, rtol=0)
+    var = y.var(dims, correction=0)
+    if m > 1:
+        torch.testing.assert_close(var[spread], torch.ones_like(var[spread]), atol=1e-6, rtol=0)

@@ -1,0 +1,252 @@
+"""The drop-in layers against torch.nn.BatchNorm*d as the oracle, plus what torch's lack."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+
+# Declared once, run through every check: (ours, torch's, input shape).
+LAYERS = [
+    (batchnorm.BatchNorm1d, nn.BatchNorm1d, (16, 6)),
+    (batchnorm.BatchNorm1d, nn.BatchNorm1d, (8, 6, 5)),
+    (batchnorm.BatchNorm2d, nn.BatchNorm2d, (4, 6, 5, 3)),
+    (batchnorm.BatchNorm3d, nn.BatchNorm3d, (2, 6, 3, 2, 4)),
+]
+FLAGS = [  # constructor keyword arguments beyond num_features
+    {},
+    {"momentum": None},
+    {"momentum": 0.3, "eps": 1e-3},
+    {"affine": False},
+    {"track_running_stats": False},
+]
+BACKWARDS = ["native", "paper"]
+IDS = [f"{c.__name__}{s}" for c, _, s in LAYERS]
+
+
+def pair(ours_cls, torch_cls, flags, backward="native"):
+    torch.manual_seed(0)
+    theirs = torch_cls(6, **flags)
+    ours = ours_cls(6, backward=backward, **flags)
+    if theirs.affine:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def run_steps(ours, theirs, shape, steps=3, channels_last=False):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(shape, generator=g) * 2 + 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(shape, generator=g)
+        outs = []
+        for layer in (ours, theirs):
+            xi = x.clone().requires_grad_()
+            layer.zero_grad()
+            y = layer(xi)
+            y.backward(grad)
+            outs.append((y, xi.grad, [p.grad for p in layer.parameters()]))
+        (y1, gx1, gp1), (y2, gx2, gp2) = outs
+        torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx1, gx2, atol=1e-5, rtol=1e-5)
+        for a, b in zip(gp1, gp2):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    sd1, sd2 = ours.state_dict(), theirs.state_dict()
+    assert list(sd1) == list(sd2)
+    for k in sd1:
+        torch.testing.assert_close(sd1[k], sd2[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+@pytest.mark.parametrize("ours_cls,torch_cls,shape", LAYERS, ids=IDS)
+def test_training_then_eval_matches_torch(ours_cls, torch_cls, shape, flags, backward):
+    ours, theirs = pair(ours_cls, torch_cls, flags, backward)
+    run_steps(ours, theirs, shape)
+    ours.eval()
+    theirs.eval()
+    run_steps(ours, theirs, shape, steps=1)
+
+
+def test_channels_last_matches_torch():
+    ours, theirs = pair(batchnorm.BatchNorm2d, nn.BatchNorm2d, {})
+    run_steps(ours, theirs, (4, 6, 5, 3), channels_last=True)
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,shape", LAYERS, ids=IDS)
+def test_state_dicts_load_both_ways_and_through_files(ours_cls, torch_cls, shape):
+    ours, theirs = pair(ours_cls, torch_cls, {})
+    run_steps(ours, theirs, shape)
+    fresh_torch, fresh_ours = torch_cls(6), ours_cls(6)
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    fresh_torch.load_state_dict(torch.load(buf, weights_only=True))
+    fresh_ours.load_state_dict(theirs.state_dict())
+    for a, b in ((fresh_torch, ours), (fresh_ours, theirs)):
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    theirs = nn.BatchNorm2d(6)
+    sd = theirs.state_dict()
+    del sd["num_batches_tracked"]
+    ours = batchnorm.BatchNorm2d(6)
+    ours.num_batches_tracked.fill_(7)
+    ours.load_state_dict(sd)  # strict: no missing-key error
+    assert ours.num_batches_tracked.item() == 0
+
+
+def test_cumulative_average_is_algorithm_2_population_estimate():
+    # momentum=None over k equal batches of m: E[x] = mean of mu_B, Var[x] = mean of
+    # m/(m-1) sigma2_B, exactly Algorithm 2, step 2.
+    bn = batchnorm.BatchNorm1d(3, momentum=None)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(20, 3, generator=g) * (i + 1) + i for i in range(5)]
+    for x in batches:
+        bn(x)
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([x.var(0) for x in batches]).mean(0))
+    assert bn.num_batches_tracked.item() == 5
+
+
+def test_any_channel_axis_equals_moving_channels_to_axis_1():
+    x = torch.randn(4, 7, 5)  # (N, L, C), channels last
+    ours = batchnorm.BatchNorm(5, axis=-1)
+    ref = batchnorm.BatchNorm1d(5)
+    torch.testing.assert_close(ours(x), ref(x.transpose(1, 2)).transpose(1, 2))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert "axis=-1" in repr(ours)
+    with pytest.raises(ValueError, match="expected 5 channels on axis -1, got 7"):
+        ours(torch.randn(4, 5, 7))
+
+
+def test_non_finite_batches_are_skipped_and_counted():
+    bn = batchnorm.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(4, 3, 2, 2)
+        x[0, 1, 0, 0] = bad
+        y = bn(x)
+        assert not torch.isfinite(y).all()
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert bn.num_batches_skipped.item() == 2 and bn.num_batches_tracked.item() == 1
+    assert "num_batches_skipped" not in bn.state_dict()  # torch-compatible checkpoints
+    bn(torch.randn(4, 3, 2, 2))
+    assert bn.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_into_float32_layer(dtype):
+    bn = batchnorm.BatchNorm2d(4)
+    x = torch.randn(8, 4, 3, 3).to(dtype)
+    y = bn(x)
+    assert y.dtype == dtype and bn.running_mean.dtype == torch.float32
+    ref = nn.BatchNorm2d(4)(x.float())
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "layer,x,error,match",
+    [
+        (
+            batchnorm.BatchNorm1d(4),
+            torch.randn(1, 4),
+            ValueError,
+            r"more than 1 value per channel.*\(1, 4\)",
+        ),
+        (batchnorm.BatchNorm2d(4), torch.randn(1, 4, 1, 1), ValueError, "more than 1 value"),
+        (batchnorm.BatchNorm2d(4), torch.randn(2, 4, 3), ValueError, "expected 4D input, got 3D"),
+        (batchnorm.BatchNorm1d(4), torch.randn(2, 4, 3, 3), ValueError, "expected 2D or 3D"),
+        (
+            batchnorm.BatchNorm2d(4),
+            torch.randn(2, 5, 3, 3),
+            ValueError,
+            r"BatchNorm2d\(4\) expected 4 channels on axis 1, got 5",
+        ),
+        (
+            batchnorm.BatchNorm1d(4),
+            torch.ones(3, 4, dtype=torch.long),
+            TypeError,
+            "floating-point input, got torch.int64",
+        ),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_leaves_statistics_alone(layer, x, error, match):
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(error, match=match):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_inference_affine_reproduces_eval_output():
+    bn = batchnorm.BatchNorm2d(3)
+    for _ in range(3):
+        bn(torch.randn(8, 3, 4, 4) * 2 + 1)
+    bn.eval()
+    x = torch.randn(2, 3, 4, 4)
+    scale, shift = bn.inference_affine()
+    torch.testing.assert_close(bn(x), x * scale[:, None, None] + shift[:, None, None])
+    with pytest.raises(RuntimeError, match="track_running_stats=False"):
+        batchnorm.BatchNorm2d(3, track_running_stats=False).inference_affine()
+
+
+@pytest.mark.parametrize("a", [0.1, 7.0])
+def test_scale_invariance_section_3_3(a):
+    # BN(Wu) = BN((aW)u), and d/d(aW) = (1/a) d/dW: larger weights, smaller gradients.
+    torch.manual_seed(0)
+    u = torch.randn(32, 10, dtype=torch.float64)
+    w = torch.randn(10, 5, dtype=torch.float64)
+    target = torch.randn(32, 5, dtype=torch.float64)
+    bn = batchnorm.BatchNorm1d(5, eps=0.0, dtype=torch.float64)  # the identity is exact at eps=0
+
+    def loss_and_grad(weight):
+        weight = weight.clone().requires_grad_()
+        y = bn(u @ weight)
+        loss = ((torch.sigmoid(y) - target) ** 2).sum()
+        loss.backward()
+        return y.detach(), weight.grad
+
+    y1, g1 = loss_and_grad(w)
+    ya, ga = loss_and_grad(a * w)
+    torch.testing.assert_close(y1, ya, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ga, g1 / a, atol=1e-8, rtol=1e-6)
+
+
+def test_torch_compile_of_a_model_with_our_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), batchnorm.BatchNorm2d(4), nn.ReLU())
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="aot_eager")  # no C compiler needed
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var)
+    assert model[1].num_batches_tracked.item() == 2
+    model.eval()
+    ref.eval()
+    torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_functional_call_leaves_module_state_untouched_by_swapped_buffers():
+    bn = batchnorm.BatchNorm1d(3)
+    x = torch.randn(10, 3)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    params = dict(bn.named_parameters())
+    out = torch.func.functional_call(bn, {**params, **state}, (x,))
+    torch.testing.assert_close(out, nn.BatchNorm1d(3)(x))
+    assert bn.num_batches_tracked.item() == 0
