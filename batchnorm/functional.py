@@ -149,7 +149,7 @@ def normalize(
     axis = _channel_axis(input, axis)
     scale, shift = inference_affine(mean, var, weight, bias, eps)
     x = input.to(scale.dtype)
-    y = x * _per_channel(scale, input, axis) + _per_channel(shift, input, axis)
+    y = torch.addcmul(_per_channel(shift, input, axis), x, _per_channel(scale, input, axis))
     return y.to(input.dtype)
 
 
@@ -312,15 +312,30 @@ def batch_norm(
         >>> out.running_mean.shape
         torch.Size([3])
     """
+    if backward not in ("native", "paper"):
+        raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
     axis = _channel_axis(input, axis)
     use_batch_stats = training or running_mean is None or running_var is None
-    if use_batch_stats:
-        _check_training_batch(input, axis)
     if not use_batch_stats:
-        # Algorithm 2, step 3: one fixed affine map per channel.
-        output = normalize(input, running_mean, running_var, weight, bias, eps, axis)
+        # Algorithm 2, step 3: one fixed affine map per channel. torch's kernel does not
+        # write to the running statistics in eval mode, so the native path may use it.
+        if backward == "native" and axis == 1:
+            output = torch.batch_norm(
+                input,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                False,
+                0.0,
+                eps,
+                torch.backends.cudnn.enabled,
+            )
+        else:
+            output = normalize(input, running_mean, running_var, weight, bias, eps, axis)
         return BatchNormOutput(output, running_mean, running_var, None)
 
+    _check_training_batch(input, axis)
     tracking = training and running_mean is not None and running_var is not None
     x = input.movedim(axis, 1) if axis != 1 else input
     if backward == "native":
@@ -331,14 +346,12 @@ def batch_norm(
         output = torch.batch_norm(
             x, weight, bias, new_mean, new_var, True, momentum, eps, torch.backends.cudnn.enabled
         )
-    elif backward == "paper":
+    else:
         output, mean, var = BatchNormFunction.apply(x, weight, bias, eps)
         if tracking:
             new_mean, new_var = update_running_stats(
                 running_mean, running_var, mean, var, _values_per_channel(input, axis), momentum
             )
-    else:
-        raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
     if axis != 1:
         output = output.movedim(1, axis)
     if not tracking:

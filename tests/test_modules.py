@@ -250,3 +250,14 @@ def test_functional_call_leaves_module_state_untouched_by_swapped_buffers():
     out = torch.func.functional_call(bn, {**params, **state}, (x,))
     torch.testing.assert_close(out, nn.BatchNorm1d(3)(x))
     assert bn.num_batches_tracked.item() == 0
+
+
+def test_torch_tooling_sees_our_layers_as_batch_norm():
+    # swa_utils.update_bn recognises BN layers by torch's base class, which ours subclass.
+    model = nn.Sequential(nn.Linear(4, 3), batchnorm.BatchNorm1d(3))
+    data = [torch.randn(10, 4) * 3 + 2 for _ in range(4)]
+    torch.optim.swa_utils.update_bn(data, model)
+    with torch.no_grad():
+        h = model[0](torch.cat(data))
+    # update_bn uses momentum=None over equal batches: Algorithm 2's estimate.
+    torch.testing.assert_close(model[1].running_mean, h.mean(0), atol=1e-5, rtol=1e-5)
