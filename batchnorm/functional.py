@@ -94,7 +94,20 @@ def _values_per_channel(input: Tensor, axis: int) -> int:
     return input.numel() // input.shape[axis] if input.shape[axis] else 0
 
 
-def batch_stats(input: Tensor, axis: int = 1) -> BatchStats:
+def _mask_weights(mask: Tensor, input: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
+    """The mask as 0/1 weights that broadcast against ``input`` (a size-1 channel axis)."""
+    expected = tuple(s for d, s in enumerate(input.shape) if d != axis)
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask must have the input's shape without the channel axis, {expected}, "
+            f"got {tuple(mask.shape)} (input {tuple(input.shape)}, channel axis {axis})"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = use this position), got {mask.dtype}")
+    return mask.unsqueeze(axis).to(dtype)
+
+
+def batch_stats(input: Tensor, axis: int = 1, mask: Tensor | None = None) -> BatchStats:
     """mu_B and the biased sigma2_B of Algorithm 1, per channel.
 
     Two passes (mean, then the mean of squared deviations), accumulated in float32 for half
@@ -104,14 +117,24 @@ def batch_stats(input: Tensor, axis: int = 1) -> BatchStats:
     Args:
         input: (N, C, *) with the channel at ``axis``.
         axis: the channel axis.
+        mask: optional bool tensor of the input's shape without the channel axis; only
+            positions marked True (e.g. the non-padded steps of a sequence) enter the
+            statistics, and m counts them.
 
     Returns:
         BatchStats(mean (C,), var (C,), count m) in float32 (float64 for float64 input).
     """
     axis = _channel_axis(input, axis)
     x = input.to(_stats_dtype(input))
-    var, mean = torch.var_mean(x, dim=_reduce_dims(input, axis), correction=0)
-    return BatchStats(mean, var, _values_per_channel(input, axis))
+    dims = _reduce_dims(input, axis)
+    if mask is None:
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        return BatchStats(mean, var, _values_per_channel(input, axis))
+    weights = _mask_weights(mask, input, axis, x.dtype)
+    count = weights.sum()
+    mean = (x * weights).sum(dims) / count
+    var = ((x - _per_channel(mean, input, axis)) ** 2 * weights).sum(dims) / count
+    return BatchStats(mean, var, int(count.item()))
 
 
 def inference_affine(
@@ -260,13 +283,14 @@ class BatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
-def _check_training_batch(input: Tensor, axis: int) -> None:
-    if _values_per_channel(input, axis) <= 1:
+def _check_training_batch(input: Tensor, axis: int, count: int | None = None) -> None:
+    count = _values_per_channel(input, axis) if count is None else count
+    if count <= 1:
         raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{tuple(input.shape)} (channel axis {axis}): the batch variance of a single value "
-            "is undefined. Use a larger batch, drop the last incomplete batch, or evaluate "
-            "with population statistics (eval mode)."
+            f"Expected more than 1 value per channel when training, got {count} "
+            f"(input size {tuple(input.shape)}, channel axis {axis}): the batch variance of a "
+            "single value is undefined. Use a larger batch, drop the last incomplete batch, or "
+            "evaluate with population statistics (eval mode)."
         )
 
 
@@ -282,6 +306,7 @@ def batch_norm(
     *,
     axis: int = 1,
     backward: str = "native",
+    mask: Tensor | None = None,
 ) -> BatchNormOutput:
     """The BN transform: Algorithm 1 in training, Algorithm 2's fixed affine map otherwise.
 
@@ -299,6 +324,9 @@ def batch_norm(
         axis: the channel axis.
         backward: "native" uses torch's fused batch_norm kernel (fastest); "paper" uses
             `BatchNormFunction`, this library's implementation of the paper's equations.
+        mask: optional bool tensor of the input's shape without the channel axis; in
+            training only True positions enter mu_B and sigma2_B (padding excluded), every
+            position is normalized, and gradients flow by autograd. Ignored in eval mode.
 
     Returns:
         BatchNormOutput(output, running_mean, running_var, updated); running statistics are
@@ -335,8 +363,21 @@ def batch_norm(
             output = normalize(input, running_mean, running_var, weight, bias, eps, axis)
         return BatchNormOutput(output, running_mean, running_var, None)
 
-    _check_training_batch(input, axis)
     tracking = training and running_mean is not None and running_var is not None
+    if mask is not None:
+        mean, var, count = batch_stats(input, axis, mask)
+        _check_training_batch(input, axis, count)
+        output = normalize(input, mean, var, weight, bias, eps, axis)
+        if not tracking:
+            return BatchNormOutput(output, running_mean, running_var, None)
+        new_mean, new_var = update_running_stats(
+            running_mean, running_var, mean.detach(), var.detach(), count, momentum
+        )
+        return BatchNormOutput(
+            output, *_keep_if_finite(running_mean, running_var, new_mean, new_var)
+        )
+
+    _check_training_batch(input, axis)
     x = input.movedim(axis, 1) if axis != 1 else input
     if backward == "native":
         # torch's fused kernel updates running statistics in place: hand it copies, so the

@@ -74,7 +74,9 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
                 f"channels on axis {self._axis}, got {channels} (input shape {tuple(input.shape)})"
             )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input``; ``mask`` (bool, the input's shape without the channel axis)
+        keeps padded positions out of the batch statistics in training."""
         self._check_input_dim(input)
         training = self.training
         tracking = training and self.track_running_stats
@@ -95,6 +97,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             self.eps,
             axis=self._axis,
             backward=self.backward,
+            mask=mask,
         )
         updated = result.updated
         if not tracking or updated is None:

@@ -247,3 +247,41 @@ def test_property_normalized_channels_have_zero_mean_unit_variance(
     var = y.var(dims, correction=0)
     if m > 1:
         torch.testing.assert_close(var[spread], torch.ones_like(var[spread]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_mask_excludes_padding_from_statistics(axis):
+    # Oracle: BN over the valid positions gathered into an (K, C) batch.
+    g = torch.Generator().manual_seed(0)
+    n, length, c = 4, 6, 3
+    lengths = torch.tensor([6, 2, 4, 1])
+    mask = torch.arange(length)[None, :] < lengths[:, None]  # (N, L)
+    x = torch.randn(n, length, c, generator=g) * 2 + 1  # (N, L, C)
+    x[~mask] = 1e3  # padding values that would wreck the statistics
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    xin = (x if axis == -1 else x.transpose(1, 2)).clone().requires_grad_()
+    out = F.batch_norm(xin, torch.zeros(c), torch.ones(c), w, b, True, 0.5, axis=axis, mask=mask)
+    y = out.output if axis == -1 else out.output.transpose(1, 2)
+    xv = x[mask].clone().requires_grad_()
+    ref = F.batch_norm(xv, torch.zeros(c), torch.ones(c), w, b, True, 0.5)
+    torch.testing.assert_close(y[mask], ref.output)
+    torch.testing.assert_close(out.running_mean, ref.running_mean)
+    torch.testing.assert_close(out.running_var, ref.running_var)
+    gy = torch.randn(ref.output.shape, generator=g)
+    (y[mask] * gy).sum().backward()
+    (ref.output * gy).sum().backward()
+    gx = xin.grad if axis == -1 else xin.grad.transpose(1, 2)
+    torch.testing.assert_close(gx[mask], xv.grad)
+    assert torch.all(gx[~mask] == 0)
+
+
+def test_mask_errors_are_named():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match=r"shape without the channel axis, \(4, 5\), got \(4, 3\)"):
+        F.batch_norm(x, None, None, training=True, mask=torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool tensor"):
+        F.batch_norm(x, None, None, training=True, mask=torch.ones(4, 5))
+    one = torch.zeros(4, 5, dtype=torch.bool)
+    one[0, 0] = True
+    with pytest.raises(ValueError, match="more than 1 value per channel when training, got 1"):
+        F.batch_norm(x, None, None, training=True, mask=one)

@@ -261,3 +261,13 @@ def test_torch_tooling_sees_our_layers_as_batch_norm():
         h = model[0](torch.cat(data))
     # update_bn uses momentum=None over equal batches: Algorithm 2's estimate.
     torch.testing.assert_close(model[1].running_mean, h.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_takes_a_padding_mask():
+    bn = batchnorm.BatchNorm1d(3)
+    x = torch.randn(2, 3, 5)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    bn(x, mask=mask)
+    valid = x.transpose(1, 2)[mask]  # (7, 3)
+    torch.testing.assert_close(bn.running_mean, 0.1 * valid.mean(0))
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * valid.var(0))
