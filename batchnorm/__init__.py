@@ -6,7 +6,17 @@ inference side (population statistics, freezing, folding) in `batchnorm.populati
 
 from batchnorm import functional
 from batchnorm.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.population import (
+    FoldReport,
+    FrozenBatchNorm,
+    convert,
+    fold,
+    freeze,
+    recalibrate,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ += ["recalibrate", "FrozenBatchNorm", "freeze", "unfreeze", "fold", "FoldReport", "convert"]
