@@ -1,0 +1,396 @@
+"""Sec. 3 across processes: BN statistics synchronized over a torch.distributed process group.
+
+The paper normalizes each worker's mini-batch on its own (Sec. 4.2: 32 examples per replica).
+`SyncBatchNorm` instead takes mu_B and sigma2_B over the union of the ranks' mini-batches, so
+that W ranks with n examples each normalize exactly like one process with W*n examples. It
+runs on CPU/gloo (where ``torch.nn.SyncBatchNorm`` refuses) and on CUDA/NCCL.
+
+The merge (Chan, Golub & LeVeque 1979), per channel, from each rank's count n_r, mean mu_r
+and sum of squared deviations M2_r = n_r * sigma2_r:
+
+    N     = sum_r n_r
+    mu    = sum_r n_r * mu_r / N
+    M2    = sum_r M2_r + sum_r n_r * (mu_r - mu)^2
+    sigma2_B = M2 / N                     (biased, for normalizing)
+    running_var target = M2 / (N - 1)     (unbiased, with the GLOBAL count)
+
+It is exact (no E[x^2] - E[x]^2 cancellation) and count-weighted, so uneven batches and empty
+ones (n_r = 0: the rank still joins every collective and adds nothing) merge correctly.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from batchnorm import functional as F
+from batchnorm.modules import BatchNorm, _BatchNormBase
+
+__all__ = ["SyncBatchNorm", "global_batch_stats"]
+
+
+def _group_size(group) -> int:
+    """World size of ``group``, or 1 when torch.distributed is unavailable or not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _as_timedelta(timeout) -> datetime.timedelta | None:
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        return timeout
+    return datetime.timedelta(seconds=float(timeout))
+
+
+def _collective(op: str, fn, group, timeout: datetime.timedelta | None) -> None:
+    """Run one collective; turn a dead or missing peer into a RuntimeError that says so.
+
+    With ``timeout`` the call is issued asynchronously and waited on for at most that long;
+    without it the process group's own timeout applies (``init_process_group(timeout=...)``;
+    gloo honours it per operation, NCCL through its watchdog). A peer that has exited
+    usually fails the collective at once (the connection closes); one that is alive but
+    never joins fails it at the timeout.
+    """
+    try:
+        if timeout is None:
+            fn(async_op=False)
+        else:
+            fn(async_op=True).wait(timeout=timeout)
+    except RuntimeError as err:  # DistBackendError and gloo/NCCL failures subclass it
+        limit = f"{timeout.total_seconds():g} s" if timeout is not None else "its timeout"
+        raise RuntimeError(
+            f"SyncBatchNorm: the {op} over the process group (world size "
+            f"{dist.get_world_size(group)}, this rank {dist.get_rank(group)}) failed or did not "
+            f"complete within {limit}. Another rank has probably died, or skipped this layer "
+            f"(every rank must run every SyncBatchNorm forward and backward, even with an empty "
+            f"batch). Backend error: {err}"
+        ) from err
+
+
+def global_batch_stats(
+    input: Tensor, group=None, timeout: float | datetime.timedelta | None = None
+) -> F.BatchStats:
+    """mu_B and the biased sigma2_B over the union of every rank's batch, channel axis 1.
+
+    Each rank computes its local statistics with `batchnorm.functional.batch_stats` (two
+    passes, float32 for half input), then one all_gather exchanges (n_r, mu_r, M2_r) per
+    channel and every rank merges them identically with the formula of this module's
+    docstring, in float64 so the merge adds no rounding of its own. A rank whose batch is
+    empty contributes n_r = 0 and must still call this.
+
+    Args:
+        input: (N, C, *) local batch; N may be 0.
+        group: the process group (None: the default group).
+        timeout: seconds (or a timedelta) to wait for the other ranks; None uses the group's.
+
+    Returns:
+        BatchStats(mean (C,), var (C,), count N) in the dtype of `batch_stats`; ``count`` is the
+        global number of values per channel, the same Python int on every rank.
+    """
+    n = F._values_per_channel(input, 1)
+    if n > 0:
+        local = F.batch_stats(input, 1)
+        mean, m2 = local.mean, local.var * n
+    else:  # var_mean of nothing is NaN; an empty rank contributes count 0 instead
+        dtype = F._stats_dtype(input)
+        mean = torch.zeros(input.shape[1], dtype=dtype, device=input.device)
+        m2 = torch.zeros_like(mean)
+    stats_dtype = mean.dtype
+    # One message per rank: [n, mu_1..mu_C, M2_1..M2_C]. float64 counts stay exact past 2^24
+    # values per channel (a large 3D batch), where float32 would round them.
+    count = torch.full((1,), float(n), dtype=torch.float64, device=input.device)
+    packed = torch.cat([count, mean.double(), m2.double()])
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    _collective(
+        "all_gather of batch statistics",
+        lambda async_op: dist.all_gather(gathered, packed, group=group, async_op=async_op),
+        group,
+        _as_timedelta(timeout),
+    )
+    table = torch.stack(gathered)  # (W, 1 + 2C)
+    c = mean.numel()
+    counts, means, m2s = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]  # (W,1),(W,C),(W,C)
+    total = counts.sum()
+    global_count = int(round(total.item()))
+    # With N = 0 the division below gives NaN; the caller raises before using it.
+    global_mean = (counts * means).sum(0) / total
+    global_m2 = m2s.sum(0) + (counts * (means - global_mean) ** 2).sum(0)
+    return F.BatchStats(
+        global_mean.to(stats_dtype), (global_m2 / total).to(stats_dtype), global_count
+    )
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """y = gamma * xhat + beta with given global statistics; backward all-reduces its two sums.
+
+    Forward uses `batchnorm.functional.normalize`. Backward is `BatchNormFunction`'s compact
+    form with m = N, the global count, and the two per-channel sums taken over ALL ranks:
+
+        dl/dx = gamma / (N s) * (N dl/dy - sum_all dl/dy - xhat * sum_all(dl/dy * xhat))
+
+    so input gradients equal single-process BN on the concatenated batch for the loss
+    sum_r loss_r. The returned dl/dgamma = sum dl/dy * xhat and dl/dbeta = sum dl/dy are this
+    rank's LOCAL sums, as in ``torch.nn.SyncBatchNorm``: summed over ranks they are the
+    single-process gradients of sum_r loss_r, and DistributedDataParallel's averaging of
+    them (1/W sum_r) is consistent with the averaging it applies to every other parameter.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, mean, var, count, eps, group, timeout):  # noqa: D102
+        invstd = torch.rsqrt(var + eps)
+        output = F.normalize(input, mean, var, weight, bias, eps, 1)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.count, ctx.group, ctx.timeout = count, group, timeout
+        ctx.has_bias = bias is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        input, weight, mean, invstd = ctx.saved_tensors
+        dims = F._reduce_dims(input, 1)
+        dtype = invstd.dtype
+        dy = grad_output.to(dtype)
+        xhat = (input.to(dtype) - F._per_channel(mean, input, 1)) * F._per_channel(invstd, input, 1)
+        sum_dy = dy.sum(dims)  # (N, C, *) -> (C,); zeros for an empty batch
+        sum_dy_xhat = (dy * xhat).sum(dims)  # (C,)
+        grad_input = grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(grad_output.dtype if weight is None else weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # The same on every rank (same model, same requires_grad), so every rank joins.
+            sums = torch.cat([sum_dy, sum_dy_xhat])
+            _collective(
+                "all_reduce of gradient sums",
+                lambda async_op: dist.all_reduce(sums, group=ctx.group, async_op=async_op),
+                ctx.group,
+                ctx.timeout,
+            )
+            c = sum_dy.numel()
+            mean_dy = sums[:c] / ctx.count
+            mean_dy_xhat = sums[c:] / ctx.count
+            gamma = weight.to(dtype) if weight is not None else torch.ones_like(invstd)
+            grad_input = F._per_channel(gamma * invstd, input, 1) * (
+                dy
+                - F._per_channel(mean_dy, input, 1)
+                - xhat * F._per_channel(mean_dy_xhat, input, 1)
+            )
+            grad_input = grad_input.to(input.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class SyncBatchNorm(_BatchNormBase):
+    """BN whose training statistics are taken over every rank of a process group (Sec. 3).
+
+    Drop-in for ``torch.nn.SyncBatchNorm`` (same arguments, parameters, buffers and
+    `convert_sync_batchnorm`), for any input rank >= 2 with channels on axis 1, on CPU/gloo
+    as well as CUDA/NCCL. Conventions are those of `batchnorm.functional`; the exact merge of
+    per-rank statistics is in this module's docstring.
+
+    In training, with an initialized process group of world size > 1:
+
+    - statistics are merged over all ranks, count-weighted: uneven and empty (N = 0) local
+      batches are fine, but every rank must call forward and backward of every SyncBatchNorm
+      layer (a rank that skips one leaves the others waiting until the timeout);
+    - fewer than 2 values per channel over ALL ranks raises ValueError on every rank;
+    - running statistics move towards the global mean and the unbiased global variance,
+      identically on every rank; a non-finite value on any rank makes the global statistics
+      non-finite, so every rank skips the update (``num_batches_skipped``);
+    - input gradients are exact (those of single-process BN on the concatenated batch for
+      the loss sum_r loss_r); gamma/beta gradients are local sums, see
+      `_SyncBatchNormFunction`.
+
+    In eval mode, without an initialized process group or with world size 1 it is exactly
+    our `BatchNorm` (channel axis 1): no communication.
+
+    A dead rank: the collective fails with a RuntimeError naming the layer's operation
+    instead of hanging, at once if the peer's connection closed, else after ``timeout``
+    seconds, or after the process group's timeout
+    (``torch.distributed.init_process_group(..., timeout=datetime.timedelta(seconds=60))``)
+    when ``timeout`` is None. NCCL's own watchdog may abort the process first.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as for
+            `batchnorm.BatchNorm2d`.
+        process_group: the group to synchronize over (None: the default group).
+        timeout: seconds (or a timedelta) each collective may wait for the other ranks;
+            None defers to the process group's timeout.
+        backward: the single-process backward used outside synchronized training.
+
+    Shape: input (N, C, *), N may be 0 on some ranks; output the same.
+
+    Example:
+        >>> bn = SyncBatchNorm(8)  # without a process group it is plain BN
+        >>> bn(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+        >>> # under torchrun: model = SyncBatchNorm.convert_sync_batchnorm(model)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        timeout: float | datetime.timedelta | None = None,
+        backward: str = "native",
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            backward=backward,
+        )  # fmt: skip
+        self.process_group = process_group
+        self.timeout = timeout
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or _group_size(self.process_group) == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        stats = global_batch_stats(input, self.process_group, self.timeout)
+        if stats.count <= 1:
+            # Every rank sees the same global count, so every rank raises here together.
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {stats.count} over "
+                f"all {dist.get_world_size(self.process_group)} ranks (this rank's input size "
+                f"{tuple(input.shape)}): the batch variance of a single value is undefined."
+            )
+        output = _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, stats.mean, stats.var, stats.count, self.eps,
+            self.process_group, _as_timedelta(self.timeout),
+        )  # fmt: skip
+        if self.track_running_stats:
+            self._update_running_stats(stats)
+        return output
+
+    @torch.no_grad()
+    def _update_running_stats(self, stats: F.BatchStats) -> None:
+        momentum = self.momentum
+        if momentum is None:
+            # Cumulative average: the k-th batch gets weight 1/k (Algorithm 2's E_B).
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        new_mean, new_var = F.update_running_stats(
+            self.running_mean, self.running_var, stats.mean, stats.var, stats.count, momentum
+        )
+        new_mean, new_var, updated = F._keep_if_finite(
+            self.running_mean, self.running_var, new_mean, new_var
+        )
+        if updated is True or updated is False:
+            if updated:
+                torch._foreach_copy_([self.running_mean, self.running_var], [new_mean, new_var])
+            (self.num_batches_tracked if updated else self.num_batches_skipped).add_(1)
+        else:  # a tensor on accelerators: select without synchronizing
+            torch._foreach_copy_([self.running_mean, self.running_var], [new_mean, new_var])
+            self.num_batches_tracked.add_(updated)
+            self.num_batches_skipped.add_(~updated)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.timeout is not None:
+            text += f", timeout={self.timeout}"
+        return text
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None, timeout=None):
+        """Replace every BatchNorm layer in ``module`` by a SyncBatchNorm sharing its state.
+
+        Converts this library's BatchNorm1d/2d/3d (and `BatchNorm` with axis 1) as well as
+        ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``. The parameters are the
+        same Parameter objects (an optimizer built before conversion still updates them); the
+        buffers, train/eval mode, eps, momentum and ``requires_grad`` carry over. The original
+        class is remembered for `revert_sync_batchnorm`.
+
+        Args:
+            module: a model or a single BN layer.
+            process_group: the group to synchronize over (None: the default group).
+            timeout: passed to every new layer.
+
+        Returns:
+            ``module`` with its BN layers replaced, or the new layer if ``module`` was one.
+
+        Example:
+            >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+            >>> net = SyncBatchNorm.convert_sync_batchnorm(net)
+            >>> type(net[1]).__name__
+            'SyncBatchNorm'
+        """
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            if getattr(module, "_axis", 1) != 1:
+                raise ValueError(
+                    f"cannot convert {module}: SyncBatchNorm normalizes channel axis 1 only"
+                )
+            new = cls(
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats, process_group, timeout=timeout,
+                backward=getattr(module, "backward", "native"),
+            )  # fmt: skip
+            _move_state(module, new)
+            new._original_cls = type(module)
+            return new
+        for name, child in module.named_children():
+            converted = cls.convert_sync_batchnorm(child, process_group, timeout)
+            if converted is not child:
+                module.add_module(name, converted)
+        return module
+
+    @classmethod
+    def revert_sync_batchnorm(cls, module: nn.Module) -> nn.Module:
+        """Undo `convert_sync_batchnorm`: each SyncBatchNorm becomes its original class.
+
+        A SyncBatchNorm that was built directly (not converted) becomes our `BatchNorm`
+        (any rank, channel axis 1). Parameters are shared, buffers and mode carry over.
+
+        Example:
+            >>> net = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(4)))
+            >>> type(SyncBatchNorm.revert_sync_batchnorm(net)[0])
+            <class 'torch.nn.modules.batchnorm.BatchNorm1d'>
+        """
+        if isinstance(module, cls):
+            target = getattr(module, "_original_cls", BatchNorm)
+            args = (
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats,
+            )  # fmt: skip
+            if issubclass(target, _BatchNormBase):
+                new = target(*args, backward=module.backward)
+            elif issubclass(target, nn.SyncBatchNorm):
+                new = target(*args, process_group=module.process_group)
+            else:
+                new = target(*args)
+            _move_state(module, new)
+            return new
+        for name, child in module.named_children():
+            reverted = cls.revert_sync_batchnorm(child)
+            if reverted is not child:
+                module.add_module(name, reverted)
+        return module
+
+
+@torch.no_grad()
+def _move_state(src: nn.Module, dst: nn.Module) -> None:
+    """Share src's parameters and buffers with dst; copy its mode and qconfig."""
+    # dst was built on the default device: put its own buffers (num_batches_skipped when src
+    # is torch's layer) where src's state lives before sharing that state.
+    state = next(iter(src.parameters(recurse=False)), None)
+    if state is None:
+        state = next(iter(src.buffers(recurse=False)), None)
+    if state is not None:
+        dst.to(state.device)
+    if src.affine:
+        dst.weight = src.weight
+        dst.bias = src.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"):
+        value = getattr(src, name, None)
+        if value is not None and getattr(dst, name, None) is not None:
+            setattr(dst, name, value)
+    dst.train(src.training)
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig
