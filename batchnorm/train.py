@@ -1,0 +1,61 @@
+"""Training-loop pieces shared by the experiments: batch order, threads, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["epoch_permutation", "save_checkpoint", "load_checkpoint", "set_threads"]
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, stream: int = 0) -> torch.Tensor:
+    """The order of the ``n`` training examples in ``epoch`` for ``seed``, as int64 indices.
+
+    A pure function of (seed, stream, epoch): a resumed run redraws exactly the batches an
+    uninterrupted one would, without checkpointing any generator state. ``stream`` separates
+    independent uses (training batches, Algorithm 2's batches) of the same seed.
+    """
+    state = np.random.SeedSequence([seed, stream, epoch]).generate_state(2, np.uint64)
+    generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.randperm(n, generator=generator)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: leave as is) and return the number in use.
+
+    On CPU, results are bit-identical across runs only for the same thread count.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` with ``torch.save`` to a temporary file, then rename it over ``path``.
+
+    The rename is atomic on POSIX, so an interruption leaves either the old checkpoint or the
+    new one, never a truncated file. ``state`` must hold only tensors, numbers, strings and
+    lists/dicts of them, so that `load_checkpoint` can read it with ``weights_only=True``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`; never unpickles arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
