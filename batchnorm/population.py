@@ -886,11 +886,12 @@ def fold(model: nn.Module, example_inputs: tuple | None = None) -> tuple[nn.Modu
     modules = dict(model.named_modules())
     shared_counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = {i for i, c in shared_counts.items() if c > 1}
-    folded_bn = set()
+    seen = set()
     for site in sites:
         bn = modules[site.bn]
-        if site.bn in folded_bn:
+        if site.bn in seen:  # a BN called several times has one site per call
             continue
+        seen.add(site.bn)
         why = _not_fixed_reason(bn)
         if why is None and site.calls > 1:
             why = "called more than once per forward"
@@ -920,7 +921,6 @@ def fold(model: nn.Module, example_inputs: tuple | None = None) -> tuple[nn.Modu
             (_fold_after if where == "after" else _fold_before)(layer, scale, shift)
             model.set_submodule(site.bn, nn.Identity())
             report.folded.append((site.bn, name, where))
-            folded_bn.add(site.bn)
             done = True
             break
         if not done:
