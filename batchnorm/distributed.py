@@ -87,8 +87,10 @@ def global_batch_stats(
         timeout: seconds (or a timedelta) to wait for the other ranks; None uses the group's.
 
     Returns:
-        BatchStats(mean (C,), var (C,), count N) in the dtype of `batch_stats`; ``count`` is the
-        global number of values per channel, the same Python int on every rank.
+        BatchStats(mean (C,), var (C,), count N) with mean and var in the dtype of
+        `batch_stats`. ``count``, the global number of values per channel, is a 0-d float64
+        tensor on the input's device (exact integers up to 2^53): turning it into a Python
+        int would make an accelerator wait for the collective. The same on every rank.
     """
     n = F._values_per_channel(input, 1)
     if n > 0:
@@ -113,14 +115,11 @@ def global_batch_stats(
     table = torch.stack(gathered)  # (W, 1 + 2C)
     c = mean.numel()
     counts, means, m2s = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]  # (W,1),(W,C),(W,C)
-    total = counts.sum()
-    global_count = int(round(total.item()))
+    total = counts.sum()  # () float64, on the input's device: never read back here
     # With N = 0 the division below gives NaN; the caller raises before using it.
     global_mean = (counts * means).sum(0) / total
     global_m2 = m2s.sum(0) + (counts * (means - global_mean) ** 2).sum(0)
-    return F.BatchStats(
-        global_mean.to(stats_dtype), (global_m2 / total).to(stats_dtype), global_count
-    )
+    return F.BatchStats(global_mean.to(stats_dtype), (global_m2 / total).to(stats_dtype), total)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -256,12 +255,14 @@ class SyncBatchNorm(_BatchNormBase):
             return super().forward(input)
         self._check_input_dim(input)
         stats = global_batch_stats(input, self.process_group, self.timeout)
-        if stats.count <= 1:
-            # Every rank sees the same global count, so every rank raises here together.
+        # N >= n: only a rank with at most one local value needs to read N back (a device
+        # sync). If N <= 1 every rank has n <= 1, so every rank reads it and raises together.
+        if F._values_per_channel(input, 1) <= 1 and int(stats.count) <= 1:
             raise ValueError(
-                f"Expected more than 1 value per channel when training, got {stats.count} over "
-                f"all {dist.get_world_size(self.process_group)} ranks (this rank's input size "
-                f"{tuple(input.shape)}): the batch variance of a single value is undefined."
+                "Expected more than 1 value per channel when training, got "
+                f"{int(stats.count)} over all {dist.get_world_size(self.process_group)} ranks "
+                f"(this rank's input size {tuple(input.shape)}): the batch variance of a single "
+                "value is undefined."
             )
         output = _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, stats.mean, stats.var, stats.count, self.eps,

@@ -77,14 +77,14 @@ def _oracle(shape: tuple) -> type:
     )
 
 
-def _pair(shape, momentum):
+def _pair(shape, momentum, device):
     """(SyncBatchNorm, torch oracle) in float64 with the same random gamma and beta."""
     c = shape[0]
-    sync = SyncBatchNorm(c, momentum=momentum, dtype=torch.float64)
-    ref = _oracle(shape)(c, momentum=momentum, dtype=torch.float64)
+    sync = SyncBatchNorm(c, momentum=momentum, device=device, dtype=torch.float64)
+    ref = _oracle(shape)(c, momentum=momentum, device=device, dtype=torch.float64)
     with torch.no_grad():
         sync.weight.copy_(torch.rand(c, dtype=torch.float64) + 0.5)
-        sync.bias.copy_(torch.randn(c, dtype=torch.float64))
+        sync.bias.copy_(torch.randn(c, dtype=torch.float64))  # CPU generator: same on any device
         ref.weight.copy_(sync.weight)
         ref.bias.copy_(sync.bias)
     return sync, ref
@@ -96,13 +96,13 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _check_case(rank, sizes, shape, momentum):
+def _check_case(rank, sizes, shape, momentum, device):
     """STEPS training steps on rank's slice vs the oracle on all of it; then eval."""
     torch.manual_seed(0)  # the same data, gamma and beta on every rank
-    sync, ref = _pair(shape, momentum)
+    sync, ref = _pair(shape, momentum, device)
     start, n = sum(sizes[:rank]), sizes[rank]
     for _ in range(STEPS):
-        x_all = torch.randn(sum(sizes), *shape, dtype=torch.float64) * 3 + 1
+        x_all = (torch.randn(sum(sizes), *shape, dtype=torch.float64) * 3 + 1).to(device)
         g_all = torch.randn_like(x_all)  # dl/dy for the loss sum(y * g)
         x_ref = x_all.clone().requires_grad_()
         y_ref = ref(x_ref)
@@ -125,17 +125,17 @@ def _check_case(rank, sizes, shape, momentum):
     # Eval: population statistics, no communication, same as the oracle.
     sync.eval()
     ref.eval()
-    x = torch.randn(3, *shape, dtype=torch.float64)
+    x = torch.randn(3, *shape, dtype=torch.float64, device=device)
     torch.testing.assert_close(sync(x), ref(x), **TOL)
 
 
-def _check_ddp(rank):
+def _check_ddp(rank, device):
     """Under DDP (which averages gradients over ranks) gamma/beta grads are the oracle's / W."""
     torch.manual_seed(1)
     shape = (3, 4, 4)
-    sync, ref = _pair(shape, 0.1)
+    sync, ref = _pair(shape, 0.1, device)
     model = DistributedDataParallel(sync)
-    x_all = torch.randn(2 * 16, *shape, dtype=torch.float64)
+    x_all = torch.randn(2 * 16, *shape, dtype=torch.float64).to(device)
     g_all = torch.randn_like(x_all)
     x_ref = x_all.clone().requires_grad_()
     (ref(x_ref) * g_all).sum().backward()
@@ -147,12 +147,12 @@ def _check_ddp(rank):
     torch.testing.assert_close(sync.running_var, ref.running_var, **TOL)
 
 
-def _check_nonfinite(rank):
+def _check_nonfinite(rank, device):
     """A NaN on rank 1 only: both ranks skip the running-statistics update."""
-    sync = SyncBatchNorm(3, dtype=torch.float64)
-    sync(torch.randn(4, 3, dtype=torch.float64))
+    sync = SyncBatchNorm(3, device=device, dtype=torch.float64)
+    sync(torch.randn(4, 3, dtype=torch.float64, device=device))
     before = sync.running_mean.clone(), sync.running_var.clone()
-    x = torch.randn(4, 3, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, device=device)
     if rank == 1:
         x[2, 1] = float("nan")
     y = sync(x)
@@ -161,43 +161,60 @@ def _check_nonfinite(rank):
     assert int(sync.num_batches_tracked) == 1 and int(sync.num_batches_skipped) == 1
 
 
-def _check_too_few_values(rank):
+def _check_too_few_values(rank, device):
     """One value per channel over all ranks (1 + 0) raises on every rank, not just one."""
-    sync = SyncBatchNorm(3, dtype=torch.float64)
+    sync = SyncBatchNorm(3, device=device, dtype=torch.float64)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        sync(torch.randn(1 - rank, 3, dtype=torch.float64))
+        sync(torch.randn(1 - rank, 3, dtype=torch.float64, device=device))
 
 
-def _check_convert(rank):
+def _check_half(rank, device):
+    """float16 input: float32 statistics merged, float16 output, same as the float32 result."""
+    torch.manual_seed(3)
+    x_all = (torch.randn(8, 3, 2, 2) * 2 + 5).half().to(device)
+    sync = SyncBatchNorm(3, device=device)
+    y = sync(x_all[4 * rank : 4 * (rank + 1)])
+    ref = torch.nn.BatchNorm2d(3, device=device)(x_all.float())[4 * rank : 4 * (rank + 1)]
+    assert y.dtype == torch.float16 and sync.running_var.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, rtol=1e-3, atol=2e-3)
+
+
+def _check_convert(rank, device):
     """A converted torch model trains synchronized: both ranks end with equal buffers."""
     torch.manual_seed(2)
-    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3)).to(device)
     net = SyncBatchNorm.convert_sync_batchnorm(net)
     torch.manual_seed(10 + rank)  # different data per rank
-    net(torch.randn(4, 2, 3, 3))
-    gathered = [torch.empty(3) for _ in range(WORLD)]
+    net(torch.randn(4, 2, 3, 3).to(device))
+    gathered = [torch.empty(3, device=device) for _ in range(WORLD)]
     dist.all_gather(gathered, net[1].running_mean)
     torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)
 
 
-def _equivalence_worker(rank, port):
+def _equivalence_worker(rank, port, device):
     _init(rank, port)
     try:
         for name, sizes, shape, momentum in CASES:
             try:
-                _check_case(rank, sizes, shape, momentum)
+                _check_case(rank, sizes, shape, momentum, device)
             except AssertionError as err:
                 raise AssertionError(f"case {name!r}, rank {rank}: {err}") from err
-        _check_ddp(rank)
-        _check_nonfinite(rank)
-        _check_too_few_values(rank)
-        _check_convert(rank)
+        for check in (_check_ddp, _check_nonfinite, _check_too_few_values, _check_half):
+            check(rank, device)
+        _check_convert(rank, device)
     finally:
         dist.destroy_process_group()
 
 
 def test_sync_equals_single_process_bn():
-    _launch(_equivalence_worker)
+    _launch(_equivalence_worker, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sync_equals_single_process_bn_cuda():
+    # Both ranks share one GPU, so gloo carries the CUDA tensors (NCCL needs a GPU per rank);
+    # this still runs the device-side paths: no read-back of counts, tensor-valued guards.
+    _launch(_equivalence_worker, "cuda")
 
 
 def _dead_rank_worker(rank, port, how, pg_timeout, layer_timeout, limit, done):
