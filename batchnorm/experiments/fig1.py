@@ -68,7 +68,7 @@ class Fig1Config:
     steps: int = 50_000  # SGD steps per network (paper: 50,000)
     batch_size: int = 60  # examples per mini-batch (paper: 60)
     lr: float = 0.5  # plain SGD learning rate, both nets (paper: not stated; see docs/fig1.md)
-    init_std: float = 0.1  # std of the Gaussian initial weights (paper: "small"; not stated)
+    init_std: float = 0.03  # std of the Gaussian initial weights (paper: "small"; not stated)
     seeds: int = 1  # number of seeds trained (seed, seed+1, ...), all in one batched stack
     seed: int = 0  # first seed: initial weights and batch order
     eval_every: int = 500  # test evaluation interval in steps (paper: about 500)
@@ -265,7 +265,7 @@ def run(
         bar.update(step - bar.n)
         acc = _evaluate(nets, x_test, y_test, config.unit, step, history)
         bar.set_postfix_str(f"acc baseline {acc['baseline']:.4f}  bn {acc['bn']:.4f}")
-        if step % config.checkpoint_every == 0 or step == stop_after:
+        if step % config.checkpoint_every == 0 or step in (stop_after, config.steps):
             save_checkpoint(
                 out / "checkpoint.pt",
                 {
