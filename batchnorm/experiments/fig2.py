@@ -103,7 +103,8 @@ def _load(cfg: Fig2Config):
         ds = data.load_fashion_mnist(cfg.data_dir)
     else:
         raise ValueError(f"dataset must be mnist, fashion-mnist or synthetic, got {cfg.dataset}")
-    return ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, str(ds.source)
+    arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
+    return (*(np.asarray(a) for a in arrays), str(ds.source))
 
 
 def _to_tensor(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
