@@ -143,6 +143,11 @@ def test_short_run_writes_everything_and_resume_is_exact(synthetic_mnist, tmp_pa
     for name in fig1.NETS:
         assert resumed[name] == full[name]  # exact: every accuracy and percentile bit-equal
     assert resumed["timing"]["resumed_from_step"] == 40
+    # The two nets in two threads compute exactly what they compute one after the other.
+    threaded = fig1.Fig1Config(**SMALL, parallel_nets=True)
+    parallel = fig1.run(threaded, tmp_path / "parallel", progress=False)
+    for name in fig1.NETS:
+        assert parallel[name] == full[name]
 
     seeds = full["bn"]["per_seed"]
     assert [r["seed"] for r in seeds] == [0, 1] and full["bn"]["seeds"] == [0, 1]

@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,6 +79,7 @@ class Fig1Config:
     momentum: float = 0.1  # weight of the new batch in BN's moving averages (torch convention)
     population_batches: int = 1000  # Algorithm 2: training batches averaged at the end
     threads: int | None = None  # torch intra-op threads (None: torch's default, the cores)
+    parallel_nets: bool = False  # train the two nets in two Python threads (ops drop the GIL)
     data_dir: str | None = None  # MNIST IDX folder; None: batchnorm.data's search and cache
 
     def __post_init__(self) -> None:
@@ -169,6 +171,14 @@ def _population_accuracy(net: StackedMLP, config, x_train, x_test, y_test) -> li
 # Training.
 
 
+def _train_steps(net: StackedMLP, x_train, onehot, idx, s: int, lr: float) -> None:
+    # One SGD step per row of idx (S*b example indices); all time goes into torch ops.
+    for row in idx:
+        x = x_train.index_select(0, row).view(s, -1, x_train.shape[1])  # (S, b, 784)
+        y = onehot.index_select(0, row).view(s, -1, onehot.shape[1])  # (S, b, 10)
+        net.sgd_step(x, y, lr)
+
+
 def _new_history(config: Fig1Config) -> dict:
     return {
         name: [
@@ -222,7 +232,7 @@ def run(
             for name in NETS
         }
     else:
-        threads = set_threads(config.threads)
+        threads = set_threads(1 if config.parallel_nets else config.threads)
         _write_config(out, config, threads, source, argv)
         models = [initial_models(config, seed) for seed in seeds]
         nets = {name: StackedMLP.from_modules([m[name] for m in models]) for name in NETS}
@@ -241,26 +251,30 @@ def run(
         dynamic_ncols=True,
         mininterval=0.5,
     )
-    epoch, order = -1, None
+    orders: dict[int, torch.Tensor] = {}  # epoch -> (S, n) example order
+    pool = ThreadPoolExecutor(max_workers=len(nets)) if config.parallel_nets else None
     train_time = 0.0
     step = start
     while step < config.steps:
-        # Train up to the next evaluation without touching Python objects beyond the tensors.
+        # Train up to the next evaluation: every batch index first, then a tight loop per net.
         until = min(config.steps, (step // config.eval_every + 1) * config.eval_every)
         tick = time.perf_counter()
-        while step < until:
-            if step // per_epoch != epoch:
-                epoch = step // per_epoch
-                order = torch.stack([epoch_permutation(seed, epoch, n) for seed in seeds])
-            j = step % per_epoch
-            idx = order[:, j * b : (j + 1) * b].reshape(-1)  # (S*b,) the same batch for both nets
-            x = x_train.index_select(0, idx).view(s, b, -1)
-            y = onehot.index_select(0, idx).view(s, b, -1)
+        rows = []
+        for t in range(step, until):
+            epoch, j = divmod(t, per_epoch)
+            if epoch not in orders:
+                orders = {epoch: torch.stack([epoch_permutation(seed, epoch, n)
+                                              for seed in seeds])}
+            rows.append(orders[epoch][:, j * b:(j + 1) * b].reshape(-1))  # (S*b,)
+        idx = torch.stack(rows)  # (T, S*b): the same batches for both nets
+        if pool is None:
             for net in nets.values():
-                net.sgd_step(x, y, config.lr)
-            step += 1
-            if step % 100 == 0:
-                bar.update(100)
+                _train_steps(net, x_train, onehot, idx, s, config.lr)
+        else:
+            for job in [pool.submit(_train_steps, net, x_train, onehot, idx, s, config.lr)
+                        for net in nets.values()]:
+                job.result()
+        step = until
         train_time += time.perf_counter() - tick
         bar.update(step - bar.n)
         acc = _evaluate(nets, x_test, y_test, config.unit, step, history)
@@ -276,8 +290,12 @@ def run(
             )
         if stop_after is not None and step >= stop_after and step < config.steps:
             bar.close()
+            if pool is not None:
+                pool.shutdown()
             return None
     bar.close()
+    if pool is not None:
+        pool.shutdown()
 
     pop = _population_accuracy(nets["bn"], config, x_train, x_test, y_test)
     for s_index, record in enumerate(history["bn"]):
@@ -623,6 +641,13 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="continue an interrupted run from its folder (its settings)",
     )
+    parser.add_argument(
+        "--parallel-nets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the two nets in two threads, one torch thread each "
+        f"(default: {defaults.parallel_nets})",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_from_args)
 
@@ -641,6 +666,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             field: getattr(args, flag[2:].replace("-", "_"))
             for flag, (field, _, _) in _FLAGS.items()
         }
+        changes["parallel_nets"] = args.parallel_nets
         config = Fig1Config(**{k: v for k, v in changes.items() if v is not None})
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"fig1-{stamp}"
