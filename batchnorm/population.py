@@ -139,7 +139,8 @@ def recalibrate(
     Covers every ``torch.nn.modules.batchnorm._BatchNorm`` with running statistics: ours,
     ``torch.nn.BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (whose statistics are recorded per
     process; average the buffers across processes afterwards if the batches differ). Layers
-    with ``track_running_stats=False`` always use batch statistics and are skipped. A layer
+    with ``track_running_stats=False`` always use batch statistics and are skipped, and so are
+    `FrozenBatchNorm` layers (frozen means frozen: unfreeze them first). A layer
     that receives no input (e.g. an auxiliary head the eval-mode model never runs) keeps its
     statistics, with a warning. A layer called k times per forward counts k batches.
 
@@ -156,8 +157,9 @@ def recalibrate(
         estimator: "algorithm2": E[x] = mean over batches of mu_B and Var[x] = mean over
             batches of m/(m-1) sigma2_B, each batch weighing the same (exactly Algorithm 2).
             "pooled": the exact mean and unbiased variance of all values seen, as if they were
-            one batch; invariant to how the samples are split into batches. The two agree
-            when all batches have the same size, up to the spread of the batch means.
+            one batch; invariant to how the samples are split into batches. With equal batch
+            sizes the two means coincide; the pooled variance also counts the spread of the
+            batch means, which Algorithm 2 leaves out.
         progress: show a tqdm progress bar.
 
     Returns:

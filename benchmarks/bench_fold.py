@@ -9,7 +9,11 @@ merged into the preceding conv). Reported per variant: the minimum of the single
 The net is ResNet-18's layout (BasicBlocks [2, 2, 2, 2], widths 64-512) with the CIFAR stem
 (one 3x3 conv, no max-pool), so 32x32 inputs are meaningful and a run stays short.
 
-Usage: python benchmarks/bench_fold.py [--batch 32] [--size 32] [--reps 12] [--threads N]
+With ``--model bn_inception`` the same comparison runs on Sec. 4.2's BN-Inception (69 BN
+layers) at 224x224, about 4x the multiply-adds of the default; not run for the README here.
+
+Usage: python benchmarks/bench_fold.py [--model resnet18|bn_inception] [--batch 32]
+       [--size 32] [--reps 12] [--threads N]
 """
 
 from __future__ import annotations
@@ -92,7 +96,13 @@ def git_revision() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=32, help="input height = width")
+    parser.add_argument(
+        "--model",
+        choices=["resnet18", "bn_inception"],
+        default="resnet18",
+        help="bn_inception: Sec. 4.2's network (batchnorm.models.inception), ImageNet stem",
+    )
+    parser.add_argument("--size", type=int, default=None, help="input H = W (32; 224)")
     parser.add_argument("--reps", type=int, default=12, help="timed rounds per variant")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
@@ -100,8 +110,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    ours = randomize_stats(resnet18()).eval()
-    torch_bn = batchnorm.convert(resnet18(), to="torch").eval()
+    if args.model == "bn_inception":
+        from batchnorm.models.inception import build_inception
+
+        def build():
+            return build_inception("bn_inception")
+
+        args.size = args.size or 224
+        label = "BN-Inception (Sec. 4.2)"
+    else:
+        build, label = resnet18, "ResNet-18-style"
+        args.size = args.size or 32
+    ours = randomize_stats(build()).eval()
+    torch_bn = batchnorm.convert(build(), to="torch").eval()
     torch_bn.load_state_dict(ours.state_dict())
     folded, report = batchnorm.fold(ours)
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -130,7 +151,7 @@ def main() -> None:
     )
     print(f"git {git_revision()}; {len(report.folded)} BN folded, {len(report.skipped)} left")
     print(
-        f"ResNet-18-style, input ({args.batch}, 3, {args.size}, {args.size}), eval mode, "
+        f"{label}, input ({args.batch}, 3, {args.size}, {args.size}), eval mode, "
         f"{args.reps} interleaved forwards per variant\n"
     )
     base = "ours (BN, eval)"

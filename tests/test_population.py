@@ -394,8 +394,15 @@ class Tokens(nn.Module):
         return self.bn(self.fc(x))
 
 
-# name: (builder, input shape, number folded, number skipped, example_inputs needed)
+def bn_inception():
+    """Sec. 4.2's BN-Inception (Figure 5), narrowed to 1/8 width with the 32x32 stem."""
+    inception = pytest.importorskip("batchnorm.models.inception")
+    return inception.build_inception("bn_inception", width=0.125, small_stem_stride=2)
+
+
+# name: (builder, input shape, number folded, number skipped)
 FOLD_CASES = {
+    "bn_inception": (bn_inception, (1, 3, 16, 16), 69, 0),
     "figure1_mlp": (figure1_mlp, (8, 784), 3, 0),
     "resnet_ours": (small_resnet, (2, 3, 8, 8), 6, 0),
     "resnet_torch": (lambda: small_resnet(nn.BatchNorm2d), (2, 3, 8, 8), 6, 0),
