@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import time
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -191,40 +192,32 @@ def _check_convert(rank, device):
     torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)
 
 
-def _equivalence_worker(rank, port, device):
-    _init(rank, port)
-    try:
-        for name, sizes, shape, momentum in CASES:
-            try:
-                _check_case(rank, sizes, shape, momentum, device)
-            except AssertionError as err:
-                raise AssertionError(f"case {name!r}, rank {rank}: {err}") from err
-        for check in (_check_ddp, _check_nonfinite, _check_too_few_values, _check_half):
-            check(rank, device)
-        _check_convert(rank, device)
-    finally:
-        dist.destroy_process_group()
+def _check_dead_rank(rank, device, short, spare):
+    """Rank 1 first stalls (alive, never joining), then exits; rank 0 must never hang.
 
-
-def test_sync_equals_single_process_bn():
-    _launch(_equivalence_worker, "cpu")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_sync_equals_single_process_bn_cuda():
-    # Both ranks share one GPU, so gloo carries the CUDA tensors (NCCL needs a GPU per rank);
-    # this still runs the device-side paths: no read-back of counts, tensor-valued guards.
-    _launch(_equivalence_worker, "cuda")
-
-
-def _dead_rank_worker(rank, port, how, pg_timeout, layer_timeout, limit, done):
-    """Rank 1 exits or stalls before the first collective; rank 0 must raise within limit."""
-    _init(rank, port, pg_timeout)
+    Three groups over the same two ranks, one per way of failing: the default group's
+    timeout (10 s) is longer than the layer's ``timeout`` (1 s), which must end the first
+    wait; ``short``'s own 2 s timeout ends the second; ``spare`` fails when rank 1 exits.
+    Must run last: it leaves every group broken.
+    """
     if rank == 1:
-        if how == "stalls":  # alive, never joining, until rank 0 is done
-            done.wait(limit + 3)
-        os._exit(0)
-    sync = SyncBatchNorm(3, timeout=layer_timeout)
+        # Stall until rank 0 has timed out twice; a barrier would need this dead rank.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not os.path.exists(short.flag):
+            time.sleep(0.05)
+        return
+    try:
+        _expect_failure(None, layer_timeout=1.0, limit=4.0)  # SyncBatchNorm(timeout=1)
+        _expect_failure(short.group, layer_timeout=None, limit=5.0)  # the group's timeout
+    finally:
+        open(short.flag, "w").close()
+    # Rank 1 is exiting now: the collective fails when its connection closes.
+    _expect_failure(spare, layer_timeout=None, limit=5.0)
+
+
+def _expect_failure(group, layer_timeout, limit):
+    """A SyncBatchNorm forward over ``group`` must raise a clear RuntimeError within limit."""
+    sync = SyncBatchNorm(3, process_group=group, timeout=layer_timeout)
     t0 = time.monotonic()
     try:
         sync(torch.randn(4, 3))
@@ -234,23 +227,85 @@ def _dead_rank_worker(rank, port, how, pg_timeout, layer_timeout, limit, done):
         assert elapsed < limit, f"raised after {elapsed:.1f} s, limit {limit} s"
     else:
         raise AssertionError("forward succeeded although rank 1 never joined")
-    finally:
-        done.set()
-    # The group is broken: skip its teardown, which could wait for the dead peer.
+
+
+CHECKS = [name for name, *_ in CASES] + [
+    "ddp", "nonfinite", "too_few_values", "half", "convert", "dead_rank",
+]  # fmt: skip
+
+
+class _Short(NamedTuple):
+    group: object
+    flag: str  # a file rank 0 creates once rank 1 may stop stalling
+
+
+def _worker(rank, port, device, flag, results):
+    """Every check of CHECKS on this rank; reports {check: error or None} to ``results``."""
+    _init(rank, port, pg_timeout=10.0)
+    short = _Short(dist.new_group(timeout=datetime.timedelta(seconds=2)), flag)
+    spare = dist.new_group()
+    checks = {name: (_check_case, case) for name, *case in CASES}
+    checks.update(
+        ddp=(_check_ddp, ()),
+        nonfinite=(_check_nonfinite, ()),
+        too_few_values=(_check_too_few_values, ()),
+        half=(_check_half, ()),
+        convert=(_check_convert, ()),
+        dead_rank=(_check_dead_rank, (short, spare)),
+    )
+    report = {}
+    for name in CHECKS:
+        fn, extra = checks[name]
+        try:
+            if fn is _check_case:
+                fn(rank, *extra, device)
+            else:
+                fn(rank, device, *extra)
+            report[name] = None
+        except Exception as err:  # reported to the parent, test by test
+            report[name] = f"rank {rank}: {type(err).__name__}: {err}"
+    results.put(report)  # SimpleQueue: written before returning, so os._exit loses nothing
+    # The groups are broken now: skip their teardown, which could wait for the dead peer.
     os._exit(0)
 
 
-@pytest.mark.parametrize(
-    "how, pg_timeout, layer_timeout, limit",
-    [
-        ("exits", 3.0, None, 6.0),  # the peer's connection closes: fails at once
-        ("stalls", 2.0, None, 6.0),  # alive but absent: the process group's timeout
-        ("stalls", 60.0, 1.0, 5.0),  # SyncBatchNorm(timeout=1) beats a long group timeout
-    ],
-)
-def test_dead_rank_raises_instead_of_hanging(how, pg_timeout, layer_timeout, limit):
-    done = mp.get_context("spawn").Event()
-    _launch(_dead_rank_worker, how, pg_timeout, layer_timeout, limit, done)
+def _run_all(device, tmp_path_factory) -> dict:
+    """One launch of WORLD ranks running every check; {check: [errors]}."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    flag = str(tmp_path_factory.mktemp("sync") / "rank0_done")
+    _launch(_worker, device, flag, results)
+    reports = [results.get() for _ in range(WORLD) if not results.empty()]
+    merged = {name: [r[name] for r in reports if r[name]] for name in CHECKS}
+    if len(reports) < WORLD:
+        for errors in merged.values():
+            errors.append(f"only {len(reports)} of {WORLD} ranks reported")
+    return merged
+
+
+@pytest.fixture(scope="module")
+def cpu_results(tmp_path_factory):
+    return _run_all("cpu", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cuda_results(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    # Both ranks share one GPU, so gloo carries the CUDA tensors (NCCL needs a GPU per rank);
+    # this still runs the device-side paths: no read-back of counts, tensor-valued guards.
+    return _run_all("cuda", tmp_path_factory)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_two_ranks_cpu(check, cpu_results):
+    """SyncBatchNorm on 2 gloo ranks equals one process on the concatenated batch."""
+    assert not cpu_results[check], "\n".join(cpu_results[check])
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_two_ranks_cuda(check, cuda_results):
+    assert not cuda_results[check], "\n".join(cuda_results[check])
 
 
 def test_without_process_group_it_is_plain_bn():
