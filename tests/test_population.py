@@ -630,3 +630,23 @@ def test_onnx_export_runs_in_onnxruntime(case):
     with torch.no_grad():
         expected = model(x)
     assert rel_err(torch.from_numpy(got), expected) < 1e-5
+
+
+def test_recalibrate_covers_sync_batchnorm_like_plain_bn():
+    """torch's SyncBatchNorm (and ours, if present) outside a process group: plain BN stats."""
+    layers = [nn.SyncBatchNorm]
+    try:
+        from batchnorm.distributed import SyncBatchNorm
+    except ImportError:
+        pass
+    else:
+        layers.append(SyncBatchNorm)
+    batches = make_batches((3, 4, 4), (6, 9))
+    reference = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    recalibrate(reference, batches, estimator="pooled", progress=False)
+    for layer in layers:
+        model = copy.deepcopy(reference)
+        model[1] = layer(4)
+        recalibrate(model, batches, estimator="pooled", progress=False)
+        torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+        torch.testing.assert_close(model[1].running_var, reference[1].running_var)
