@@ -186,11 +186,11 @@ def _train_variant(cfg, key, data, out: Path) -> dict:
         loss.backward()
         optimizer.step()
         state["step"] = step = step + 1
-        state["losses"].append([step, float(loss)])
+        state["losses"].append([step, loss.item()])
         if step % cfg.eval_every == 0 or step == cfg.steps:
             accuracy = _accuracy(model, xval, yval)
             state["curve"].append([step, accuracy])
-            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{accuracy:.4f}", lr=f"{lr:.2g}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.4f}", lr=f"{lr:.2g}")
         bar.update(1)
         state["seconds"] = time.perf_counter() - started
         if step % cfg.checkpoint_every == 0:
