@@ -768,10 +768,11 @@ def _fx_sites(model: nn.Module, example_inputs) -> list[_Site]:
         gm = torch.fx.GraphModule(probe, graph)
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    # Counted per module object: one module registered under two names is still one module.
+    calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
     # Modules whose tensors the forward reads directly (self.conv.weight) cannot change meaning.
     touched = {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
-    modules = dict(model.named_modules())
 
     def is_layer(n):
         return (
@@ -797,12 +798,12 @@ def _fx_sites(model: nn.Module, example_inputs) -> list[_Site]:
         sites.append(
             _Site(
                 bn=node.target,
-                calls=calls[node.target],
+                calls=calls[id(modules[node.target])],
                 prev=prev,
                 next=nxt,
                 in_rank=len(meta.shape) if meta is not None else None,
-                prev_calls=calls[prev] if prev else 1,
-                next_calls=calls[nxt] if nxt else 1,
+                prev_calls=calls[id(modules[prev])] if prev else 1,
+                next_calls=calls[id(modules[nxt])] if nxt else 1,
             )
         )
     return sites
@@ -885,15 +886,15 @@ def fold(model: nn.Module, example_inputs: tuple | None = None) -> tuple[nn.Modu
     except Exception as err:  # noqa: BLE001 - any tracing failure means: use the fallback
         report.traced, report.trace_error = False, f"{type(err).__name__}: {err}"
         sites = _sequential_sites(model)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     shared_counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = {i for i, c in shared_counts.items() if c > 1}
     seen = set()
     for site in sites:
         bn = modules[site.bn]
-        if site.bn in seen:  # a BN called several times has one site per call
+        if id(bn) in seen:  # a BN called several times has one site per call
             continue
-        seen.add(site.bn)
+        seen.add(id(bn))
         why = _not_fixed_reason(bn)
         if why is None and site.calls > 1:
             why = "called more than once per forward"

@@ -382,6 +382,19 @@ class SharedUse(nn.Module):
         return self.bn_a(h) + h + self.bn_b(self.bn_b(x))
 
 
+class Aliased(nn.Module):
+    """One BN registered under two names and called after two convs: folding it is wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.other = self.bn
+
+    def forward(self, x):
+        return self.bn(self.conv1(x)) + self.other(self.conv2(x))
+
+
 class Tokens(nn.Module):
     """Linear on (N, L, C) tokens followed by a channels-last BN: needs the rank to fold."""
 
@@ -463,6 +476,7 @@ FOLD_CASES = {
         1,
     ),
     "unfoldable": (SharedUse, (2, 3, 4, 4), 0, 2),
+    "aliased_bn": (Aliased, (2, 3, 4, 4), 0, 1),
     "frozen_and_train_mode": (
         lambda: nn.Sequential(
             nn.Linear(5, 4),
