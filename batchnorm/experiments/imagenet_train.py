@@ -219,14 +219,15 @@ def train(cfg: TrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = F.cross_entropy(net(x), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}: diverged")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             seen += len(y) * world
             if step % cfg.log_every == 0 or step == total:
+                # checked only here: reading the loss waits for the GPU
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}: diverged")
                 rate = seen / (time.perf_counter() - started)
                 log({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
                      "lr": lr, "images_per_s": rate})  # fmt: skip
