@@ -164,9 +164,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dims = F._reduce_dims(input, 1)
         dtype = invstd.dtype
         dy = grad_output.to(dtype)
-        xhat = (input.to(dtype) - F._per_channel(mean, input, 1)) * F._per_channel(invstd, input, 1)
+        # Arranged so that only two full-size tensors are allocated (xhat, then dy * xhat,
+        # reused for dl/dx) and the rest is (C,)-sized arithmetic: on the CPU, passes over
+        # memory, not flops, are what a BN layer costs.
+        xhat = input.to(dtype) * F._per_channel(invstd, input, 1)
+        xhat.add_(F._per_channel(-mean * invstd, input, 1))  # as `normalize` computes it
         sum_dy = dy.sum(dims)  # (N, C, *) -> (C,); zeros for an empty batch
-        sum_dy_xhat = (dy * xhat).sum(dims)  # (C,)
+        buffer = dy * xhat
+        sum_dy_xhat = buffer.sum(dims)  # (C,)
         grad_input = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_xhat.to(weight.dtype)
@@ -182,14 +187,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 ctx.timeout,
             )
             c = sum_dy.numel()
-            mean_dy = sums[:c] / ctx.count
-            mean_dy_xhat = sums[c:] / ctx.count
             gamma = weight.to(dtype) if weight is not None else torch.ones_like(invstd)
-            grad_input = F._per_channel(gamma * invstd, input, 1) * (
-                dy
-                - F._per_channel(mean_dy, input, 1)
-                - xhat * F._per_channel(mean_dy_xhat, input, 1)
-            )
+            k = gamma * invstd  # dl/dx = k * (dy - mean_all(dy) - xhat * mean_all(dy * xhat))
+            shift = -k * sums[:c] / ctx.count
+            slope = -k * sums[c:] / ctx.count
+            grad_input = torch.mul(dy, F._per_channel(k, input, 1), out=buffer)
+            grad_input.add_(F._per_channel(shift, input, 1))
+            grad_input.addcmul_(xhat, F._per_channel(slope, input, 1))
             grad_input = grad_input.to(input.dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
