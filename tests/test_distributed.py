@@ -1,8 +1,9 @@
 """SyncBatchNorm (Sec. 3 across processes): 2 gloo ranks on 127.0.0.1 against one process.
 
 The oracle is torch.nn.BatchNorm*d in float64 on the concatenated batch, in each rank.
-Spawning costs seconds, so one launch runs every equivalence case; the dead-rank cases need a
-launch each. Only 127.0.0.1 is used: the store's address, and gloo's interface is loopback.
+Spawning costs seconds, so one launch per device runs every check of CHECKS (the dead-rank
+one last, as it breaks the groups) and reports each check's errors, which one test per check
+then asserts. Only 127.0.0.1 is used: the store's address, and gloo's interface is loopback.
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ def _worker(rank, port, device, flag, results):
                 fn(rank, device, *extra)
             report[name] = None
         except Exception as err:  # reported to the parent, test by test
-            report[name] = f"rank {rank}: {type(err).__name__}: {err}"
+            # Truncated: the pipe holds ~64 KiB until the parent reads it after join.
+            report[name] = f"rank {rank}: {type(err).__name__}: {err}"[:2000]
     results.put(report)  # SimpleQueue: written before returning, so os._exit loses nothing
     # The groups are broken now: skip their teardown, which could wait for the dead peer.
     os._exit(0)
