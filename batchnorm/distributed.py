@@ -233,7 +233,9 @@ class SyncBatchNorm(_BatchNormBase):
             `batchnorm.BatchNorm2d`.
         process_group: the group to synchronize over (None: the default group).
         timeout: seconds (or a timedelta) each collective may wait for the other ranks;
-            None defers to the process group's timeout.
+            None defers to the process group's timeout. With NCCL a layer timeout makes the
+            host wait for each collective to finish (no overlap with the GPU): prefer the
+            group's timeout there.
         backward: the single-process backward used outside synchronized training.
 
     Shape: input (N, C, *), N may be 0 on some ranks; output the same.
