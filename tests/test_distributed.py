@@ -171,14 +171,21 @@ def _check_too_few_values(rank, device):
 
 
 def _check_half(rank, device):
-    """float16 input: float32 statistics merged, float16 output, same as the float32 result."""
+    """float16 input: float32 statistics merged, float16 output and gradient, as in float32."""
     torch.manual_seed(3)
     x_all = (torch.randn(8, 3, 2, 2) * 2 + 5).half().to(device)
+    g_all = torch.randn(8, 3, 2, 2, device=device)
+    mine = slice(4 * rank, 4 * (rank + 1))
+    x = x_all[mine].clone().requires_grad_()
+    x_ref = x_all.float().requires_grad_()
     sync = SyncBatchNorm(3, device=device)
-    y = sync(x_all[4 * rank : 4 * (rank + 1)])
-    ref = torch.nn.BatchNorm2d(3, device=device)(x_all.float())[4 * rank : 4 * (rank + 1)]
-    assert y.dtype == torch.float16 and sync.running_var.dtype == torch.float32
-    torch.testing.assert_close(y.float(), ref, rtol=1e-3, atol=2e-3)
+    y = sync(x)
+    (y.float() * g_all[mine]).sum().backward()
+    y_ref = torch.nn.BatchNorm2d(3, device=device)(x_ref)
+    (y_ref * g_all).sum().backward()
+    assert y.dtype == x.grad.dtype == torch.float16 and sync.running_var.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref[mine].detach(), rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad[mine], rtol=1e-2, atol=1e-2)
 
 
 def _check_convert(rank, device):
@@ -326,8 +333,15 @@ def test_without_process_group_it_is_plain_bn():
         (torch.nn.BatchNorm2d(4, eps=1e-3, affine=False), (5, 4, 2, 2)),
         (batchnorm.BatchNorm2d(4, backward="paper"), (5, 4, 2, 2)),
         (batchnorm.BatchNorm3d(4, momentum=None, track_running_stats=False), (5, 4, 2, 2, 2)),
+        (torch.nn.SyncBatchNorm(4, momentum=0.3), (5, 4, 2, 2)),
     ],
-    ids=["torch.BatchNorm1d", "torch.BatchNorm2d", "ours.BatchNorm2d", "ours.BatchNorm3d"],
+    ids=[
+        "torch.BatchNorm1d",
+        "torch.BatchNorm2d",
+        "ours.BatchNorm2d",
+        "ours.BatchNorm3d",
+        "torch.SyncBatchNorm",
+    ],  # fmt: skip
 )
 def test_convert_round_trip(layer, shape):
     """Parameters stay the same objects, buffers, hyper-parameters and mode carry over."""
