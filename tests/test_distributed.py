@@ -341,7 +341,7 @@ def test_without_process_group_it_is_plain_bn():
         "ours.BatchNorm2d",
         "ours.BatchNorm3d",
         "torch.SyncBatchNorm",
-    ],  # fmt: skip
+    ],
 )
 def test_convert_round_trip(layer, shape):
     """Parameters stay the same objects, buffers, hyper-parameters and mode carry over."""
