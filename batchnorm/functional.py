@@ -128,8 +128,10 @@ def batch_stats(input: Tensor, axis: int = 1, mask: Tensor | None = None) -> Bat
     x = input.to(_stats_dtype(input))
     dims = _reduce_dims(input, axis)
     if mask is None:
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        return BatchStats(mean, var, _values_per_channel(input, axis))
+        # Explicit passes: torch.var_mean over non-innermost dims is ~15x slower on CPU.
+        mean = x.mean(dims, keepdim=True)
+        var = torch.square(x - mean).mean(dims)
+        return BatchStats(mean.reshape(-1), var, _values_per_channel(input, axis))
     weights = _mask_weights(mask, input, axis, x.dtype)
     count = weights.sum()
     mean = (x * weights).sum(dims) / count

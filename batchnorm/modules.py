@@ -39,9 +39,13 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         backward: str = "native",
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if affine and not bias:
+            # torch >= 2.13's ``bias=False``: gamma without beta (older torch lacks the flag).
+            self.register_parameter("bias", None)
         if backward not in ("native", "paper"):
             raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
         self.backward = backward

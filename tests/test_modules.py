@@ -271,3 +271,13 @@ def test_layer_takes_a_padding_mask():
     valid = x.transpose(1, 2)[mask]  # (7, 3)
     torch.testing.assert_close(bn.running_mean, 0.1 * valid.mean(0))
     torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * valid.var(0))
+
+
+def test_bias_false_matches_torch_when_torch_has_it():
+    import inspect
+
+    if "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters:
+        pytest.skip(f"torch {torch.__version__} BatchNorm has no bias= flag")
+    ours, theirs = batchnorm.BatchNorm2d(6, bias=False), nn.BatchNorm2d(6, bias=False)
+    assert ours.bias is None and list(ours.state_dict()) == list(theirs.state_dict())
+    run_steps(ours, theirs, (4, 6, 3, 3))
