@@ -17,7 +17,7 @@ from batchnorm.modules import BatchNorm1d
 from batchnorm.train import load_checkpoint
 
 SMALL = dict(steps=60, batch_size=20, eval_every=20, checkpoint_every=20, seeds=2,
-             population_batches=5, threads=1)
+             population_batches=5, threads=1, parallel_nets=False)
 
 
 def _synthetic(n_train: int = 600, n_test: int = 200) -> data.ImageDataset:
@@ -129,7 +129,7 @@ def test_bn_net_uses_this_library_and_both_nets_start_equal():
     for a, b in zip([*models["bn"].hidden, models["bn"].out],
                     [*models["baseline"].hidden, models["baseline"].out]):
         assert torch.equal(a.weight, b.weight)
-    assert models["bn"].hidden[0].weight.std().item() == pytest.approx(0.03, rel=0.05)
+    assert models["bn"].hidden[0].weight.std().item() == pytest.approx(0.04, rel=0.05)
 
 
 def test_short_run_writes_everything_and_resume_is_exact(synthetic_mnist, tmp_path):
@@ -144,7 +144,7 @@ def test_short_run_writes_everything_and_resume_is_exact(synthetic_mnist, tmp_pa
         assert resumed[name] == full[name]  # exact: every accuracy and percentile bit-equal
     assert resumed["timing"]["resumed_from_step"] == 40
     # The two nets in two threads compute exactly what they compute one after the other.
-    threaded = fig1.Fig1Config(**SMALL, parallel_nets=True)
+    threaded = fig1.Fig1Config(**{**SMALL, "parallel_nets": True})
     parallel = fig1.run(threaded, tmp_path / "parallel", progress=False)
     for name in fig1.NETS:
         assert parallel[name] == full[name]
