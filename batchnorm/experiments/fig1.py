@@ -689,7 +689,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Parse flags into a `Fig1Config`, run, print the accuracy table; returns the exit code."""
-    argv = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    program = Path(sys.argv[0]).name
+    argv = ["python -m batchnorm" if program == "__main__.py" else program, *sys.argv[1:]]
     if args.resume:
         out = Path(args.resume)
         config = Fig1Config(**json.loads((out / "config.json").read_text())["config"])
