@@ -181,3 +181,21 @@ def test_training_entry_runs_and_resumes(tmp_path, monkeypatch):
         str(root), [str(out / "checkpoint.pt")] * 2, "bn_x5", "144", 32, 0.0625, 0, 2
     )
     assert result["n"] == 6 and 0 <= result["top1"] <= result["top5"] <= 1
+
+
+@pytest.mark.parametrize("torch_bn,sync_bn", [(False, False), (True, False), (False, True)])
+def test_bn_layer_choice(torch_bn, sync_bn):
+    import batchnorm
+
+    cfg = imagenet_train.TrainConfig(
+        data="unused", width=0.0625, torch_bn=torch_bn, sync_bn=sync_bn
+    )
+    model = imagenet_train._build_model(cfg, 3, "cpu")
+    kinds = {
+        type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    if sync_bn:
+        expected = batchnorm.SyncBatchNorm
+    else:
+        expected = torch.nn.BatchNorm2d if torch_bn else batchnorm.BatchNorm2d
+    assert kinds == {expected}
