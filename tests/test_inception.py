@@ -10,6 +10,16 @@ from batchnorm import BatchNorm2d
 from batchnorm.experiments.recipes import PAPER_FIGURE3, RECIPES
 from batchnorm.models.inception import MODELS, build_inception, parameter_count
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: one thread is as fast, and immune to OpenMP thrashing on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 VARIANTS = sorted(MODELS)
 # Declared once: (model switches each registry entry must have) -> checked by every test.
 EXPECTED_SWITCHES = {
@@ -149,6 +159,9 @@ def test_recipe_values(key):
     # exponential decay: 4% per decay_epochs, continuous in between
     assert recipe.lr_at(0, 100) == pytest.approx(lr)
     assert recipe.lr_at(int(100 * decay_epochs * 2), 100) == pytest.approx(lr * 0.96**2, rel=1e-3)
+    # fig2's compressed clock: a run of 64 paper epochs ends at 0.96**8 (BN-x: 0.96**48)
+    end = recipe.lr_at_fraction(1.0, 64.0) / lr
+    assert end == pytest.approx(0.96 ** (8 if decay_epochs == DECAY else 48))
 
 
 def test_paper_figure3_speedups():

@@ -420,7 +420,15 @@ def run(cfg: Fig2Config) -> dict:
     unknown = [v for v in cfg.variants if v not in RECIPES]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {list(RECIPES)}")
+    previous = torch.get_num_threads()
     set_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(previous)  # a library call leaves the process as it found it
+
+
+def _run(cfg: Fig2Config) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
