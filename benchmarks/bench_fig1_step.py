@@ -3,9 +3,11 @@
 The reference is what one would write first: nn.Sequential with torch.nn.BatchNorm1d,
 torch.optim.SGD, cross-entropy, the training set preloaded as one tensor and indexed per
 step. Ours is `batchnorm reproduce fig1`'s loop: `StackedMLP.sgd_step` (hand-fused forward and
-backward around `batchnorm.functional.batch_norm`, one foreach SGD update). Both run in this
-process on random data of MNIST's shape, interleaved A B B A, each timed over batches of
-steps; the table gives the median ms/step and ratios. Usage:
+backward around `batchnorm.functional.batch_norm`, one foreach SGD update), both nets one
+after the other, or in two threads (``parallel_nets``). All run in this process on random
+data of MNIST's shape, interleaved A B B A, each timed over batches of steps; the table gives
+the median ms per step. The floor is the arithmetic every loop must do: the first layer's
+x @ W1 and x^T @ dl/da1 (the other layers are 8x smaller). Usage:
 
     .venv/bin/python benchmarks/bench_fig1_step.py [--threads N] [--rounds 10] [--steps 200]
 """
@@ -18,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -25,6 +28,7 @@ from torch import nn
 from batchnorm.models.mlp import MLP, SIZES, StackedMLP
 
 N_TRAIN, BATCH, LR = 60_000, 60, 0.5
+SEEDS = 3  # `--seeds 3`: one StackedMLP per net trains all three
 
 
 def idiomatic(bn: bool, x_train, y_train):
@@ -36,24 +40,36 @@ def idiomatic(bn: bool, x_train, y_train):
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     loss_fn = nn.CrossEntropyLoss()
 
-    def step():
-        idx = torch.randint(N_TRAIN, (BATCH,))
-        opt.zero_grad()
-        loss_fn(net(x_train[idx]), y_train[idx]).backward()
-        opt.step()
-    return step
+    def steps(k: int) -> None:
+        for _ in range(k):
+            idx = torch.randint(N_TRAIN, (BATCH,))
+            opt.zero_grad()
+            loss_fn(net(x_train[idx]), y_train[idx]).backward()
+            opt.step()
+    return steps
 
 
-def ours(kinds: tuple[bool, ...], x_train, onehot):
-    nets = [StackedMLP.from_modules([MLP(bn)]) for bn in kinds]
+def ours(bn: bool, x_train, onehot, seeds: int = 1):
+    net = StackedMLP.from_modules([MLP(bn) for _ in range(seeds)])
 
-    def step():
-        idx = torch.randint(N_TRAIN, (BATCH,))
-        x = x_train.index_select(0, idx).view(1, BATCH, -1)
-        y = onehot.index_select(0, idx).view(1, BATCH, -1)
-        for net in nets:
+    def steps(k: int) -> None:
+        for _ in range(k):
+            idx = torch.randint(N_TRAIN, (seeds * BATCH,))
+            x = x_train.index_select(0, idx).view(seeds, BATCH, -1)
+            y = onehot.index_select(0, idx).view(seeds, BATCH, -1)
             net.sgd_step(x, y, LR)
-    return step
+    return steps
+
+
+def floor(x_train):
+    w, d = torch.randn(SIZES[0], SIZES[1]), torch.randn(BATCH, SIZES[1])
+
+    def steps(k: int) -> None:
+        for _ in range(k):
+            x = x_train[:BATCH]
+            torch.mm(x, w)
+            torch.mm(x.t(), d)
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,41 +80,62 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     x_train = torch.rand(N_TRAIN, SIZES[0])
     y_train = torch.randint(10, (N_TRAIN,))
     onehot = nn.functional.one_hot(y_train, 10).float()
-    pairs = {  # name -> (ours, reference)
-        "BN net": (ours((True,), x_train, onehot), idiomatic(True, x_train, y_train)),
-        "baseline net": (ours((False,), x_train, onehot), idiomatic(False, x_train, y_train)),
+    eager = {bn: idiomatic(bn, x_train, y_train) for bn in (True, False)}
+    fast = {bn: ours(bn, x_train, onehot) for bn in (True, False)}
+    stacked = {bn: ours(bn, x_train, onehot, SEEDS) for bn in (True, False)}
+    pool = ThreadPoolExecutor(max_workers=2)
+
+    def two_threads(fns):  # as fig1 with parallel_nets: one torch thread per net
+        def steps(k: int) -> None:
+            torch.set_num_threads(1)
+            for job in [pool.submit(fns[bn], k) for bn in (True, False)]:
+                job.result()
+            torch.set_num_threads(threads)
+        return steps
+
+    fns = {
+        "eager BN": eager[True], "ours BN": fast[True],
+        "eager baseline": eager[False], "ours baseline": fast[False],
+        "ours both, two threads": two_threads(fast), "floor": floor(x_train),
+        "ours both, seeds stacked, two threads": two_threads(stacked),
     }
-    times: dict[str, list[float]] = {}
-    for name, fns in pairs.items():
-        for fn in fns:
-            for _ in range(50):  # warm-up
-                fn()
-        for r in range(args.rounds):
-            for label, fn in zip(("ours", "eager") if r % 2 == 0 else ("eager", "ours"),
-                                 fns if r % 2 == 0 else fns[::-1]):
-                tick = time.perf_counter()
-                for _ in range(args.steps):
-                    fn()
-                times.setdefault(f"{name}|{label}", []).append(
-                    (time.perf_counter() - tick) / args.steps * 1e3)
+    for fn in fns.values():
+        fn(50)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(args.rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            tick = time.perf_counter()
+            fns[name](args.steps)
+            times[name].append((time.perf_counter() - tick) / args.steps * 1e3)
+    pool.shutdown()
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"# Figure 1 training step, median of {args.rounds} batches of {args.steps} steps")
+    print(f"# Figure 1 training step: median ms/step over {args.rounds} batches of "
+          f"{args.steps} steps")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{threads} torch threads")
     print("command: .venv/bin/python " + " ".join(sys.argv))
     print()
-    print("| net | idiomatic eager ms/step | ours ms/step | speed-up |")
+    print("| what | idiomatic eager | ours | speed-up |")
     print("|---|---|---|---|")
-    for name in pairs:
-        e, o = med[f"{name}|eager"], med[f"{name}|ours"]
+    for name, e, o in (("BN net", med["eager BN"], med["ours BN"]),
+                       ("baseline net", med["eager baseline"], med["ours baseline"])):
         print(f"| {name} | {e:.3f} | {o:.3f} | {e / o:.2f}x |")
-    e = med["BN net|eager"] + med["baseline net|eager"]
-    o = med["BN net|ours"] + med["baseline net|ours"]
-    print(f"| both nets (one Figure 1 step) | {e:.3f} | {o:.3f} | {e / o:.2f}x |")
+    both_eager = med["eager BN"] + med["eager baseline"]
+    both = med["ours BN"] + med["ours baseline"]
+    print(f"| both nets, one after the other | {both_eager:.3f} | {both:.3f} | "
+          f"{both_eager / both:.2f}x |")
+    par = med["ours both, two threads"]
+    print(f"| both nets, two threads (parallel_nets) | {both_eager:.3f} | {par:.3f} | "
+          f"{both_eager / par:.2f}x |")
+    per_seed = med["ours both, seeds stacked, two threads"] / SEEDS
+    print(f"| both nets, {SEEDS} seeds stacked, two threads, per seed | {both_eager:.3f} | "
+          f"{per_seed:.3f} | {both_eager / per_seed:.2f}x |")
+    print(f"| floor: first-layer matmuls of one net | | {med['floor']:.3f} | |")
     return 0
 
 
