@@ -181,6 +181,10 @@ def test_cli_one_seed_schema_and_report(synthetic_mnist, tmp_path):
     assert {"revision", "dirty"} <= set(config["git"]) and config["machine"]["torch_threads"] == 1
     report = (out / "report.md").read_text()
     assert "paper, with BN" in report and "Algorithm 2" in report and "95%" in report
+    # --resume on a finished run folder reads its settings and rewrites the same numbers.
+    assert main(["reproduce", "fig1", "--resume", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["bn"] == summary["bn"] and again["baseline"] == summary["baseline"]
 
 
 def test_report_checks_against_the_paper():
