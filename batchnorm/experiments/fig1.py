@@ -11,7 +11,8 @@ statistics with Algorithm 2. It writes into the run folder:
 - ``summary.json``: {"bn": NET, "baseline": NET, "timing": {...}} where for one seed NET is
   {"seed", "unit", "test_accuracy": [[step, accuracy], ...], "percentiles":
   [[step, p15, p50, p85], ...], "percentiles_units_mean": same rows averaged over all units
-  of the layer, "final_accuracy", and for BN "final_accuracy_algorithm2"}, and for N seeds
+  of the layer, "units_drift": each unit's median min/max and first/last spread after
+  step 0, "final_accuracy", and for BN "final_accuracy_algorithm2"}, and for N seeds
   NET is {"seeds": [...], "per_seed": [one such dict per seed]}.
 - ``fig1.png`` (panels a, b, c as in the paper), ``report.md`` (ours vs the paper), and
   ``checkpoint.pt`` (written atomically; ``--resume RUN_DIR`` continues from it).
