@@ -41,6 +41,7 @@ __all__ = [
     "update_running_stats",
     "batch_norm",
     "BatchNormFunction",
+    "batch_norm_backward",
 ]
 
 
@@ -265,26 +266,49 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mean, _grad_var):  # noqa: D102
         input, weight, mean, invstd = ctx.saved_tensors
         dims = _reduce_dims(input, 1)
-        m = _values_per_channel(input, 1)
         dtype = invstd.dtype
-        dy = grad_y.to(dtype)
-        xhat = (input.to(dtype) - _per_channel(mean, input, 1)) * _per_channel(invstd, input, 1)
-        sum_dy = dy.sum(dims)  # (C,): dl/dbeta
-        sum_dy_xhat = (dy * xhat).sum(dims)  # (C,): dl/dgamma
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            gamma = weight.to(dtype) if weight is not None else torch.ones_like(invstd)
-            k = gamma * invstd / m  # (C,)
-            # dl/dxhat = dy * gamma, so its two sums are gamma * sum_dy and gamma * sum_dy_xhat.
-            grad_input = _per_channel(k, input, 1) * (
-                m * dy - _per_channel(sum_dy, input, 1) - xhat * _per_channel(sum_dy_xhat, input, 1)
-            )
-            grad_input = grad_input.to(input.dtype)
+        invstd = _per_channel(invstd, input, 1)
+        xhat = (input.to(dtype) - _per_channel(mean, input, 1)) * invstd
+        gamma = None if weight is None else _per_channel(weight.to(dtype), input, 1)
+        grad_input, grad_gamma, grad_beta = batch_norm_backward(
+            grad_y.to(dtype), xhat, invstd, gamma, dims
+        )
+        grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = sum_dy_xhat.to(weight.dtype)
+            grad_weight = grad_gamma.reshape(-1).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(grad_y.dtype if weight is None else weight.dtype)
-        return grad_input, grad_weight, grad_bias, None
+            grad_bias = grad_beta.reshape(-1).to(grad_y.dtype if weight is None else weight.dtype)
+        return grad_input.to(input.dtype), grad_weight, grad_bias, None
+
+
+def batch_norm_backward(
+    grad_output: Tensor, xhat: Tensor, invstd: Tensor, weight: Tensor | None, dims
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The paper's backward pass of Algorithm 1 (Sec. 3), compact form, as a pure function.
+
+    With dl/dxhat = dl/dy * gamma and m values per channel:
+
+        dl/dx     = gamma/(m s) * (m dl/dy - sum dl/dy - xhat * sum(dl/dy * xhat))
+        dl/dgamma = sum dl/dy * xhat          dl/dbeta = sum dl/dy
+
+    Args:
+        grad_output: dl/dy.
+        xhat: the normalized input, same shape.
+        invstd: 1/s = 1/sqrt(sigma2_B + eps), shaped to broadcast against xhat.
+        weight: gamma shaped like invstd, or None for gamma = 1.
+        dims: the reduced (non-channel) dimensions.
+
+    Returns:
+        (dl/dx, dl/dgamma, dl/dbeta); the last two keep the reduced dims with size 1.
+    """
+    m = math.prod(xhat.shape[d] for d in dims)
+    grad_beta = grad_output.sum(dims, keepdim=True)
+    grad_gamma = (grad_output * xhat).sum(dims, keepdim=True)
+    # dl/dx = (dy - sum(dy)/m - xhat * sum(dy * xhat)/m) * gamma / s, with one temporary.
+    grad_input = torch.sub(grad_output, grad_beta, alpha=1 / m)
+    grad_input.addcmul_(xhat, grad_gamma, value=-1 / m)
+    grad_input.mul_(invstd if weight is None else invstd * weight)
+    return grad_input, grad_gamma, grad_beta
 
 
 def _check_training_batch(input: Tensor, axis: int, count: int | None = None) -> None:

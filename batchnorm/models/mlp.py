@@ -246,7 +246,7 @@ class StackedMLP:
         # xhat, 1/s, mu_B and the unbiased variance (what the moving averages take).
         hs, cache = [x], []
         h = x
-        m = x.shape[1]
+        s, m = x.shape[0], x.shape[1]
         for i in range(self.depth - 1):
             if self.bn:
                 a = torch.bmm(h, self.weights[i])  # (S, m, in) @ (S, in, C) -> (S, m, C)
@@ -254,9 +254,10 @@ class StackedMLP:
                 # and no running statistics: they are updated for all layers at once).
                 xhat = self._bn_3d(
                     bnf.batch_norm(self._bn_2d(a), None, None, training=True, eps=self.eps).output,
-                    a.shape[0],
+                    s,
                 )
-                # mu_B and sigma2_B again, two-pass, for the backward and the moving averages.
+                # mu_B and sigma2_B again (the fused kernel keeps them), two-pass, for the
+                # backward and the moving averages: three small ops, cheaper than unfusing.
                 mean = a.mean(1, keepdim=True)  # (S, 1, C)
                 sq = (a - mean).square_().sum(1, keepdim=True)
                 rstd = torch.rsqrt(sq / m + self.eps)
@@ -294,13 +295,13 @@ class StackedMLP:
                 dh = torch.bmm(d, self.weights[i].transpose(1, 2))
                 g = torch.ops.aten.sigmoid_backward(dh, hs[i])  # dh * y * (1 - y)
                 j = i - 1
-                grad_shift[j] = g.sum(1, keepdim=True)  # dl/dbeta (or dl/db)
-                if self.bn:
+                if self.bn:  # the paper's backward pass of Algorithm 1, from the library
                     xhat, rstd, _, _ = cache[j]
-                    grad_gamma[j] = (g * xhat).sum(1, keepdim=True)
-                    d = torch.sub(g, grad_shift[j], alpha=1 / m)
-                    d.addcmul_(xhat, grad_gamma[j], value=-1 / m).mul_(rstd * self.gammas[j])
+                    d, grad_gamma[j], grad_shift[j] = bnf.batch_norm_backward(
+                        g, xhat, rstd, self.gammas[j], dims=(1,)
+                    )
                 else:
+                    grad_shift[j] = g.sum(1, keepdim=True)  # dl/db
                     d = g
             if self.bn:
                 stats = [t for c in cache for t in c[2:]]
