@@ -175,6 +175,11 @@ def test_cli_one_seed_schema_and_report(synthetic_mnist, tmp_path):
         assert all(len(row) == 4 and row[1] <= row[2] <= row[3] for row in net["percentiles"])
         assert net["unit"] == fig1.Fig1Config().unit
     assert "final_accuracy_algorithm2" in summary["bn"]
+    by_statistics = summary["bn"]["final_accuracy_by_statistics"]
+    assert by_statistics["algorithm2"] == summary["bn"]["final_accuracy_algorithm2"]
+    assert {"algorithm2", "pooled"} < set(by_statistics) and len(by_statistics) == 4
+    assert all(0.0 <= v <= 1.0 for v in by_statistics.values())
+    assert "each test batch's own statistics" in (out / "report.md").read_text()
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["steps"] == 40 and config["seeds"] == [0]
     assert set(config["versions"]) == {"python", "torch", "numpy"}
