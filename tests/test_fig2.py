@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from batchnorm.cli import main
 from batchnorm.experiments import fig2
 from batchnorm.experiments.recipes import RECIPES
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread is as fast, and immune to OpenMP thrashing on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

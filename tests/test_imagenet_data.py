@@ -13,14 +13,7 @@ from PIL import Image
 from batchnorm import imagenet
 from batchnorm.experiments import imagenet_train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread is as fast, and immune to OpenMP thrashing on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CLASSES = ("n01", "n02", "n03")

@@ -10,14 +10,7 @@ from batchnorm import BatchNorm2d
 from batchnorm.experiments.recipes import PAPER_FIGURE3, RECIPES
 from batchnorm.models.inception import MODELS, build_inception, parameter_count
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread is as fast, and immune to OpenMP thrashing on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = sorted(MODELS)
