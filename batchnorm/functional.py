@@ -335,6 +335,7 @@ def batch_norm(
     axis: int = 1,
     backward: str = "native",
     mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
 ) -> BatchNormOutput:
     """The BN transform: Algorithm 1 in training, Algorithm 2's fixed affine map otherwise.
 
@@ -355,6 +356,10 @@ def batch_norm(
         mask: optional bool tensor of the input's shape without the channel axis; in
             training only True positions enter mu_B and sigma2_B (padding excluded), every
             position is normalized, and gradients flow by autograd. Ignored in eval mode.
+        virtual_batch_size: Ghost BN (Hoffer et al. 2017): in training, each consecutive
+            group of this many examples along axis 0 is normalized with its own mu_B and
+            sigma2_B; gamma, beta and the running statistics are shared, the running
+            statistics moving towards the mean of the groups' statistics. Must divide N.
 
     Returns:
         BatchNormOutput(output, running_mean, running_var, updated); running statistics are
@@ -392,6 +397,21 @@ def batch_norm(
         return BatchNormOutput(output, running_mean, running_var, None)
 
     tracking = training and running_mean is not None and running_var is not None
+    if virtual_batch_size is not None and virtual_batch_size != input.shape[0]:
+        return _ghost_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            axis,
+            backward,
+            mask,
+            virtual_batch_size,
+        )
     if mask is not None:
         mean, var, count = batch_stats(input, axis, mask)
         _check_training_batch(input, axis, count)
@@ -426,3 +446,68 @@ def batch_norm(
     if not tracking:
         return BatchNormOutput(output, running_mean, running_var, None)
     return BatchNormOutput(output, *_keep_if_finite(running_mean, running_var, new_mean, new_var))
+
+
+def _ghost_batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    axis,
+    backward,
+    mask,
+    virtual_batch_size,
+) -> BatchNormOutput:
+    """Ghost BN through the same core: the G groups of v examples become G*C channels.
+
+    (N, C, *S) -> (v, G*C, *S), normalized per (group, channel) with gamma, beta and the
+    running statistics repeated G times; the output is laid back and the G updated copies of
+    the running statistics are averaged (the moving average is linear, so this is one step
+    towards the mean of the groups' statistics).
+    """
+    n, v = input.shape[0], virtual_batch_size
+    if mask is not None:
+        raise ValueError("virtual_batch_size and mask cannot be combined")
+    if axis == 0:
+        raise ValueError("virtual_batch_size splits axis 0, which cannot be the channel axis")
+    if v < 2 or n % v:
+        raise ValueError(
+            f"virtual_batch_size must be at least 2 and divide the batch size, got "
+            f"virtual_batch_size={v} for a batch of {n} (input {tuple(input.shape)})"
+        )
+    g = n // v
+    x = input.movedim(axis, 1)  # (N, C, *S)
+    c, rest = x.shape[1], x.shape[2:]
+    grouped = x.reshape(g, v, c, *rest).transpose(0, 1).reshape(v, g * c, *rest)
+
+    def repeat(t):
+        return None if t is None else t.repeat(g)
+
+    out = batch_norm(
+        grouped,
+        repeat(running_mean),
+        repeat(running_var),
+        repeat(weight),
+        repeat(bias),
+        training,
+        momentum,
+        eps,
+        axis=1,
+        backward=backward,
+    )
+    y = out.output.reshape(v, g, c, *rest).transpose(0, 1).reshape(x.shape).movedim(1, axis)
+    if out.updated is None:
+        return BatchNormOutput(y, running_mean, running_var, None)
+    updated = out.updated  # the inner call already checked every group's statistics
+    if updated is False:
+        return BatchNormOutput(y, running_mean, running_var, False)
+    new_mean = out.running_mean.view(g, c).mean(0)
+    new_var = out.running_var.view(g, c).mean(0)
+    if updated is not True:  # a tensor: select without synchronizing
+        new_mean = torch.where(updated, new_mean, running_mean)
+        new_var = torch.where(updated, new_var, running_var)
+    return BatchNormOutput(y, new_mean, new_var, updated)

@@ -41,6 +41,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         *,
         bias: bool = True,
         backward: str = "native",
+        virtual_batch_size: int | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
@@ -49,6 +50,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         if backward not in ("native", "paper"):
             raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
         self.backward = backward
+        self.virtual_batch_size = virtual_batch_size  # Ghost BN; see functional.batch_norm
         self.register_buffer(
             "num_batches_skipped",
             torch.zeros((), dtype=torch.long, device=device),
@@ -102,6 +104,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             axis=self._axis,
             backward=self.backward,
             mask=mask,
+            virtual_batch_size=self.virtual_batch_size,
         )
         updated = result.updated
         if not tracking or updated is None:
@@ -156,6 +159,8 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             text += f", axis={self._axis}"
         if self.backward != "native":
             text += f", backward={self.backward!r}"
+        if self.virtual_batch_size is not None:
+            text += f", virtual_batch_size={self.virtual_batch_size}"
         return text
 
 

@@ -287,3 +287,67 @@ def test_mask_errors_are_named():
     one[0, 0] = True
     with pytest.raises(ValueError, match="more than 1 value per channel when training, got 1"):
         F.batch_norm(x, None, None, training=True, mask=one)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("shape,axis", [((12, 5), 1), ((6, 4, 3, 3), 1), ((8, 7, 5), -1)])
+def test_ghost_batch_norm_equals_bn_of_each_group(shape, axis, backward):
+    # Oracle: Algorithm 1 on each group of v examples on its own; running statistics move
+    # towards the mean of the groups' statistics.
+    v = shape[0] // 2 if shape[0] % 4 else shape[0] // 4
+    x, gamma, beta = make(shape, axis)
+    c = shape[axis]
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    xg = x.clone().requires_grad_()
+    w1, b1 = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    out = F.batch_norm(
+        xg, rm, rv, w1, b1, True, 0.2, axis=axis, backward=backward, virtual_batch_size=v
+    )
+    xs = x.clone().requires_grad_()
+    w2, b2 = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    parts = [F.batch_norm(p, rm, rv, w2, b2, True, 0.2, axis=axis) for p in xs.split(v)]
+    torch.testing.assert_close(out.output, torch.cat([p.output for p in parts]))
+    torch.testing.assert_close(
+        out.running_mean, torch.stack([p.running_mean for p in parts]).mean(0)
+    )
+    torch.testing.assert_close(out.running_var, torch.stack([p.running_var for p in parts]).mean(0))
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    (out.output * g).sum().backward()
+    (torch.cat([p.output for p in parts]) * g).sum().backward()
+    for a, b in ((xg, xs), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_ghost_batch_norm_errors_and_eval():
+    x = torch.randn(10, 3)
+    with pytest.raises(
+        ValueError, match="divide the batch size, got virtual_batch_size=4 for a batch of 10"
+    ):
+        F.batch_norm(x, None, None, training=True, virtual_batch_size=4)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    # Eval mode uses population statistics: the virtual batch size plays no role.
+    torch.testing.assert_close(
+        F.batch_norm(x, rm, rv, training=False, virtual_batch_size=5).output,
+        F.batch_norm(x, rm, rv, training=False).output,
+    )
+    x[7, 1] = float("nan")  # one group is non-finite: the whole update is skipped
+    out = F.batch_norm(x, rm, rv, training=True, virtual_batch_size=5)
+    assert not bool(out.updated) and torch.equal(out.running_mean, rm)
+
+
+def test_ghost_batch_norm_under_vmap_selects_without_synchronizing():
+    # Under torch.func the non-finite check stays a tensor (the where path).
+    x = torch.randn(3, 8, 4)
+    x[1, 5, 2] = float("nan")  # member 1's second group is non-finite
+    rm, rv = torch.zeros(3, 4), torch.ones(3, 4)
+
+    def one(x, rm, rv):
+        out = F.batch_norm(x, rm, rv, None, None, True, 0.5, virtual_batch_size=4)
+        return out.running_mean, out.running_var, out.updated
+
+    new_rm, new_rv, updated = torch.func.vmap(one)(x, rm, rv)
+    assert updated.tolist() == [True, False, True]
+    assert torch.equal(new_rm[1], rm[1]) and torch.equal(new_rv[1], rv[1])
+    for i in (0, 2):
+        expected = torch.stack([0.5 * p.mean(0) for p in x[i].split(4)]).mean(0)
+        torch.testing.assert_close(new_rm[i], expected)

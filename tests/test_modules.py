@@ -281,3 +281,14 @@ def test_bias_false_matches_torch_when_torch_has_it():
     ours, theirs = batchnorm.BatchNorm2d(6, bias=False), nn.BatchNorm2d(6, bias=False)
     assert ours.bias is None and list(ours.state_dict()) == list(theirs.state_dict())
     run_steps(ours, theirs, (4, 6, 3, 3))
+
+
+def test_ghost_batch_norm_layer_keeps_torch_state_dict():
+    bn = batchnorm.BatchNorm2d(4, virtual_batch_size=2)
+    assert "virtual_batch_size=2" in repr(bn)
+    x = torch.randn(6, 4, 3, 3)
+    y = bn(x)
+    ref = torch.cat([nn.BatchNorm2d(4)(p) for p in x.split(2)])
+    torch.testing.assert_close(y, ref)
+    assert list(bn.state_dict()) == list(nn.BatchNorm2d(4).state_dict())
+    assert bn.num_batches_tracked.item() == 1
