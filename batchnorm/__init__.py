@@ -6,7 +6,15 @@ inference side (population statistics, freezing, folding) in `batchnorm.populati
 
 from batchnorm import functional
 from batchnorm.distributed import SyncBatchNorm
-from batchnorm.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+)
 from batchnorm.population import (
     FoldReport,
     FrozenBatchNorm,
@@ -20,4 +28,5 @@ from batchnorm.population import (
 __version__ = "0.1.0"
 
 __all__ = ["functional", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
+__all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 __all__ += ["recalibrate", "FrozenBatchNorm", "freeze", "unfreeze", "fold", "FoldReport", "convert"]

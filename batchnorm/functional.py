@@ -42,6 +42,8 @@ __all__ = [
     "batch_norm",
     "BatchNormFunction",
     "batch_norm_backward",
+    "batch_renorm",
+    "renorm_limits",
 ]
 
 
@@ -511,3 +513,82 @@ def _ghost_batch_norm(
         new_mean = torch.where(updated, new_mean, running_mean)
         new_var = torch.where(updated, new_var, running_var)
     return BatchNormOutput(y, new_mean, new_var, updated)
+
+
+def renorm_limits(step: int) -> tuple[float, float]:
+    """Batch Renormalization's schedule for (r_max, d_max) at a training step (Ioffe 2017).
+
+    r_max = 1 and d_max = 0 (plain BN) for the first 5K steps, then r_max grows linearly to 3
+    by step 40K and d_max to 5 by step 25K.
+    """
+    if step <= 5000:
+        return 1.0, 0.0
+    r_max = 1.0 + 2.0 * min(1.0, (step - 5000) / 35000)
+    d_max = 5.0 * min(1.0, (step - 5000) / 20000)
+    return r_max, d_max
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    axis: int = 1,
+) -> BatchNormOutput:
+    """Batch Renormalization (Ioffe 2017): Algorithm 1 corrected towards the population.
+
+    In training, with sigma_B = sqrt(sigma2_B + eps) and sigma = sqrt(Var[x] + eps) from the
+    running statistics,
+
+        r = clip(sigma_B / sigma, 1/r_max, r_max)    d = clip((mu_B - E[x]) / sigma, -d_max, d_max)
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+    with r and d treated as constants in backprop (gradients flow through mu_B and sigma_B).
+    Unclipped, y equals the inference transform; r_max = 1, d_max = 0 is plain BN. In eval
+    mode this is Algorithm 2's fixed map, exactly as `batch_norm`.
+
+    Deviation from the paper, chosen so buffers and the eval map are BN's: the running
+    statistics are ``running_mean`` and the unbiased ``running_var`` updated as in
+    `batch_norm` (the paper averages sigma instead of the variance). Momentum weighs the new
+    value; the paper's rate is 0.01.
+
+    Returns:
+        BatchNormOutput as `batch_norm` (the running statistics are required).
+    """
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm needs running statistics (E[x], Var[x]) to correct towards")
+    if r_max < 1 or d_max < 0:
+        raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+    if not training:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, eps=eps, axis=axis)
+    axis = _channel_axis(input, axis)
+    _check_training_batch(input, axis)
+    mean, var, count = batch_stats(input, axis)
+    sigma_b = torch.sqrt(var + eps)
+    sigma = torch.sqrt(running_var.to(sigma_b.dtype) + eps)
+    with torch.no_grad():
+        r = (sigma_b / sigma).clamp(1 / r_max, r_max)
+        d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
+    # y = x * scale + shift per channel, scale = gamma r / sigma_B,
+    # shift = beta + gamma (d - mu_B r / sigma_B): one pass over x.
+    scale = r / sigma_b
+    shift = d - mean * scale
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight
+    if bias is not None:
+        shift = shift + bias
+    x = input.to(scale.dtype)
+    output = torch.addcmul(_per_channel(shift, input, axis), x, _per_channel(scale, input, axis))
+    new_mean, new_var = update_running_stats(
+        running_mean, running_var, mean.detach(), var.detach(), count, momentum
+    )
+    return BatchNormOutput(
+        output.to(input.dtype), *_keep_if_finite(running_mean, running_var, new_mean, new_var)
+    )

@@ -13,7 +13,15 @@ from torch import Tensor, nn
 
 from batchnorm import functional as F
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+]
 
 
 class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
@@ -92,19 +100,13 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
         running_mean, running_var = self.running_mean, self.running_var
         use_running = not training or self.track_running_stats
-        result = F.batch_norm(
+        result = self._transform(
             input,
             running_mean if use_running else None,
             running_var if use_running else None,
-            self.weight,
-            self.bias,
             training or running_mean is None,
             momentum if momentum is not None else 0.0,
-            self.eps,
-            axis=self._axis,
-            backward=self.backward,
-            mask=mask,
-            virtual_batch_size=self.virtual_batch_size,
+            mask,
         )
         updated = result.updated
         if not tracking or updated is None:
@@ -125,6 +127,23 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(updated)
             self.num_batches_skipped.add_(~updated)
         return result.output
+
+    def _transform(self, input, running_mean, running_var, training, momentum, mask):
+        # The functional core this layer applies; the write-back above is shared.
+        return F.batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            training,
+            momentum,
+            self.eps,
+            axis=self._axis,
+            backward=self.backward,
+            mask=mask,
+            virtual_batch_size=self.virtual_batch_size,
+        )
 
     def inference_affine(self) -> tuple[Tensor, Tensor]:
         """Algorithm 2, step 3: the per-channel (scale, shift) this layer applies in eval mode.
@@ -220,3 +239,65 @@ class BatchNorm(_BatchNormBase):
     def __init__(self, num_features: int, *args, axis: int = 1, **kwargs) -> None:
         super().__init__(num_features, *args, **kwargs)
         self._axis = axis
+
+
+class _BatchRenormMixin:
+    """Batch Renormalization (Ioffe 2017) on top of a BN layer: see `F.batch_renorm`.
+
+    ``r_max`` and ``d_max`` are plain attributes, so a training loop can follow the paper's
+    schedule: ``layer.r_max, layer.d_max = F.renorm_limits(step)``. Buffers, state_dict and
+    the eval-mode map are BN's (`inference_affine`, folding and export apply unchanged).
+    Defaults follow the paper: momentum 0.01, r_max 3, d_max 5.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        *args,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, *args, **kwargs)
+        if not self.track_running_stats:
+            raise ValueError(
+                "Batch Renormalization corrects towards running statistics: "
+                "track_running_stats must be True"
+            )
+        if self.momentum is None:
+            raise ValueError("Batch Renormalization needs a momentum (the paper uses 0.01)")
+        self.r_max, self.d_max = r_max, d_max
+
+    def _transform(self, input, running_mean, running_var, training, momentum, mask):
+        if mask is not None or self.virtual_batch_size is not None:
+            raise ValueError("Batch Renormalization takes neither mask nor virtual_batch_size")
+        return F.batch_renorm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            training,
+            momentum,
+            self.eps,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            axis=self._axis,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
+
+
+class BatchRenorm1d(_BatchRenormMixin, BatchNorm1d):
+    """Batch Renormalization over (N, C) or (N, C, L); see `_BatchRenormMixin`."""
+
+
+class BatchRenorm2d(_BatchRenormMixin, BatchNorm2d):
+    """Batch Renormalization per feature map of (N, C, H, W); see `_BatchRenormMixin`."""
+
+
+class BatchRenorm3d(_BatchRenormMixin, BatchNorm3d):
+    """Batch Renormalization per feature map of (N, C, D, H, W); see `_BatchRenormMixin`."""

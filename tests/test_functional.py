@@ -351,3 +351,50 @@ def test_ghost_batch_norm_under_vmap_selects_without_synchronizing():
     for i in (0, 2):
         expected = torch.stack([0.5 * p.mean(0) for p in x[i].split(4)]).mean(0)
         torch.testing.assert_close(new_rm[i], expected)
+
+
+def test_batch_renorm_with_rmax_1_dmax_0_is_batch_norm():
+    x, gamma, beta = make((16, 4, 3), 1)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    a = F.batch_renorm(x, rm, rv, gamma, beta, True, 0.01, r_max=1.0, d_max=0.0)
+    b = F.batch_norm(x, rm, rv, gamma, beta, True, 0.01)
+    torch.testing.assert_close(a.output, b.output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.running_mean, b.running_mean)
+    torch.testing.assert_close(a.running_var, b.running_var)
+
+
+def test_batch_renorm_unclipped_training_output_is_the_inference_transform():
+    # With r and d inside their limits, y = gamma (x - E[x]) / sqrt(Var[x] + eps) + beta.
+    x, gamma, beta = make((32, 5), 1)
+    rm, rv = x.mean(0) + 0.1, x.var(0) * 1.2
+    out = F.batch_renorm(x, rm, rv, gamma, beta, True, r_max=10.0, d_max=10.0)
+    expected = gamma * (x - rm) / torch.sqrt(rv + 1e-5) + beta
+    torch.testing.assert_close(out.output, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_renorm_treats_r_and_d_as_constants_in_backprop():
+    # Oracle: the same formula in float64 with r and d computed outside the graph.
+    x, gamma, beta = make((12, 3), 1)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.3
+    xa = x.double().requires_grad_()
+    out = F.batch_renorm(
+        xa, rm.double(), rv.double(), gamma.double(), beta.double(), True, r_max=1.5, d_max=0.5
+    )
+    xb = x.double().requires_grad_()
+    mu, var = xb.mean(0), xb.var(0, correction=0)
+    sb = torch.sqrt(var + 1e-5)
+    s = torch.sqrt(rv.double() + 1e-5)
+    r = (sb / s).detach().clamp(1 / 1.5, 1.5)
+    d = ((mu - rm.double()) / s).detach().clamp(-0.5, 0.5)
+    ref = gamma.double() * ((xb - mu) / sb * r + d) + beta.double()
+    torch.testing.assert_close(out.output, ref)
+    g = torch.randn(12, 3, dtype=torch.float64)
+    (out.output * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_renorm_schedule_follows_the_paper():
+    assert F.renorm_limits(0) == (1.0, 0.0) and F.renorm_limits(5000) == (1.0, 0.0)
+    assert F.renorm_limits(25000) == pytest.approx((1.0 + 2 * 20 / 35, 5.0))
+    assert F.renorm_limits(40000) == (3.0, 5.0) and F.renorm_limits(10**6) == (3.0, 5.0)

@@ -292,3 +292,19 @@ def test_ghost_batch_norm_layer_keeps_torch_state_dict():
     torch.testing.assert_close(y, ref)
     assert list(bn.state_dict()) == list(nn.BatchNorm2d(4).state_dict())
     assert bn.num_batches_tracked.item() == 1
+
+
+def test_batch_renorm_layer_is_bn_in_eval_and_loads_bn_checkpoints():
+    layer = batchnorm.BatchRenorm2d(3)
+    assert layer.momentum == 0.01 and "r_max=3.0" in repr(layer)
+    for _ in range(3):
+        layer(torch.randn(8, 3, 4, 4) * 2 + 1)
+    assert layer.num_batches_tracked.item() == 3
+    plain = nn.BatchNorm2d(3)
+    plain.load_state_dict(layer.state_dict())
+    layer.eval()
+    plain.eval()
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(layer(x), plain(x))
+    with pytest.raises(ValueError, match="track_running_stats must be True"):
+        batchnorm.BatchRenorm1d(3, track_running_stats=False)
