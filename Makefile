@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test lint bench setup clean
+.PHONY: reproduce fig2 test bench setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,12 +16,17 @@ setup: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m batchnorm reproduce fig1
 
+fig2: $(STAMP)
+	$(PY) -m batchnorm reproduce fig2
+
 test: $(STAMP)
 	$(PY) -m ruff check batchnorm tests benchmarks
 	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_bn.py
+	$(PY) benchmarks/bench_fold.py
+	$(PY) benchmarks/bench_fig1_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
