@@ -71,22 +71,13 @@ def _collective(op: str, fn, group, timeout: datetime.timedelta | None) -> None:
 
 
 def _local_moments(input: Tensor) -> tuple[int, Tensor, Tensor]:
-    """This rank's n, mu and M2 = sum (x - mu)^2 per channel (axis 1), two passes.
-
-    The same two-pass algorithm as `batchnorm.functional.batch_stats`, which it would call,
-    but written with plain sums: on the CPU ``torch.var_mean`` over (N, H, W) of an NCHW tensor
-    is ~10x slower than these two sums ((16, 64, 28, 28), one thread: ~5 ms against ~0.4 ms),
-    and it was most of SyncBatchNorm's cost. Half input is summed in float32.
-    """
+    """This rank's n, mu and M2 = n * sigma2_B per channel (axis 1), from `F.batch_stats`."""
     n = F._values_per_channel(input, 1)
-    x = input.to(F._stats_dtype(input))
     if n == 0:  # the mean of nothing is NaN; an empty rank contributes count 0 instead
-        zeros = torch.zeros(input.shape[1], dtype=x.dtype, device=x.device)
+        zeros = torch.zeros(input.shape[1], dtype=F._stats_dtype(input), device=input.device)
         return 0, zeros, zeros.clone()
-    dims = F._reduce_dims(input, 1)
-    mean = x.sum(dims) / n  # (N, C, *) -> (C,)
-    dev = x - F._per_channel(mean, x, 1)
-    return n, mean, (dev * dev).sum(dims)
+    mean, var, _ = F.batch_stats(input, 1)
+    return n, mean, var * n
 
 
 def global_batch_stats(
