@@ -337,6 +337,13 @@ class SyncBatchNorm(_BatchNormBase):
                 raise ValueError(
                     f"cannot convert {module}: SyncBatchNorm normalizes channel axis 1 only"
                 )
+            if getattr(module, "virtual_batch_size", None) is not None or hasattr(module, "r_max"):
+                # Ghost BN and Batch Renorm are other transforms: converting would silently
+                # turn them into plain synchronized BN.
+                raise ValueError(
+                    f"cannot convert {module}: SyncBatchNorm does not implement Ghost BN "
+                    "(virtual_batch_size) or Batch Renormalization"
+                )
             new = cls(
                 module.num_features, module.eps, module.momentum, module.affine,
                 module.track_running_stats, process_group, timeout=timeout,

@@ -367,3 +367,13 @@ def test_convert_round_trip(layer, shape):
 def test_convert_refuses_other_channel_axis():
     with pytest.raises(ValueError, match="channel axis 1"):
         SyncBatchNorm.convert_sync_batchnorm(batchnorm.BatchNorm(4, axis=-1))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [batchnorm.BatchNorm2d(4, virtual_batch_size=2), batchnorm.BatchRenorm2d(4)],
+    ids=["ghost", "renorm"],
+)
+def test_convert_refuses_transforms_sync_bn_does_not_implement(layer):
+    with pytest.raises(ValueError, match="does not implement Ghost BN"):
+        SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(layer))
