@@ -225,8 +225,8 @@ def _keep_if_finite(old_mean, old_var, new_mean, new_var):
             return new_mean, new_var, True
         return old_mean, old_var, False
     # Same test as a tensor, in as few kernel launches as possible (eager GPU time here is
-    # launch-bound): s * 0 == 0 exactly when s is finite.
-    updated = new_var.sum().mul(0).eq(0)
+    # launch-bound): a sum of variances is never -inf, so s < inf exactly when s is finite.
+    updated = new_var.sum() < math.inf
     return (
         torch.where(updated, new_mean, old_mean),
         torch.where(updated, new_var, old_var),

@@ -398,3 +398,21 @@ def test_renorm_schedule_follows_the_paper():
     assert F.renorm_limits(0) == (1.0, 0.0) and F.renorm_limits(5000) == (1.0, 0.0)
     assert F.renorm_limits(25000) == pytest.approx((1.0 + 2 * 20 / 35, 5.0))
     assert F.renorm_limits(40000) == (3.0, 5.0) and F.renorm_limits(10**6) == (3.0, 5.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_non_finite_guard_as_a_tensor_under_vmap(bad):
+    # The tensor form of the guard (GPU, compile, torch.func) agrees with the CPU form.
+    x = torch.randn(2, 16, 4)
+    x[1, 3, 2] = bad
+    if bad == 3e38:
+        x[1, 5, 2] = -3e38
+    rm, rv = torch.zeros(2, 4), torch.ones(2, 4)
+
+    def one(x, rm, rv):
+        out = F.batch_norm(x, rm, rv, None, None, True)
+        return out.running_var, out.updated
+
+    new_rv, updated = torch.func.vmap(one)(x, rm, rv)
+    assert updated.tolist() == [True, False]
+    assert torch.equal(new_rv[1], rv[1]) and not torch.equal(new_rv[0], rv[0])
