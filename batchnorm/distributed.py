@@ -118,10 +118,9 @@ def global_batch_stats(
     table = torch.stack(gathered)  # (W, 1 + 2C)
     c = mean.numel()
     counts, means, m2s = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]  # (W,1),(W,C),(W,C)
-    total = counts.sum()  # () float64, on the input's device: never read back here
-    # With N = 0 the division below gives NaN; the caller raises before using it.
-    global_mean = (counts * means).sum(0) / total
-    global_m2 = m2s.sum(0) + (counts * (means - global_mean) ** 2).sum(0)
+    # total: () float64, on the input's device, never read back here. With N = 0 the
+    # merge gives NaN; the caller raises before using it.
+    total, global_mean, global_m2 = F.merge_stats(counts, means, m2s)
     return F.BatchStats(global_mean.to(stats_dtype), (global_m2 / total).to(stats_dtype), total)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "BatchStats",
     "BatchNormOutput",
     "batch_stats",
+    "merge_stats",
     "normalize",
     "inference_affine",
     "update_running_stats",
@@ -140,6 +141,27 @@ def batch_stats(input: Tensor, axis: int = 1, mask: Tensor | None = None) -> Bat
     mean = (x * weights).sum(dims) / count
     var = ((x - _per_channel(mean, input, axis)) ** 2 * weights).sum(dims) / count
     return BatchStats(mean, var, int(count.item()))
+
+
+def merge_stats(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact statistics of a union of parts from each part's (n, mean, M2 = n * sigma2).
+
+    Chan, Golub & LeVeque's merge, with N = sum n_k:
+    mean = sum n_k mean_k / N, M2 = sum M2_k + sum n_k (mean_k - mean)^2. No E[x^2] - E[x]^2
+    cancellation; parts with n_k = 0 add nothing. Serves SyncBatchNorm (parts = ranks) and
+    `recalibrate(estimator="pooled")` (parts = batches).
+
+    Args:
+        counts: (K, 1) values per channel in each part.
+        means, m2s: (K, C).
+
+    Returns:
+        (N as a 0-d tensor, mean (C,), M2 (C,)); the biased variance is M2 / N.
+    """
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return total, mean, m2
 
 
 def inference_affine(

@@ -82,23 +82,26 @@ class _Algorithm2Stats:
 class _PooledStats:
     """Exact mean and unbiased variance of every value seen, whatever the batch split.
 
-    Merges each batch's (m, mu_B, M2 = m sigma2_B) into the running totals with Chan et al.'s
-    pairwise update, which stays accurate where summing x and x^2 would cancel.
+    Merges each batch's (m, mu_B, M2 = m sigma2_B) into the running totals with
+    `F.merge_stats`, which stays accurate where summing x and x^2 would cancel.
     """
 
     def __init__(self) -> None:
         self.batches = 0
         self.n = 0
-        self.mean: Tensor | float = 0.0
-        self.m2: Tensor | float = 0.0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
 
     def add(self, mean: Tensor, var: Tensor, count: int) -> None:
         self.batches += 1
-        n = self.n + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / n)
-        self.m2 = self.m2 + var * count + delta * delta * (self.n * count / n)
-        self.n = n
+        if self.mean is None:
+            self.n, self.mean, self.m2 = count, mean, var * count
+            return
+        counts = torch.tensor([[self.n], [count]], dtype=mean.dtype, device=mean.device)
+        _, self.mean, self.m2 = F.merge_stats(
+            counts, torch.stack([self.mean, mean]), torch.stack([self.m2, var * count])
+        )
+        self.n += count
 
     def result(self) -> tuple[Tensor, Tensor]:
         return self.mean, self.m2 / (self.n - 1)

@@ -416,3 +416,19 @@ def test_non_finite_guard_as_a_tensor_under_vmap(bad):
     new_rv, updated = torch.func.vmap(one)(x, rm, rv)
     assert updated.tolist() == [True, False]
     assert torch.equal(new_rv[1], rv[1]) and not torch.equal(new_rv[0], rv[0])
+
+
+def test_merge_stats_of_parts_equals_stats_of_the_union():
+    # Uneven parts, one empty, offset data where E[x^2] - E[x]^2 would cancel.
+    g = torch.Generator().manual_seed(0)
+    x = (1e4 + torch.randn(37, 3, generator=g)).double()
+    parts = [x[:5], x[5:5], x[5:30], x[30:]]
+    counts = torch.tensor([[float(len(p))] for p in parts], dtype=torch.float64)
+    means = torch.stack([p.mean(0) if len(p) else torch.zeros(3, dtype=x.dtype) for p in parts])
+    m2s = torch.stack(
+        [((p - p.mean(0)) ** 2).sum(0) if len(p) else torch.zeros(3, dtype=x.dtype) for p in parts]
+    )
+    total, mean, m2 = F.merge_stats(counts, means, m2s)
+    assert total.item() == 37
+    torch.testing.assert_close(mean, x.mean(0))
+    torch.testing.assert_close(m2 / 37, x.var(0, correction=0))
