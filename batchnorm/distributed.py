@@ -282,24 +282,13 @@ class SyncBatchNorm(_BatchNormBase):
 
     @torch.no_grad()
     def _update_running_stats(self, stats: F.BatchStats) -> None:
-        momentum = self.momentum
-        if momentum is None:
-            # Cumulative average: the k-th batch gets weight 1/k (Algorithm 2's E_B).
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        new_mean, new_var = F.update_running_stats(
-            self.running_mean, self.running_var, stats.mean, stats.var, stats.count, momentum
-        )
-        new_mean, new_var, updated = F._keep_if_finite(
-            self.running_mean, self.running_var, new_mean, new_var
-        )
-        if updated is True or updated is False:
-            if updated:
-                torch._foreach_copy_([self.running_mean, self.running_var], [new_mean, new_var])
-            (self.num_batches_tracked if updated else self.num_batches_skipped).add_(1)
-        else:  # a tensor on accelerators: select without synchronizing
-            torch._foreach_copy_([self.running_mean, self.running_var], [new_mean, new_var])
-            self.num_batches_tracked.add_(updated)
-            self.num_batches_skipped.add_(~updated)
+        # The core's update and non-finite guard, and the base layer's write-back.
+        self._write_back(
+            F.tracked_output(
+                None, self.running_mean, self.running_var, stats.mean, stats.var, stats.count,
+                self._momentum(),
+            )
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -256,6 +256,15 @@ def _keep_if_finite(old_mean, old_var, new_mean, new_var):
     )
 
 
+def tracked_output(output, running_mean, running_var, mean, var, count, momentum):
+    """BatchNormOutput with running statistics moved towards (mean, biased var) of ``count``
+    values per channel, guarded against non-finite batches (`_keep_if_finite`)."""
+    new_mean, new_var = update_running_stats(
+        running_mean, running_var, mean.detach(), var.detach(), count, momentum
+    )
+    return BatchNormOutput(output, *_keep_if_finite(running_mean, running_var, new_mean, new_var))
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Algorithm 1 with the paper's backward pass, for channel-at-axis-1 input.
 
@@ -442,12 +451,7 @@ def batch_norm(
         output = normalize(input, mean, var, weight, bias, eps, axis)
         if not tracking:
             return BatchNormOutput(output, running_mean, running_var, None)
-        new_mean, new_var = update_running_stats(
-            running_mean, running_var, mean.detach(), var.detach(), count, momentum
-        )
-        return BatchNormOutput(
-            output, *_keep_if_finite(running_mean, running_var, new_mean, new_var)
-        )
+        return tracked_output(output, running_mean, running_var, mean, var, count, momentum)
 
     _check_training_batch(input, axis)
     x = input.movedim(axis, 1) if axis != 1 else input
@@ -461,14 +465,13 @@ def batch_norm(
         )
     else:
         output, mean, var = BatchNormFunction.apply(x, weight, bias, eps)
-        if tracking:
-            new_mean, new_var = update_running_stats(
-                running_mean, running_var, mean, var, _values_per_channel(input, axis), momentum
-            )
     if axis != 1:
         output = output.movedim(1, axis)
     if not tracking:
         return BatchNormOutput(output, running_mean, running_var, None)
+    if backward == "paper":
+        count = _values_per_channel(input, axis)
+        return tracked_output(output, running_mean, running_var, mean, var, count, momentum)
     return BatchNormOutput(output, *_keep_if_finite(running_mean, running_var, new_mean, new_var))
 
 
@@ -608,9 +611,6 @@ def batch_renorm(
         shift = shift + bias
     x = input.to(scale.dtype)
     output = torch.addcmul(_per_channel(shift, input, axis), x, _per_channel(scale, input, axis))
-    new_mean, new_var = update_running_stats(
-        running_mean, running_var, mean.detach(), var.detach(), count, momentum
-    )
-    return BatchNormOutput(
-        output.to(input.dtype), *_keep_if_finite(running_mean, running_var, new_mean, new_var)
+    return tracked_output(
+        output.to(input.dtype), running_mean, running_var, mean, var, count, momentum
     )

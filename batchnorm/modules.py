@@ -94,10 +94,6 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         training = self.training
         tracking = training and self.track_running_stats
-        momentum = self.momentum
-        if tracking and momentum is None:
-            # Cumulative average: the k-th batch gets weight 1/k (Algorithm 2's E_B).
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
         running_mean, running_var = self.running_mean, self.running_var
         use_running = not training or self.track_running_stats
         result = self._transform(
@@ -105,28 +101,34 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             running_mean if use_running else None,
             running_var if use_running else None,
             training or running_mean is None,
-            momentum if momentum is not None else 0.0,
+            self._momentum() if tracking else 0.0,
             mask,
         )
-        updated = result.updated
-        if not tracking or updated is None:
-            return result.output
+        if tracking and result.updated is not None:
+            self._write_back(result)
+        return result.output
+
+    def _momentum(self) -> float:
+        if self.momentum is None:
+            # Cumulative average: the k-th batch gets weight 1/k (Algorithm 2's E_B).
+            return 1.0 / (float(self.num_batches_tracked) + 1.0)
+        return self.momentum
+
+    def _write_back(self, result: F.BatchNormOutput) -> None:
         # The new statistics carry no autograd history (the kernel and the paper path both
         # hand them back detached), so plain copies suffice.
-        if updated is True:
-            torch._foreach_copy_(
-                [running_mean, running_var], [result.running_mean, result.running_var]
-            )
-            self.num_batches_tracked.add_(1)
-        elif updated is False:
+        updated = result.updated
+        if updated is False:
             self.num_batches_skipped.add_(1)
+            return
+        torch._foreach_copy_(
+            [self.running_mean, self.running_var], [result.running_mean, result.running_var]
+        )
+        if updated is True:
+            self.num_batches_tracked.add_(1)
         else:  # a tensor: select without synchronizing
-            torch._foreach_copy_(
-                [running_mean, running_var], [result.running_mean, result.running_var]
-            )
             self.num_batches_tracked.add_(updated)
             self.num_batches_skipped.add_(~updated)
-        return result.output
 
     def _transform(self, input, running_mean, running_var, training, momentum, mask):
         # The functional core this layer applies; the write-back above is shared.
