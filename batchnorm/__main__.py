@@ -2,6 +2,6 @@
 
 import sys
 
-from batchnorm.cli import main
+from batchnorm.reproduce.cli import main
 
 sys.exit(main())

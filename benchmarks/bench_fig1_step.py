@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from batchnorm.models.mlp import MLP, SIZES, StackedMLP
+from batchnorm.reproduce.models.mlp import MLP, SIZES, StackedMLP
 
 N_TRAIN, BATCH, LR = 60_000, 60, 0.5
 SEEDS = 3  # `--seeds 3`: one StackedMLP per net trains all three

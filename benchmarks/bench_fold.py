@@ -100,7 +100,7 @@ def main() -> None:
         "--model",
         choices=["resnet18", "bn_inception"],
         default="resnet18",
-        help="bn_inception: Sec. 4.2's network (batchnorm.models.inception), ImageNet stem",
+        help="bn_inception: Sec. 4.2's network (reproduce.models.inception), ImageNet stem",
     )
     parser.add_argument("--size", type=int, default=None, help="input H = W (32; 224)")
     parser.add_argument("--reps", type=int, default=12, help="timed rounds per variant")
@@ -111,7 +111,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     if args.model == "bn_inception":
-        from batchnorm.models.inception import build_inception
+        from batchnorm.reproduce.models.inception import build_inception
 
         def build():
             return build_inception("bn_inception")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import batchnorm
-from batchnorm.models.inception import build_inception, parameter_count
+from batchnorm.reproduce.models.inception import build_inception, parameter_count
 
 
 def _sync(device: torch.device) -> None:

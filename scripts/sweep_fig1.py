@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from batchnorm.experiments.fig1 import NETS, PAPER_ACCURACY, Fig1Config, _load_data, initial_models
-from batchnorm.models.mlp import StackedMLP
-from batchnorm.train import epoch_permutation, set_threads
+from batchnorm.reproduce.fig1 import NETS, PAPER_ACCURACY, Fig1Config, _load_data, initial_models
+from batchnorm.reproduce.models.mlp import StackedMLP
+from batchnorm.reproduce.train import epoch_permutation, set_threads
 
 
 def main(argv: list[str] | None = None) -> int:

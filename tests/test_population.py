@@ -409,7 +409,7 @@ class Tokens(nn.Module):
 
 def bn_inception():
     """Sec. 4.2's BN-Inception (Figure 5), narrowed to 1/8 width with the 32x32 stem."""
-    inception = pytest.importorskip("batchnorm.models.inception")
+    inception = pytest.importorskip("batchnorm.reproduce.models.inception")
     return inception.build_inception("bn_inception", width=0.125, small_stem_stride=2)
 
 

@@ -9,10 +9,10 @@ import sys
 # Each entry: (subcommand path, module that provides `add_cli(parser)`).
 # `add_cli` adds the module's flags and calls `parser.set_defaults(func=...)`; `func(args)`
 # returns the process exit code. Imports are lazy so one broken experiment never hides the rest.
-_DATA = "batchnorm.data"
+_DATA = "batchnorm.reproduce.data"
 _EXPERIMENTS = {
-    "fig1": "batchnorm.experiments.fig1",
-    "fig2": "batchnorm.experiments.fig2",
+    "fig1": "batchnorm.reproduce.fig1",
+    "fig2": "batchnorm.reproduce.fig2",
 }
 
 

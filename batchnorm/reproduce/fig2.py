@@ -2,7 +2,7 @@
 
 The paper trains BN-Inception on ImageNet for millions of steps on many machines. Here a
 reduced network (width multiplier, a small-input stem, 28x28 grey images) trains every recipe
-of `batchnorm.experiments.recipes` for a few hundred steps on MNIST (or Fashion-MNIST, or a
+of `batchnorm.reproduce.recipes` for a few hundred steps on MNIST (or Fashion-MNIST, or a
 synthetic set for tests), and the run folder holds what Figure 2 and Figure 3 show:
 validation accuracy against training steps for every variant, the steps each variant needs
 to reach the Inception baseline's maximum accuracy, the speed-up over Inception, and
@@ -40,9 +40,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from batchnorm.experiments.recipes import PAPER_FIGURE3, RECIPES, Recipe
-from batchnorm.models.inception import build_inception, parameter_count
-from batchnorm.train import epoch_permutation, load_checkpoint, save_checkpoint, set_threads
+from batchnorm.reproduce.models.inception import build_inception, parameter_count
+from batchnorm.reproduce.recipes import PAPER_FIGURE3, RECIPES, Recipe
+from batchnorm.reproduce.train import (
+    epoch_permutation,
+    load_checkpoint,
+    save_checkpoint,
+    set_threads,
+)
 
 __all__ = ["Fig2Config", "run", "add_cli", "figure3_table", "synthetic_dataset"]
 
@@ -95,7 +100,7 @@ def synthetic_dataset(n_train: int, n_test: int, seed: int = 0, classes: int = 1
 def _load(cfg: Fig2Config):
     if cfg.dataset == "synthetic":
         return synthetic_dataset(*cfg.synthetic_size, seed=cfg.seed)
-    from batchnorm import data
+    from batchnorm.reproduce import data
 
     if cfg.dataset == "mnist":
         ds = data.load_mnist(cfg.data_dir)

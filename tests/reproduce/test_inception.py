@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNorm2d
-from batchnorm.experiments.recipes import PAPER_FIGURE3, RECIPES
-from batchnorm.models.inception import MODELS, build_inception, parameter_count
+from batchnorm.reproduce.models.inception import MODELS, build_inception, parameter_count
+from batchnorm.reproduce.recipes import PAPER_FIGURE3, RECIPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

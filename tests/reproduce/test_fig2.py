@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from batchnorm.cli import main
-from batchnorm.experiments import fig2
-from batchnorm.experiments.recipes import RECIPES
+from batchnorm.reproduce import fig2
+from batchnorm.reproduce.cli import main
+from batchnorm.reproduce.recipes import RECIPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

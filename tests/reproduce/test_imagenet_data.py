@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from batchnorm import imagenet
-from batchnorm.experiments import imagenet_train
+from batchnorm.reproduce import imagenet, imagenet_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

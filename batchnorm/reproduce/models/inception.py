@@ -16,7 +16,7 @@ Two discrepancies of the paper's Figure 5 table, and what this module does about
 2. The text states 13.6M parameters; counting the table's layers (with the fix above,
    separable first conv, BN's gamma/beta, and a 1000-way classifier) gives about 11.2M.
    `parameter_count(build_inception("bn_inception"))` reports the exact number
-   (11,188,288 with BN, 1000 classes; see tests/test_inception.py for an independent count
+   (11,188,288 with BN, 1000 classes; see tests/reproduce/test_inception.py for an independent count
    from the table). The paper does not say what its 13.6M includes; likely candidates are
    GoogLeNet's two auxiliary classifiers, which Figure 5 does not list and we omit.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from batchnorm.modules import BatchNorm2d
+from batchnorm import BatchNorm2d
 
 __all__ = [
     "INCEPTION_TABLE",

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from batchnorm import BatchNorm1d
 from batchnorm import functional as bnf
-from batchnorm.modules import BatchNorm1d
 
 __all__ = ["MLP", "StackedMLP", "SIZES"]
 

@@ -2,7 +2,7 @@
 
 Run unchanged on one process, several GPUs, or several nodes:
 
-    torchrun --nproc_per_node=8 -m batchnorm.experiments.imagenet_train \\
+    torchrun --nproc_per_node=8 -m batchnorm.reproduce.imagenet_train \\
         --data /data/imagenet --recipe bn_x30 --out runs/bn_x30 --epochs 40
 
 Each replica takes 32 images per step (Sec. 4.2) and, by default, normalizes over its own
@@ -34,8 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from batchnorm.experiments.recipes import RECIPES
-from batchnorm.imagenet import (
+from batchnorm.reproduce.imagenet import (
     CenterCrop,
     ImageFolder,
     MultiCrop144,
@@ -43,8 +42,9 @@ from batchnorm.imagenet import (
     epoch_order,
     evaluate,
 )
-from batchnorm.models.inception import build_inception, parameter_count
-from batchnorm.train import load_checkpoint, save_checkpoint
+from batchnorm.reproduce.models.inception import build_inception, parameter_count
+from batchnorm.reproduce.recipes import RECIPES
+from batchnorm.reproduce.train import load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "main", "train", "evaluate_checkpoints"]
 
@@ -54,7 +54,7 @@ class TrainConfig:
     """One full-scale training run (flags of the same names, with dashes)."""
 
     data: str  # folder with train/<class>/*.JPEG and val/<class>/*.JPEG
-    recipe: str = "bn_x30"  # key of batchnorm.experiments.recipes.RECIPES
+    recipe: str = "bn_x30"  # key of batchnorm.reproduce.recipes.RECIPES
     out: str = "runs/imagenet"  # checkpoints and metrics.jsonl
     epochs: float = 40.0  # training length in epochs of the training set
     max_steps: int | None = None  # stop after this many steps (smoke tests, budgets)

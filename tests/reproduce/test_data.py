@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm import cli, data
+from batchnorm.reproduce import cli, data
 
 LAYOUTS = {"flat": ".", "torchvision": "MNIST/raw", "raw": "raw"}
 
@@ -391,7 +391,7 @@ def test_python_dash_m_data_info(tmp_path):
     for variable in ("BATCHNORM_DATA_DIR", "BATCHNORM_FASHION_DIR"):
         env.pop(variable, None)
     command = [sys.executable, "-m", "batchnorm", "data", "info"]
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=root, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "cache folder" in done.stdout

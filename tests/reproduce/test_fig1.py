@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchnorm import data
-from batchnorm.cli import main
-from batchnorm.experiments import fig1
-from batchnorm.models.mlp import MLP, StackedMLP
 from batchnorm.modules import BatchNorm1d
-from batchnorm.train import load_checkpoint
+from batchnorm.reproduce import data, fig1
+from batchnorm.reproduce.cli import main
+from batchnorm.reproduce.models.mlp import MLP, StackedMLP
+from batchnorm.reproduce.train import load_checkpoint
 
 SMALL = dict(steps=60, batch_size=20, eval_every=20, checkpoint_every=20, seeds=2,
              population_batches=5, threads=1, parallel_nets=False)

@@ -37,8 +37,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from batchnorm.models.mlp import MLP, SIZES, StackedMLP
-from batchnorm.train import epoch_permutation, load_checkpoint, save_checkpoint, set_threads
+from batchnorm.reproduce.models.mlp import MLP, SIZES, StackedMLP
+from batchnorm.reproduce.train import (
+    epoch_permutation,
+    load_checkpoint,
+    save_checkpoint,
+    set_threads,
+)
 
 NETS = ("baseline", "bn")
 
@@ -95,7 +100,9 @@ class Fig1Config:
 
 
 def _load_data(config: Fig1Config):
-    from batchnorm import data  # experiments import data; looked up here so tests can patch it
+    from batchnorm.reproduce import (
+        data,  # experiments import data; looked up here so tests can patch it
+    )
 
     dataset = data.load_mnist(config.data_dir)
     flat = dataset.train_images.reshape(len(dataset.train_images), -1)

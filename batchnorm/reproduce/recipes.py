@@ -30,7 +30,7 @@ class Recipe:
     """One variant of Sec. 4.2.2: which network to build and how to train it."""
 
     name: str  # the paper's name for the variant (Figure 3's first column)
-    model: str  # key of `batchnorm.models.inception.MODELS` (norm, nonlinearity, LRN, Dropout)
+    model: str  # key of `reproduce.models.inception.MODELS` (norm, nonlinearity, LRN, Dropout)
     lr: float  # initial learning rate (Sec. 4.2.2: 0.0015, x5 = 0.0075, x30 = 0.045)
     momentum: float = 0.9  # paper: "momentum" without a value; 0.9 as GoogLeNet
     batch_size: int = 32  # Sec. 4.2: mini-batch 32 per replica (BN statistics over these 32)
