@@ -174,6 +174,19 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             state_dict[key] = torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
+    def _settings(self) -> dict:
+        """The constructor keywords that rebuild this layer (all but num_features, device and
+        dtype); `batchnorm.inference.swap` rebuilds layers as other classes from them."""
+        return {
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+            "bias": not self.affine or self.bias is not None,
+            "backward": self.backward,
+            "virtual_batch_size": self.virtual_batch_size,
+        }
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self._axis != 1:
@@ -242,6 +255,9 @@ class BatchNorm(_BatchNormBase):
         super().__init__(num_features, *args, **kwargs)
         self._axis = axis
 
+    def _settings(self) -> dict:
+        return {**super()._settings(), "axis": self._axis}
+
 
 class _BatchRenormMixin:
     """Batch Renormalization (Ioffe 2017) on top of a BN layer: see `F.batch_renorm`.
@@ -288,6 +304,9 @@ class _BatchRenormMixin:
             d_max=self.d_max,
             axis=self._axis,
         )
+
+    def _settings(self) -> dict:
+        return {**super()._settings(), "r_max": self.r_max, "d_max": self.d_max}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
