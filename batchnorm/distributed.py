@@ -290,6 +290,12 @@ class SyncBatchNorm(_BatchNormBase):
             )
         )  # fmt: skip
 
+    def _settings(self) -> dict:
+        # Only what this constructor takes: no bias=False, no Ghost BN.
+        settings = super()._settings()
+        del settings["bias"], settings["virtual_batch_size"]
+        return {**settings, "process_group": self.process_group, "timeout": self.timeout}
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.timeout is not None:
