@@ -15,14 +15,15 @@ import argparse
 import dataclasses
 import itertools
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from batchnorm.reproduce.fig1 import NETS, PAPER_ACCURACY, Fig1Config, _load_data, initial_models
+from batchnorm.reproduce import run_folder
+from batchnorm.reproduce.fig1 import Fig1Config, _load_data, initial_models
+from batchnorm.reproduce.fig1_report import NETS, PAPER_ACCURACY
 from batchnorm.reproduce.models.mlp import StackedMLP
 from batchnorm.reproduce.train import epoch_permutation, set_threads
 
@@ -82,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                      "at_paper_steps": {str(st): [acc["baseline"].get(st), acc["bn"].get(st)]
                                         for st in PAPER_ACCURACY}})
     rows.sort(key=lambda r: (r["max_gap_from_10k"] is None, r["max_gap_from_10k"]))
-    record = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    record = {**run_folder.provenance(),  # versions, machine, git revision, command
               "seed": args.seed, "steps": args.steps, "batch_size": b, "optimizer": "plain SGD",
-              "torch": torch.__version__, "threads": args.threads,
-              "machine": platform.platform(), "data": source, "seconds": round(seconds, 1),
+              "threads": args.threads, "data": source, "seconds": round(seconds, 1),
               "ranked": rows, "curves": {name: {f"lr={g[0]},std={g[1]}": curves[name][k]
                                                 for k, g in enumerate(grid)} for name in NETS}}
     out = Path(args.out)
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     steps = [st for st in PAPER_ACCURACY if st <= args.steps]
     lines = [f"# Figure 1 sweep: plain SGD, batch {b}, seed {args.seed}, {args.steps:,} steps",
-             "", f"Command: `{record['command']}` ({seconds:.0f} s, torch {torch.__version__}, "
+             "", f"Command: `{' '.join(record['command'])}` ({seconds:.0f} s, "
+             f"torch {torch.__version__}, "
              f"{args.threads} thread(s)). Cells: test accuracy without BN / with BN; paper first.",
              "", "| lr | init std | max gap from 10K | BN min from 5K | "
              + " | ".join(f"{st / 1000:g}K" for st in steps) + " |",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from batchnorm.modules import BatchNorm1d
-from batchnorm.reproduce import data, fig1
+from batchnorm import BatchNorm1d
+from batchnorm.reproduce import data, fig1, fig1_report, run_folder
 from batchnorm.reproduce.cli import main
 from batchnorm.reproduce.models.mlp import MLP, StackedMLP
 from batchnorm.reproduce.train import load_checkpoint
@@ -133,7 +134,7 @@ def test_bn_net_uses_this_library_and_both_nets_start_equal():
 
 def test_short_run_writes_everything_and_resume_is_exact(synthetic_mnist, tmp_path):
     config = fig1.Fig1Config(**SMALL)
-    full = fig1.run(config, tmp_path / "full", progress=False, argv=["test"])
+    full = fig1.run(config, tmp_path / "full", progress=False)
     # Interrupted after 40 of 60 steps, then resumed from the checkpoint.
     assert fig1.run(config, tmp_path / "cut", progress=False, stop_after=40) is None
     state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")  # weights_only=True
@@ -141,7 +142,8 @@ def test_short_run_writes_everything_and_resume_is_exact(synthetic_mnist, tmp_pa
     resumed = fig1.run(config, tmp_path / "cut", resume=True, progress=False)
     for name in fig1.NETS:
         assert resumed[name] == full[name]  # exact: every accuracy and percentile bit-equal
-    assert resumed["timing"]["resumed_from_step"] == 40
+    sessions = [(x["from_step"], x["to_step"]) for x in resumed["timing"]["sessions"]]
+    assert sessions == [(0, 40), (40, 60)]
     # The two nets in two threads compute exactly what they compute one after the other.
     threaded = fig1.Fig1Config(**{**SMALL, "parallel_nets": True})
     parallel = fig1.run(threaded, tmp_path / "parallel", progress=False)
@@ -181,24 +183,153 @@ def test_cli_one_seed_schema_and_report(synthetic_mnist, tmp_path):
     assert "each test batch's own statistics" in (out / "report.md").read_text()
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["steps"] == 40 and config["seeds"] == [0]
-    assert set(config["versions"]) == {"python", "torch", "numpy"}
+    assert set(config["versions"]) == {"python", "torch", "numpy", "batchnorm"}
+    assert config["finished"] is not None and config["resumed"] == []
     assert {"revision", "dirty"} <= set(config["git"]) and config["machine"]["torch_threads"] == 1
     report = (out / "report.md").read_text()
     assert "paper, with BN" in report and "Algorithm 2" in report and "95%" in report
-    # --resume on a finished run folder reads its settings and rewrites the same numbers.
-    assert main(["reproduce", "fig1", "--resume", str(out), "--no-progress"]) == 0
-    again = json.loads((out / "summary.json").read_text())
-    assert again["bn"] == summary["bn"] and again["baseline"] == summary["baseline"]
 
 
 def test_report_checks_against_the_paper():
     # A run that reproduces the paper's table exactly passes every check.
-    rows = {name: [[step, acc[k]] for step, acc in fig1.PAPER_ACCURACY.items()]
+    rows = {name: [[step, acc[k]] for step, acc in fig1_report.PAPER_ACCURACY.items()]
             for k, name in enumerate(fig1.NETS)}
     summary = {name: {"test_accuracy": rows[name], "percentiles": []} for name in fig1.NETS}
-    checks = fig1._checks(summary, fig1.Fig1Config())
+    checks = fig1_report.checks(summary, fig1.Fig1Config())
     assert len(checks) == 3 and all(ok for _, ok in checks)
-    table = fig1.accuracy_table(summary, fig1.Fig1Config())
+    table = fig1_report.accuracy_table(summary, fig1.Fig1Config())
     assert table.count("yes") == 16 and "**no**" not in table
     rows["bn"][0][1] = 0.90  # BN below 95% at 5K fails its check
-    assert not fig1._checks(summary, fig1.Fig1Config())[-1][1]
+    assert not fig1_report.checks(summary, fig1.Fig1Config())[-1][1]
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder through the command line: resume, no overwriting, flags checked first.
+
+TINY = ["--batch-size", "20", "--eval-every", "20", "--population-batches", "4",
+        "--threads", "1", "--no-progress"]
+
+
+def _fig1(*argv) -> int:
+    return main(["reproduce", "fig1", *map(str, argv)])
+
+
+def _refused(capsys, *argv) -> str:
+    # The command exits with argparse's code 2 and returns its message.
+    with pytest.raises(SystemExit) as exit_info:
+        _fig1(*argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_resume_with_more_steps_trains_further(synthetic_mnist, tmp_path, capsys):
+    # Defect 4: `--resume RUN --steps 60` on a finished 40-step run exited 0 without training
+    # and wrote 0 as the training time. It now trains on to step 60, exactly as a 60-step
+    # run from scratch, and the timing adds the two sessions.
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert _fig1("--steps", 40, *TINY, "--out", out) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert _fig1("--resume", out, "--steps", 60, "--no-progress") == 0
+    extended = json.loads((out / "summary.json").read_text())
+    assert _fig1("--steps", 60, *TINY, "--out", fresh) == 0
+    reference = json.loads((fresh / "summary.json").read_text())
+    assert [row[0] for row in extended["bn"]["test_accuracy"]] == [0, 20, 40, 60]
+    for name in fig1.NETS:
+        assert extended[name] == reference[name]  # bit-equal on CPU
+    timing = extended["timing"]
+    assert [(s["from_step"], s["to_step"]) for s in timing["sessions"]] == [(0, 40), (40, 60)]
+    assert timing["sessions"][0]["train_seconds"] == first["timing"]["train_seconds"] > 0
+    assert timing["train_seconds"] > first["timing"]["train_seconds"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["steps"] == 60 and config["finished"] is not None
+    assert [r["changes"] for r in config["resumed"]] == [{"steps": 60}]
+    assert "then" in (out / "report.md").read_text()  # both commands in the report
+
+    # A finished run that nothing extends, or a step count below the run's, is refused and
+    # the folder keeps every byte (no summary rewritten with a training time of 0).
+    before = _files(out)
+    err = _refused(capsys, "--resume", out)
+    assert "finished" in err and "--steps N with N > 60" in err
+    assert "cannot go back" in _refused(capsys, "--resume", out, "--steps", 40)
+    # Settings other than --steps stay as recorded.
+    err = _refused(capsys, "--resume", out, "--steps", 80, "--lr", 0.5)
+    assert "argument --lr" in err and "keeps its settings" in err
+    assert _files(out) == before
+
+
+def test_interrupted_run_resumes_from_the_command_line(synthetic_mnist, tmp_path, capsys):
+    config = fig1.Fig1Config(steps=60, batch_size=20, eval_every=20, population_batches=4,
+                             threads=1, parallel_nets=False, checkpoint_every=20)
+    assert fig1.run(config, tmp_path / "cut", progress=False, stop_after=40) is None
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["finished"] is None
+    assert _fig1("--resume", tmp_path / "cut", "--no-progress") == 0
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert [row[0] for row in summary["bn"]["test_accuracy"]] == [0, 20, 40, 60]
+    assert "not a run folder" in _refused(capsys, "--resume", tmp_path / "nowhere")
+
+
+def test_new_run_refuses_an_existing_run_folder(synthetic_mnist, tmp_path, capsys):
+    # Defect 5: `--out` naming an existing run overwrote its config, checkpoint and summary.
+    finished, cut = tmp_path / "finished", tmp_path / "cut"
+    assert _fig1("--steps", 20, *TINY, "--out", finished) == 0
+    config = fig1.Fig1Config(steps=60, batch_size=20, eval_every=20, population_batches=4,
+                             threads=1, parallel_nets=False)
+    assert fig1.run(config, cut, progress=False, stop_after=20) is None
+    for folder in (finished, cut):
+        before = _files(folder)
+        err = _refused(capsys, "--steps", 20, *TINY, "--out", folder)
+        assert "argument --out" in err and f"--resume {folder}" in err
+        with pytest.raises(run_folder.RunFolderError, match="--resume"):
+            fig1.run(config, folder, progress=False)  # the library call refuses too
+        assert _files(folder) == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a run")
+    assert "not empty" in _refused(capsys, *TINY, "--out", tmp_path / "other")
+    assert "--resume" in _refused(capsys, "--out", finished, "--resume", finished)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading the data is the first work a run does: here it fails the test."""
+    def load_mnist(*args, **kwargs):
+        raise AssertionError("the run started before its flags were checked")
+    monkeypatch.setattr(data, "load_mnist", load_mnist)
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--population-batches", 0), ("--checkpoint-every", 0), ("--batch-size", 70000),
+    ("--batch-size", 1), ("--steps", -5), ("--threads", -1), ("--eval-every", 0),
+    ("--seeds", 0), ("--seed", -1), ("--unit", 100), ("--lr", 0), ("--init-std", -0.1),
+])  # fmt: skip
+def test_bad_flags_are_argparse_errors_before_any_work(no_work, tmp_path, capsys, flag, value):
+    # Defect 12: these crashed after training (--population-batches 0), raised
+    # ZeroDivisionError (--checkpoint-every 0, --batch-size 70000), gave tracebacks
+    # (--steps -5) or were accepted (--threads -1).
+    err = _refused(capsys, flag, value, "--out", tmp_path / "run")
+    assert f"argument {flag}: must be" in err and f"got {value}" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_out_is_an_argparse_error(no_work, tmp_path, capsys):
+    afile = tmp_path / "file"
+    afile.write_text("")
+    for out in (afile, afile / "run"):
+        err = _refused(capsys, "--out", out)
+        assert "argument --out" in err and "file" in err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "not writable" in _refused(capsys, "--out", locked / "run")
+
+
+def test_batch_size_above_the_training_set_on_disk(synthetic_mnist, tmp_path):
+    # A smaller training set (a subset in --data-dir) is known only once loaded: refused
+    # then, before training, naming the setting.
+    config = fig1.Fig1Config(steps=20, batch_size=700, threads=1)
+    with pytest.raises(run_folder.SettingError, match="batch_size must be at most the 600"):
+        fig1.run(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
