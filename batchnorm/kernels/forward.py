@@ -1,0 +1,276 @@
+"""Triton kernels of the BN forward pass (Algorithm 1 in training, Algorithm 2's affine map
+in eval), fused with the activation, the residual add and the running-statistics update.
+
+Training, in one launch when the input is small (one program does everything) and in two
+otherwise:
+  1. ``_partial_moments``: a (channel block, split) grid; each program writes the exact
+     (n, mean, M2) of its share of one channel block's values.
+  2. ``_normalize_commit``: the same grid; each program merges its channel block's partials
+     (`merge_stats`'s formula), normalizes its share and applies act(. + residual). Program
+     (0, 0) also merges every block, writes the saved statistics and commits the running
+     statistics: the guard (a non-finite new running mean or variance in ANY channel skips
+     the whole update and increments ``num_batches_skipped``, else ``num_batches_tracked``
+     is incremented) and the cumulative momentum 1/(k+1) read from ``num_batches_tracked``
+     happen on the device, so nothing waits for the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from batchnorm.kernels import common as K
+from batchnorm.kernels.heuristics import num_sms, plan
+from batchnorm.kernels.layout import geometry
+
+
+@triton.jit
+def _running_step(rm_ptr, rv_ptr, chans, cmask, mean, var, momentum, unbias):
+    # torch's convention: momentum weighs the new value; running_var stores m/(m-1) sigma2_B.
+    rm = tl.load(rm_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
+    rv = tl.load(rv_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
+    return rm + momentum * (mean - rm), rv + momentum * (var * unbias - rv)
+
+
+@triton.jit
+def _commit(
+    mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, C, momentum, unbias,
+    BLOCK_C: tl.constexpr, HAS_TRACKED: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+):
+    """Guarded running-statistics update from the saved batch statistics (one program)."""
+    tl.debug_barrier()  # the saved statistics were just written by other threads of this program
+    if CUMULATIVE:
+        momentum = 1.0 / (tl.load(nbt_ptr).to(tl.float32) + 1.0)
+    bad = tl.zeros([BLOCK_C], tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        chans = c0 + tl.arange(0, BLOCK_C)
+        cmask = chans < C
+        mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
+        var = tl.load(var_ptr + chans, mask=cmask, other=0.0)
+        new_m, new_v = _running_step(rm_ptr, rv_ptr, chans, cmask, mean, var, momentum, unbias)
+        finite = (tl.abs(new_m) <= K.FLT_MAX) & (tl.abs(new_v) <= K.FLT_MAX)
+        bad += tl.where(cmask, tl.where(finite, 0, 1), 0)
+    ok = tl.sum(bad, 0) == 0
+    for c0 in range(0, C, BLOCK_C):
+        chans = c0 + tl.arange(0, BLOCK_C)
+        cmask = chans < C
+        mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
+        var = tl.load(var_ptr + chans, mask=cmask, other=0.0)
+        new_m, new_v = _running_step(rm_ptr, rv_ptr, chans, cmask, mean, var, momentum, unbias)
+        tl.store(rm_ptr + chans, new_m.to(rm_ptr.dtype.element_ty), mask=cmask & ok)
+        tl.store(rv_ptr + chans, new_v.to(rv_ptr.dtype.element_ty), mask=cmask & ok)
+    if HAS_TRACKED:
+        tl.store(nbt_ptr, tl.load(nbt_ptr) + ok.to(tl.int64))
+    if HAS_SKIPPED:
+        tl.store(nbs_ptr, tl.load(nbs_ptr) + (1 - ok.to(tl.int64)))
+
+
+@triton.jit
+def _forward_single(
+    x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
+    w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, mean_ptr, var_ptr,
+    C, tiles_per_row, cols, tiles, momentum, unbias, eps, slope,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_TRACKED: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+):
+    # Small inputs: one program, channel block after channel block (launch-bound regime).
+    for c0 in range(0, C, BLOCK_C):
+        chans = c0 + tl.arange(0, BLOCK_C)
+        cmask = chans < C
+        n, mean, m2 = K.range_moments(
+            x_ptr, sxn, sxs, sxc, 0, tiles, tiles_per_row, cols, chans, C, BLOCK_S, BLOCK_C
+        )
+        var = m2 / tl.maximum(n, 1.0)
+        tl.store(mean_ptr + chans, mean, mask=cmask)
+        tl.store(var_ptr + chans, var, mask=cmask)
+        scale, shift = K.affine(w_ptr, b_ptr, chans, cmask, mean, var, eps, HAS_W, HAS_B)
+        K.normalize_range(
+            x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
+            0, tiles, tiles_per_row, cols, chans, C, scale, shift, slope, BLOCK_S, ACT, HAS_R,
+        )
+    if HAS_RUNNING:
+        _commit(
+            mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, C, momentum, unbias,
+            BLOCK_C, HAS_TRACKED, HAS_SKIPPED, CUMULATIVE,
+        )
+
+
+@triton.jit
+def _partial_moments(
+    x_ptr, sxn, sxs, sxc, pn_ptr, pmean_ptr, pm2_ptr,
+    C, tiles_per_row, cols, tiles, tiles_per_split,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tiles)
+    n, mean, m2 = K.range_moments(
+        x_ptr, sxn, sxs, sxc, t_begin, t_end, tiles_per_row, cols, chans, C, BLOCK_S, BLOCK_C
+    )
+    cmask = chans < C
+    tl.store(pn_ptr + split * C + chans, n, mask=cmask)
+    tl.store(pmean_ptr + split * C + chans, mean, mask=cmask)
+    tl.store(pm2_ptr + split * C + chans, m2, mask=cmask)
+
+
+@triton.jit
+def _merged(pn_ptr, pmean_ptr, pm2_ptr, chans, cmask, C, splits, SPLITS_P2: tl.constexpr):
+    # merge_stats over the splits: mean = sum n_k mean_k / n, M2 = sum M2_k + n_k (mean_k - mean)^2
+    k = tl.arange(0, SPLITS_P2)
+    mask = (k < splits)[:, None] & cmask[None, :]
+    off = k[:, None] * C + chans[None, :]
+    n_k = tl.load(pn_ptr + off, mask=mask, other=0.0)
+    mean_k = tl.load(pmean_ptr + off, mask=mask, other=0.0)
+    m2_k = tl.load(pm2_ptr + off, mask=mask, other=0.0)
+    n = tl.sum(n_k, 0)
+    mean = tl.sum(n_k * mean_k, 0) / tl.maximum(n, 1.0)
+    d = mean_k - mean[None, :]
+    m2 = tl.sum(m2_k, 0) + tl.sum(tl.where(mask, n_k * d * d, 0.0), 0)
+    return mean, m2 / tl.maximum(n, 1.0)
+
+
+@triton.jit
+def _normalize_commit(
+    x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
+    w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, mean_ptr, var_ptr,
+    pn_ptr, pmean_ptr, pm2_ptr,
+    C, tiles_per_row, cols, tiles, tiles_per_split, splits, momentum, unbias, eps, slope,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr, ACT: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_TRACKED: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    mean, var = _merged(pn_ptr, pmean_ptr, pm2_ptr, chans, cmask, C, splits, SPLITS_P2)
+    scale, shift = K.affine(w_ptr, b_ptr, chans, cmask, mean, var, eps, HAS_W, HAS_B)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tiles)
+    K.normalize_range(
+        x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
+        t_begin, t_end, tiles_per_row, cols, chans, C, scale, shift, slope, BLOCK_S, ACT, HAS_R,
+    )
+    if (pid_c == 0) & (split == 0):
+        # One program sees every channel: the guard is all-or-nothing over the batch.
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            csmask = cs < C
+            m, v = _merged(pn_ptr, pmean_ptr, pm2_ptr, cs, csmask, C, splits, SPLITS_P2)
+            tl.store(mean_ptr + cs, m, mask=csmask)
+            tl.store(var_ptr + cs, v, mask=csmask)
+        if HAS_RUNNING:
+            _commit(
+                mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, C, momentum, unbias,
+                BLOCK_C, HAS_TRACKED, HAS_SKIPPED, CUMULATIVE,
+            )
+
+
+@triton.jit
+def _forward_eval(
+    x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
+    w_ptr, b_ptr, rm_ptr, rv_ptr,
+    C, tiles_per_row, cols, tiles, tiles_per_split, eps, slope,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
+):
+    # Algorithm 2, step 3, elementwise: y = act(scale * x + shift (+ residual)).
+    chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    mean = tl.load(rm_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
+    var = tl.load(rv_ptr + chans, mask=cmask, other=1.0).to(tl.float32)
+    scale, shift = K.affine(w_ptr, b_ptr, chans, cmask, mean, var, eps, HAS_W, HAS_B)
+    t_begin = tl.program_id(1) * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tiles)
+    K.normalize_range(
+        x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
+        t_begin, t_end, tiles_per_row, cols, chans, C, scale, shift, slope, BLOCK_S, ACT, HAS_R,
+    )
+
+
+def _io(x, residual):
+    """(x, y, residual) viewed through one Geometry; y is new, strided like x."""
+    y = torch.empty_like(x)
+    tensors = [x, y] if residual is None else [x, y, residual]
+    views, geom = geometry(*tensors)
+    strides = list(geom.strides)
+    if residual is None:
+        views.append(x)  # an unused pointer
+        strides.append((0, 0, 0))
+    return views, geom, [s for triple in strides for s in triple]
+
+
+def forward_train(
+    x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+    num_batches_skipped, momentum, eps, activation, negative_slope, allow_single=True,
+):
+    """Training forward: y = act(BN(x) + residual) with batch statistics; returns
+    (y, mean, var), the batch's mu_B and biased sigma2_B in float32 (C,).
+
+    The running statistics and counters (any may be None) are updated in place on the device;
+    ``momentum=None`` is the cumulative average. Arguments are validated by the caller
+    (`batchnorm.kernels.batch_norm_act`); x has N > 0 and more than one value per channel.
+    """
+    (x, y, r), geom, strides = _io(x, residual)
+    launch = plan(geom, num_sms(x.device), allow_single)
+    c = geom.channels
+    mean = torch.empty(c, device=x.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    m = geom.count
+    tiles_per_row = launch.tiles // geom.rows
+    flags = dict(
+        BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, ACT=K.ACTIVATIONS[activation],
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
+        HAS_RUNNING=running_mean is not None, HAS_TRACKED=num_batches_tracked is not None,
+        HAS_SKIPPED=num_batches_skipped is not None, CUMULATIVE=momentum is None,
+    )
+    pointers = [
+        t if t is not None else mean
+        for t in (weight, bias, running_mean, running_var, num_batches_tracked,
+                  num_batches_skipped)
+    ]
+    scalars = (0.0 if momentum is None else float(momentum), m / (m - 1), float(eps),
+               float(negative_slope))
+    if launch.single:
+        _forward_single[(1,)](
+            x, *strides[0:3], y, *strides[3:6], r, *strides[6:9], *pointers, mean, var,
+            c, tiles_per_row, geom.cols, launch.tiles, *scalars, **flags,
+        )
+        return y, mean, var
+    grid = (launch.c_blocks, launch.splits)
+    pn = torch.empty((launch.splits, c), device=x.device, dtype=torch.float32)
+    pmean, pm2 = torch.empty_like(pn), torch.empty_like(pn)
+    _partial_moments[grid](
+        x, *strides[0:3], pn, pmean, pm2, c, tiles_per_row, geom.cols, launch.tiles,
+        launch.tiles_per_split, BLOCK_S=launch.block_s, BLOCK_C=launch.block_c,
+    )
+    _normalize_commit[grid](
+        x, *strides[0:3], y, *strides[3:6], r, *strides[6:9], *pointers, mean, var,
+        pn, pmean, pm2, c, tiles_per_row, geom.cols, launch.tiles, launch.tiles_per_split,
+        launch.splits, *scalars, SPLITS_P2=launch.splits_p2, **flags,
+    )
+    return y, mean, var
+
+
+def forward_eval(x, weight, bias, residual, running_mean, running_var, eps, activation,
+                 negative_slope):
+    """Eval forward, one elementwise launch: y = act(scale * x + shift (+ residual)) with
+    scale and shift from the running statistics (Algorithm 2, step 3)."""
+    (x, y, r), geom, strides = _io(x, residual)
+    launch = plan(geom, num_sms(x.device), allow_single=False)
+    _forward_eval[(launch.c_blocks, launch.splits)](
+        x, *strides[0:3], y, *strides[3:6], r, *strides[6:9],
+        weight if weight is not None else running_mean,
+        bias if bias is not None else running_mean,
+        running_mean, running_var, geom.channels, launch.tiles // geom.rows, geom.cols,
+        launch.tiles, launch.tiles_per_split, float(eps), float(negative_slope),
+        BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, ACT=K.ACTIVATIONS[activation],
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
+    )
+    return y
