@@ -17,20 +17,19 @@ set (10 classes of 28x28 digits instead of 1000 classes of 224x224 photos, no ph
 distortions since the images are grey, the same global reshuffle each epoch for every
 variant), and the time scale of the decay (the run spans ``horizon_epochs`` "paper epochs").
 
-Run folder: config.json (settings, seed, versions, machine, git revision), summary.json
-(curves and the Figure 3 table), fig2.png, report.md, checkpoints/<variant>.pt.
+Run folder (`batchnorm.reproduce.run_folder`; ``--out RUN_DIR`` for a new run,
+``--resume RUN_DIR`` to continue an interrupted one): config.json (settings, seed,
+versions, machine, git revision), summary.json (curves and the Figure 3 table), fig2.png,
+report.md, checkpoints/<variant>.pt.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import math
 import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from batchnorm.reproduce import run_folder
 from batchnorm.reproduce.models.inception import build_inception, parameter_count
 from batchnorm.reproduce.recipes import PAPER_FIGURE3, RECIPES, Recipe
+from batchnorm.reproduce.run_folder import Flag, RunFolderError, require
 from batchnorm.reproduce.train import (
     epoch_permutation,
     load_checkpoint,
@@ -56,7 +57,6 @@ __all__ = ["Fig2Config", "run", "add_cli", "figure3_table", "synthetic_dataset"]
 class Fig2Config:
     """Settings of one `batchnorm reproduce fig2` run (defaults: the documented run)."""
 
-    out: str = "runs/fig2"  # run folder
     steps: int = 600  # training steps per variant (the paper: tens of millions)
     eval_every: int = 50  # steps between validation evaluations (the curve's resolution)
     eval_examples: int = 1000  # validation images per curve point (first N of the test set)
@@ -76,8 +76,34 @@ class Fig2Config:
     # torch intra-op threads. 1 by default: on a shared 2-core machine, 2 OpenMP threads per
     # process thrash (measured 1.5-7 s/step vs 0.4 s/step with 1 thread under load 6)
     threads: int | None = 1
-    resume: bool = False  # continue from checkpoints/<variant>.pt where they exist
     synthetic_size: tuple[int, int] = (2048, 512)  # train/test images of the synthetic set
+
+    def __post_init__(self) -> None:
+        # config.json stores tuples as lists: read back, they are tuples again
+        object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "synthetic_size", tuple(self.synthetic_size))
+        for field in ("steps", "eval_every", "eval_examples", "checkpoint_every"):
+            require(getattr(self, field) >= 1, field, "an integer >= 1", getattr(self, field))
+        unknown = [v for v in self.variants if v not in RECIPES]
+        require(bool(self.variants) and not unknown, "variants",
+                f"a comma-separated list of {', '.join(RECIPES)}", ",".join(self.variants))
+        require(self.dataset in _DATASETS, "dataset", f"one of {', '.join(_DATASETS)}",
+                self.dataset)
+        test_images = _DATASETS[self.dataset] or self.synthetic_size[1]
+        require(self.eval_examples <= test_images, "eval_examples",
+                f"at most the {test_images:,} test images of {self.dataset}", self.eval_examples)
+        require(self.width > 0, "width", "> 0", self.width)
+        require(self.small_stem_stride in (1, 2), "small_stem_stride", "1 or 2",
+                self.small_stem_stride)
+        require(self.horizon_epochs > 0, "horizon_epochs", "> 0", self.horizon_epochs)
+        require(self.seed >= 0, "seed", ">= 0", self.seed)
+        require(self.threads is None or self.threads >= 1, "threads", ">= 1", self.threads)
+        batch = min(RECIPES[v].batch_size for v in self.variants) if not unknown else 1
+        require(len(self.synthetic_size) == 2 and min(self.synthetic_size) >= batch,
+                "synthetic_size", f"(train, test) images, each >= {batch}", self.synthetic_size)
+
+
+_DATASETS = {"mnist": 10_000, "fashion-mnist": 10_000, "synthetic": None}  # -> test images
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -141,7 +167,7 @@ def _build(cfg: Fig2Config, recipe: Recipe) -> torch.nn.Module:
     )
 
 
-def _train_variant(cfg, key, data, out: Path) -> dict:
+def _train_variant(cfg, key, data, out: Path, resume: bool) -> dict:
     recipe = RECIPES[key]
     xtr, ytr, xval, yval = data
     model = _build(cfg, recipe)
@@ -153,7 +179,7 @@ def _train_variant(cfg, key, data, out: Path) -> dict:
     )
     ckpt_path = out / "checkpoints" / f"{key}.pt"
     state = {"step": 0, "curve": [], "losses": [], "diverged_at": None, "seconds": 0.0}
-    if cfg.resume and ckpt_path.exists():
+    if resume and ckpt_path.exists():
         saved = load_checkpoint(ckpt_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -279,48 +305,6 @@ def _negative_results(results: dict[str, dict]) -> dict:
 # --- run folder -----------------------------------------------------------------------------
 
 
-def _git_revision() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        rev = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "batchnorm"],
-            capture_output=True,
-            text=True,
-        )
-        if rev.returncode:
-            return None
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return None
-
-
-def _environment() -> dict:
-    import batchnorm
-
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "batchnorm": batchnorm.__version__,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "git_revision": _git_revision(),
-        "command": " ".join(sys.argv),
-    }
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _plot(results: dict[str, dict], table: dict, path: Path) -> None:
     import matplotlib
 
@@ -370,7 +354,7 @@ def _report(cfg: Fig2Config, summary: dict) -> str:
         f"images. Model: BN-Inception, width {cfg.width}, small stem stride "
         f"{cfg.small_stem_stride}, 28x28x1 input, {summary['parameters']:,} parameters (BN). "
         f"{cfg.steps} steps of mini-batch 32 per variant, validation every {cfg.eval_every} "
-        f"steps. Wall time {summary['seconds'] / 60:.1f} min.",
+        f"steps. Training time {summary['seconds'] / 60:.1f} min (all variants and sessions).",
         "",
     ]
     if table["target"] is not None:
@@ -420,33 +404,48 @@ def _report(cfg: Fig2Config, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Fig2Config) -> dict:
-    """Train every variant of ``cfg.variants``, write the run folder, return the summary."""
-    unknown = [v for v in cfg.variants if v not in RECIPES]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; known: {list(RECIPES)}")
+def run(cfg: Fig2Config, out: str | os.PathLike, *, resume: bool = False) -> dict:
+    """Train every variant of ``cfg.variants``, write the run folder, return the summary.
+
+    Args:
+        cfg: the settings; with ``resume``, the ones recorded in ``out/config.json``.
+        out: a new run folder (refused if it holds anything), or with ``resume`` the run.
+        resume: continue each variant from ``checkpoints/<variant>.pt`` where it exists;
+            refused for a finished run.
+
+    Raises:
+        RunFolderError: ``out`` cannot start or continue a run (see `run_folder`).
+    """
+    out = Path(out)
+    if resume:
+        record = run_folder.read_record(out)
+        run_folder.check_resume(out, record)
+    else:
+        run_folder.check_new(out)
     previous = torch.get_num_threads()
     set_threads(cfg.threads)
     try:
-        return _run(cfg)
+        return _run(cfg, out, record if resume else None)
     finally:
         torch.set_num_threads(previous)  # a library call leaves the process as it found it
 
 
-def _run(cfg: Fig2Config) -> dict:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _run(cfg: Fig2Config, out: Path, record: dict | None) -> dict:
     started = time.perf_counter()
     xtr, ytr, xte, yte, source = _load(cfg)
+    require(len(xtr) >= 32, "dataset", "a training set of at least one batch of 32", len(xtr))
     mean, std = float(np.mean(xtr)) / 255.0, float(np.std(xtr)) / 255.0  # training-set stats
     x_train, y_train = _to_tensor(xtr, mean, std), torch.as_tensor(ytr, dtype=torch.long)
     x_val = _to_tensor(xte[: cfg.eval_examples], mean, std)
     y_val = torch.as_tensor(yte[: cfg.eval_examples], dtype=torch.long)
-    config = {"config": dataclasses.asdict(cfg), "environment": _environment()}
-    _write_json(out / "config.json", config)
+    if record is None:
+        run_folder.create(out, "fig2", cfg, data=source)
+    else:
+        run_folder.record_resume(out, record, cfg)
     results = {}
     for key in cfg.variants:
-        results[key] = _train_variant(cfg, key, (x_train, y_train, x_val, y_val), out)
+        data = (x_train, y_train, x_val, y_val)
+        results[key] = _train_variant(cfg, key, data, out, resume=record is not None)
     table = figure3_table(results)
     summary = {
         "data": {
@@ -459,57 +458,53 @@ def _run(cfg: Fig2Config) -> dict:
         "variants": results,
         "figure3": table,
         "negative_results": _negative_results(results),
-        "seconds": time.perf_counter() - started,
+        "seconds": sum(r["seconds"] for r in results.values()),  # training, all sessions
+        "seconds_last_session": time.perf_counter() - started,
     }
-    _write_json(out / "summary.json", summary)
+    run_folder.write_json(out / "summary.json", summary)
     _plot(results, table, out / "fig2.png")
     (out / "report.md").write_text(_report(cfg, summary))
+    run_folder.finish(out)
     return summary
 
 
+def _variants(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+FLAGS = {
+    "--steps": Flag("steps", int, "training steps per variant"),
+    "--eval-every": Flag("eval_every", int, "steps between validation evaluations"),
+    "--eval-examples": Flag("eval_examples", int, "validation images (first N of the test set)"),
+    "--variants": Flag("variants", _variants, f"comma-separated recipes of {', '.join(RECIPES)}"),
+    "--dataset": Flag("dataset", str, f"one of {', '.join(_DATASETS)}"),
+    "--data-dir": Flag("data_dir", str, "folder with the four IDX files"),
+    "--width": Flag("width", float, "channel multiplier of every conv"),
+    "--stem-stride": Flag("small_stem_stride", int, "stride of the small stem's first conv"),
+    "--horizon-epochs": Flag("horizon_epochs", float, "paper epochs the lr decay spans"),
+    "--checkpoint-every": Flag("checkpoint_every", int, "steps between checkpoints"),
+    "--seed": Flag("seed", int, "initial weights and batch order"),
+    "--threads": Flag("threads", int, "torch threads"),
+}
+
+
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    d = Fig2Config()
-    parser.add_argument("--out", default=d.out, help="run folder (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="steps per variant")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--eval-examples", type=int, default=d.eval_examples)
-    parser.add_argument(
-        "--variants",
-        default=",".join(d.variants),
-        help=f"comma-separated recipes (default: all: {','.join(d.variants)})",
-    )
-    parser.add_argument(
-        "--dataset", default=d.dataset, choices=["mnist", "fashion-mnist", "synthetic"]
-    )
-    parser.add_argument("--data-dir", default=None, help="folder with the four IDX files")
-    parser.add_argument("--width", type=float, default=d.width)
-    parser.add_argument("--stem-stride", type=int, default=d.small_stem_stride)
-    parser.add_argument("--horizon-epochs", type=float, default=d.horizon_epochs)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--threads", type=int, default=d.threads)
-    parser.add_argument("--resume", action="store_true", help="continue from checkpoints")
-    parser.set_defaults(func=_main)
+    """Add Figure 2's flags to ``parser`` (defaults from `Fig2Config`)."""
+    run_folder.add_flags(parser, Fig2Config, FLAGS, "fig2")
+    parser.set_defaults(func=functools.partial(_main, parser))
 
 
-def _main(args: argparse.Namespace) -> int:
-    cfg = Fig2Config(
-        out=args.out,
-        steps=args.steps,
-        eval_every=args.eval_every,
-        eval_examples=args.eval_examples,
-        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        width=args.width,
-        small_stem_stride=args.stem_stride,
-        horizon_epochs=args.horizon_epochs,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        threads=args.threads,
-        resume=args.resume,
-    )
-    summary = run(cfg)
-    print((Path(cfg.out) / "report.md").read_text())
-    print(f"run folder: {cfg.out} ({summary['seconds'] / 60:.1f} min)")
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    cfg, record = run_folder.settings_from_args(parser, args, Fig2Config, FLAGS)
+    if record is not None:
+        out = args.resume
+        try:
+            run_folder.check_resume(out, record)
+        except RunFolderError as error:
+            parser.error(f"argument --resume: {error}")
+    else:
+        out = args.out or run_folder.default_out("fig2")
+    summary = run(cfg, out, resume=record is not None)
+    print((Path(out) / "report.md").read_text())
+    print(f"run folder: {out} ({summary['seconds_last_session'] / 60:.1f} min)")
     return 0

@@ -7,11 +7,14 @@ Run unchanged on one process, several GPUs, or several nodes:
 
 Each replica takes 32 images per step (Sec. 4.2) and, by default, normalizes over its own
 32 as the paper's workers did; ``--sync-bn`` merges the statistics over all replicas with
-`batchnorm.SyncBatchNorm` instead. NCCL on GPUs, gloo on CPUs. Rank 0 writes atomic
-checkpoints (``--resume`` continues mid-epoch from the last one, with the same batch order)
-and metrics.jsonl; validation is single center-crop top-1/top-5 on every rank's shard,
-summed over ranks. ``--eval-only --checkpoints a.pt b.pt --crops 144`` evaluates one
-checkpoint or an ensemble with GoogLeNet's 144 crops (Sec. 4.2.3).
+`batchnorm.SyncBatchNorm` instead. NCCL on GPUs, gloo on CPUs. Rank 0 writes the run folder
+(`batchnorm.reproduce.run_folder`: config.json, atomic checkpoints, metrics.jsonl);
+``--resume RUN_DIR`` continues mid-epoch from the last checkpoint with the same batch order
+and the recorded settings (``--epochs``, ``--max-steps`` and the logging, checkpoint,
+worker and evaluation-batch flags may change). Validation is single center-crop
+top-1/top-5 on every rank's shard, summed over ranks. ``--eval-only --checkpoints a.pt
+b.pt --crops 144`` evaluates one checkpoint or an ensemble with GoogLeNet's 144 crops
+(Sec. 4.2.3).
 
 The paper's workers were asynchronous; here replicas are synchronous (DDP), so a step
 consumes 32 x world_size images. ``--lr-scaling linear`` (the default) multiplies the
@@ -34,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from batchnorm.reproduce import run_folder
 from batchnorm.reproduce.imagenet import (
     CenterCrop,
     ImageFolder,
@@ -44,6 +48,7 @@ from batchnorm.reproduce.imagenet import (
 )
 from batchnorm.reproduce.models.inception import build_inception, parameter_count
 from batchnorm.reproduce.recipes import RECIPES
+from batchnorm.reproduce.run_folder import Flag, RunFolderError, require
 from batchnorm.reproduce.train import load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "main", "train", "evaluate_checkpoints"]
@@ -55,7 +60,6 @@ class TrainConfig:
 
     data: str  # folder with train/<class>/*.JPEG and val/<class>/*.JPEG
     recipe: str = "bn_x30"  # key of batchnorm.reproduce.recipes.RECIPES
-    out: str = "runs/imagenet"  # checkpoints and metrics.jsonl
     epochs: float = 40.0  # training length in epochs of the training set
     max_steps: int | None = None  # stop after this many steps (smoke tests, budgets)
     image_size: int = 224  # crop side (224 in the paper; tests use 32)
@@ -70,8 +74,27 @@ class TrainConfig:
     log_every: int = 100  # steps between metrics lines
     eval_batch: int = 64  # validation batch per replica
     seed: int = 0  # initial weights, batch order and augmentation draws
-    resume: bool = False  # continue from out/checkpoint.pt
     channels_last: bool = False  # NHWC memory format (faster convs on recent GPUs)
+
+    def __post_init__(self) -> None:
+        require(self.recipe in RECIPES, "recipe", f"one of {', '.join(RECIPES)}", self.recipe)
+        require(self.epochs > 0, "epochs", "> 0", self.epochs)
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1",
+                self.max_steps)
+        for field in ("image_size", "checkpoint_every", "log_every", "eval_batch"):
+            require(getattr(self, field) >= 1, field, "an integer >= 1", getattr(self, field))
+        require(self.width > 0, "width", "> 0", self.width)
+        require(self.lr_scaling in ("linear", "none"), "lr_scaling", "linear or none",
+                self.lr_scaling)
+        require(self.workers >= 0, "workers", ">= 0", self.workers)
+        require(self.seed >= 0, "seed", ">= 0", self.seed)
+
+    def longer_than(self, other: TrainConfig) -> bool:
+        """Whether these settings train further than ``other`` (a resume with work to do)."""
+        capped = other.max_steps is not None and (
+            self.max_steps is None or self.max_steps > other.max_steps
+        )
+        return self.epochs > other.epochs or capped
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -133,11 +156,29 @@ def _build_model(cfg: TrainConfig, num_classes: int, device):
     return model
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train ``cfg.recipe``; returns the last validation metrics (on every rank)."""
+def _check_resume(out: Path, record: dict, cfg: TrainConfig) -> None:
+    run_folder.check_resume(
+        out, record, extends=cfg.longer_than(TrainConfig(**record["config"])),
+        hint="; pass a larger --epochs or --max-steps to train it further",
+    )  # fmt: skip
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> dict:
+    """Train ``cfg.recipe`` into the run folder ``out``; returns the last validation metrics.
+
+    ``resume``: continue the run in ``out`` from its checkpoint (refused when it is finished
+    and ``cfg`` trains no further); otherwise ``out`` must be new (see `run_folder`). The
+    metrics come back on every rank; rank 0 writes the folder.
+    """
+    out = Path(out)
+    rank = int(os.environ.get("RANK", 0))
+    if resume:
+        record = run_folder.read_record(out)
+        _check_resume(out, record, cfg)
+    elif rank == 0:
+        run_folder.check_new(out)
     rank, world, device = _setup_distributed()
     recipe = RECIPES[cfg.recipe]
-    out = Path(cfg.out)
     train_set = ImageFolder(
         cfg.data, "train", RandomResizedCropFlip(cfg.image_size, recipe.distortions), cfg.seed
     )
@@ -158,27 +199,18 @@ def train(cfg: TrainConfig) -> dict:
         total = min(total, cfg.max_steps)
     step = 0
     ckpt = out / "checkpoint.pt"
-    if cfg.resume and ckpt.exists():
+    if resume and ckpt.exists():
         saved = load_checkpoint(ckpt)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         step = int(saved["step"])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(
-            json.dumps(
-                {
-                    "config": dataclasses.asdict(cfg),
-                    "recipe": dataclasses.asdict(recipe),
-                    "world_size": world,
-                    "lr0": lr0,
-                    "parameters": parameter_count(model),
-                    "torch": torch.__version__,
-                    "device": str(device),
-                },
-                indent=2,
-            )
-        )
+    if rank == 0 and resume:
+        run_folder.record_resume(out, record, cfg)
+    elif rank == 0:
+        run_folder.create(
+            out, "imagenet_train", cfg, recipe=dataclasses.asdict(recipe), world_size=world,
+            lr0=lr0, parameters=parameter_count(model), device=str(device),
+        )  # fmt: skip
 
     def save():
         if rank == 0:
@@ -245,6 +277,8 @@ def train(cfg: TrainConfig) -> dict:
             log(metrics)
     if not metrics:
         metrics = {"step": step, **validate()}
+    if rank == 0:
+        run_folder.finish(out)
     return metrics
 
 
@@ -267,26 +301,33 @@ def evaluate_checkpoints(
     return evaluate(models, loader, device)
 
 
+FLAGS = {
+    "--data": Flag("data", str, "folder with train/<class>/*.JPEG and val/<class>/*.JPEG"),
+    "--recipe": Flag("recipe", str, f"one of {', '.join(RECIPES)}"),
+    "--epochs": Flag("epochs", float, "training length in epochs"),
+    "--max-steps": Flag("max_steps", int, "stop after this many steps"),
+    "--image-size": Flag("image_size", int, "crop side"),
+    "--width": Flag("width", float, "channel multiplier"),
+    "--sync-bn": Flag("sync_bn", bool, "normalize over all replicas (batchnorm.SyncBatchNorm)"),
+    "--torch-bn": Flag("torch_bn", bool, "use torch.nn.BatchNorm2d"),
+    "--lr-scaling": Flag("lr_scaling", str, "linear (lr x world size) or none"),
+    "--workers": Flag("workers", int, "DataLoader processes per replica"),
+    "--checkpoint-every": Flag("checkpoint_every", int, "steps between checkpoints"),
+    "--log-every": Flag("log_every", int, "steps between metrics lines"),
+    "--eval-batch": Flag("eval_batch", int, "validation batch per replica"),
+    "--seed": Flag("seed", int, "initial weights, batch order, augmentation"),
+    "--channels-last": Flag("channels_last", bool, "NHWC memory format"),
+}
+# What a resumed run may change: how long it trains, and nothing that changes its numbers.
+MAY_CHANGE = {"epochs", "max_steps", "workers", "checkpoint_every", "log_every", "eval_batch"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--recipe", default=d["recipe"], choices=sorted(RECIPES))
-    p.add_argument("--out", default=d["out"])
-    p.add_argument("--epochs", type=float, default=d["epochs"])
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=d["image_size"])
-    p.add_argument("--width", type=float, default=d["width"])
-    p.add_argument("--sync-bn", action="store_true")
-    p.add_argument("--torch-bn", action="store_true", help="use torch.nn.BatchNorm2d")
-    p.add_argument("--lr-scaling", default=d["lr_scaling"], choices=["linear", "none"])
-    p.add_argument("--workers", type=int, default=d["workers"])
-    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
-    p.add_argument("--log-every", type=int, default=d["log_every"])
-    p.add_argument("--eval-batch", type=int, default=d["eval_batch"])
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
+    # Only rank 0 writes the folder: the other ranks must not find it made by rank 0.
+    run_folder.add_flags(
+        p, TrainConfig, FLAGS, "imagenet", check_out=int(os.environ.get("RANK", 0)) == 0
+    )
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoints, no training")
     p.add_argument("--checkpoints", nargs="*", default=[], help="one, or several = an ensemble")
     p.add_argument("--crops", default="center", choices=["center", "144"])
@@ -294,19 +335,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.eval_only:
+        if not args.checkpoints or not args.data:
+            parser.error("--eval-only needs --data and --checkpoints")
+    else:
+        cfg, record = run_folder.settings_from_args(
+            parser, args, TrainConfig, FLAGS, may_change=MAY_CHANGE
+        )
+        if record is not None:
+            try:
+                _check_resume(args.resume, record, cfg)
+            except RunFolderError as error:
+                parser.error(f"argument --resume: {error}")
     try:
         if args.eval_only:
-            if not args.checkpoints:
-                raise SystemExit("--eval-only needs --checkpoints")
+            d = TrainConfig(data=args.data)
             result = evaluate_checkpoints(
-                args.data, args.checkpoints, args.recipe, args.crops, args.image_size,
-                args.width, args.workers,
+                args.data, args.checkpoints, args.recipe or d.recipe, args.crops,
+                args.image_size or d.image_size, args.width or d.width,
+                d.workers if args.workers is None else args.workers,
             )  # fmt: skip
         else:
-            fields = {f.name for f in dataclasses.fields(TrainConfig)}
-            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-            result = train(cfg)
+            out = args.resume or args.out or run_folder.default_out("imagenet")
+            result = train(cfg, out, resume=record is not None)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(json.dumps(result))
     finally:

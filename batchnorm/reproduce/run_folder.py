@@ -107,12 +107,15 @@ def git_state() -> dict:
 def command_line(argv: list[str] | None = None) -> list[str]:
     """The command as typed: ``python -m batchnorm`` for ``__main__.py``, else the program."""
     argv = list(sys.argv if argv is None else argv)
-    program = Path(argv[0]).name if argv else ""
-    if program == "__main__.py":
-        program = "python -m batchnorm"
-    elif program.endswith(".py") and Path(argv[0]).resolve().is_relative_to(_PACKAGE):
-        module = Path(argv[0]).resolve().relative_to(_PACKAGE.parent).with_suffix("")
-        program = "python -m " + ".".join(module.parts)
+    if not argv:
+        return []
+    path = Path(argv[0])
+    program = path.name
+    if path.suffix == ".py" and path.resolve().is_relative_to(_PACKAGE):
+        module = path.resolve().relative_to(_PACKAGE.parent).with_suffix("").parts
+        program = "python -m " + ".".join(module[:-1] if module[-1] == "__main__" else module)
+    elif program == "__main__.py":  # python -m <package> of another package (pytest, ...)
+        program = f"python -m {path.parent.name}"
     return [program, *argv[1:]]
 
 
@@ -255,7 +258,7 @@ def check_resume(
 
 def record_resume(run_dir: str | os.PathLike, record: dict, config: Any) -> dict:
     """Note a resume in config.json: the new settings, the command, the time; unfinished."""
-    new = dataclasses.asdict(config)
+    new = json.loads(json.dumps(dataclasses.asdict(config)))  # as config.json holds it
     changes = {k: v for k, v in new.items() if record["config"].get(k) != v}
     record = {**record, "config": new, "finished": None}
     record["resumed"] = [
@@ -302,11 +305,18 @@ def _run_folder(text: str) -> Path:
 
 
 def add_flags(
-    parser: argparse.ArgumentParser, config_class: type, flags: dict[str, Flag], experiment: str
+    parser: argparse.ArgumentParser,
+    config_class: type,
+    flags: dict[str, Flag],
+    experiment: str,
+    *,
+    check_out: bool = True,
 ) -> None:
     """Add ``flags`` (defaults shown from ``config_class``) and ``--out`` / ``--resume``.
 
     Every flag defaults to None, so `settings_from_args` knows which ones were given.
+    ``check_out``: refuse an unusable ``--out`` while parsing (`check_new`); False where
+    another process creates the folder (the other ranks of a distributed run).
     """
     defaults = {
         f.name: f.default for f in dataclasses.fields(config_class)
@@ -325,7 +335,7 @@ def add_flags(
             parser.add_argument(flag, type=spec.type, default=None, help=text)
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
-        "--out", metavar="RUN_DIR", type=_new_folder, default=None,
+        "--out", metavar="RUN_DIR", type=_new_folder if check_out else Path, default=None,
         help=f"folder of a new run; must not exist or be empty "
         f"(default: {default_out(experiment).parent}/{experiment}-<date>-<time>)",
     )  # fmt: skip

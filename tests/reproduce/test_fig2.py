@@ -6,22 +6,26 @@ import json
 
 import pytest
 
-from batchnorm.reproduce import fig2
+from batchnorm.reproduce import fig2, run_folder
 from batchnorm.reproduce.cli import main
 from batchnorm.reproduce.recipes import RECIPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+TINY = fig2.Fig2Config(
+    steps=4, eval_every=2, eval_examples=32, dataset="synthetic", width=0.0625,
+    synthetic_size=(96, 32), checkpoint_every=2,
+)  # fmt: skip
+TINY_FLAGS = ["--steps", "4", "--eval-every", "2", "--eval-examples", "32", "--dataset",
+              "synthetic", "--width", "0.0625", "--checkpoint-every", "2"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fig2")
-    cfg = fig2.Fig2Config(
-        out=str(out), steps=4, eval_every=2, eval_examples=32, dataset="synthetic",
-        width=0.0625, synthetic_size=(96, 32), checkpoint_every=2,
-    )  # fmt: skip
-    summary = fig2.run(cfg)
-    return out, cfg, summary
+    summary = fig2.run(TINY, out)
+    return out, TINY, summary
 
 
 def test_run_folder(run_dir):
@@ -31,16 +35,19 @@ def test_run_folder(run_dir):
     assert sorted(p.stem for p in (out / "checkpoints").glob("*.pt")) == sorted(RECIPES)
     assert not list(out.rglob("*.tmp*"))  # atomic writes leave no temporaries
     config = json.loads((out / "config.json").read_text())
-    assert config["config"]["steps"] == 4
-    for key in ("torch", "python", "git_revision", "platform", "torch_threads"):
-        assert key in config["environment"]
+    assert config["experiment"] == "fig2" and config["config"]["steps"] == 4
+    assert {"torch", "python", "numpy", "batchnorm"} == set(config["versions"])
+    assert {"platform", "torch_threads"} <= set(config["machine"])
+    assert {"revision", "dirty"} == set(config["git"]) and config["finished"] is not None
 
 
 def test_summary_schema(run_dir):
     out, cfg, summary = run_dir
     on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk) == {"data", "parameters", "variants", "figure3", "negative_results",
-                            "seconds"}  # fmt: skip
+                            "seconds", "seconds_last_session"}  # fmt: skip
+    seconds = sum(r["seconds"] for r in summary["variants"].values())
+    assert on_disk["seconds"] == pytest.approx(seconds) and seconds > 0
     assert list(on_disk["variants"]) == list(cfg.variants)
     for r in on_disk["variants"].values():
         assert [s for s, _ in r["curve"]] == [2, 4] or r["diverged_at"] is not None
@@ -65,16 +72,77 @@ def test_report(run_dir):
     assert "Negative results" in report and "fig2.png" in report
 
 
-def test_resume_does_not_retrain(run_dir, capsys):
-    out, _, summary = run_dir
-    argv = ["reproduce", "fig2", "--out", str(out), "--steps", "4", "--eval-every", "2",
-            "--eval-examples", "32", "--dataset", "synthetic", "--width", "0.0625",
-            "--variants", "inception,bn_x5", "--resume"]  # fmt: skip
-    assert main(argv) == 0  # every checkpoint is at step 4: nothing trains again
-    again = json.loads((out / "summary.json").read_text())
-    for key in ("inception", "bn_x5"):
-        assert again["variants"][key]["curve"] == summary["variants"][key]["curve"]
+def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch, capsys):
+    # Interrupted while training bn_x5: `--resume RUN_DIR` keeps inception's finished
+    # checkpoint, trains bn_x5, and ends with the curves of an uninterrupted run.
+    cfg = fig2.Fig2Config(**{**TINY.__dict__, "variants": ("inception", "bn_x5")})
+    full = fig2.run(cfg, tmp_path / "full")
+    train = fig2._train_variant
+
+    def interrupted(cfg, key, *args, **kwargs):
+        if key == "bn_x5":
+            raise KeyboardInterrupt
+        return train(cfg, key, *args, **kwargs)
+
+    monkeypatch.setattr(fig2, "_train_variant", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fig2.run(cfg, tmp_path / "cut")
+    monkeypatch.setattr(fig2, "_train_variant", train)
+    assert main(["reproduce", "fig2", "--resume", str(tmp_path / "cut")]) == 0
+    again = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    for key in cfg.variants:
+        assert again["variants"][key]["curve"] == full["variants"][key]["curve"]
     assert "run folder" in capsys.readouterr().out
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert len(config["resumed"]) == 1 and config["resumed"][0]["changes"] == {}
+
+
+def _refused(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "fig2", *map(str, argv)])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def test_a_run_folder_is_never_overwritten(run_dir, capsys):
+    # Defect 5 for fig2: --out naming an existing run is refused and points to --resume; a
+    # finished run is not resumed (it would only rewrite its summary), and a resumed run
+    # keeps its recorded settings.
+    out, _, _ = run_dir
+    before = _files(out)
+    err = _refused(capsys, *TINY_FLAGS, "--out", out)
+    assert "argument --out" in err and f"--resume {out}" in err
+    assert "finished" in _refused(capsys, "--resume", out)
+    err = _refused(capsys, "--resume", out, "--steps", "8")
+    assert "argument --steps" in err and "keeps its settings" in err
+    with pytest.raises(run_folder.RunFolderError, match="--resume"):
+        fig2.run(TINY, out)
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--steps", -5), ("--eval-every", 0), ("--checkpoint-every", 0), ("--threads", -1),
+    ("--eval-examples", 0), ("--eval-examples", 20000), ("--width", 0), ("--stem-stride", 3),
+    ("--horizon-epochs", 0), ("--variants", "resnet"), ("--dataset", "cifar"), ("--seed", -1),
+])  # fmt: skip
+def test_bad_flags_are_argparse_errors_before_any_work(
+    tmp_path, monkeypatch, capsys, flag, value
+):
+    # Defect 12 for fig2: every flag is checked before data is loaded or a folder made.
+    def load(cfg):
+        raise AssertionError("the run started before its flags were checked")
+
+    monkeypatch.setattr(fig2, "_load", load)
+    err = _refused(capsys, flag, value, "--out", tmp_path / "run")
+    assert f"argument {flag}: must be" in err and f"got {value!r}".replace("'", "") in (
+        err.replace("'", "")
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_figure3_table_by_hand():
@@ -102,6 +170,6 @@ def test_figure3_table_by_hand():
     assert negatives["inception_x5_diverges"]["reappears"] is True
 
 
-def test_unknown_variant(tmp_path):
-    with pytest.raises(ValueError, match="unknown variants"):
-        fig2.run(fig2.Fig2Config(out=str(tmp_path), variants=("resnet",), dataset="synthetic"))
+def test_unknown_variant():
+    with pytest.raises(run_folder.SettingError, match="variants must be a comma-separated"):
+        fig2.Fig2Config(variants=("resnet",), dataset="synthetic")

@@ -168,7 +168,8 @@ def test_training_entry_runs_and_resumes(tmp_path, monkeypatch):
     # 66 images = 2 steps of 32 per epoch; stop after 3 steps (mid-epoch 2), then resume
     assert imagenet_train.main(args + ["--max-steps", "3"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
-    assert imagenet_train.main(args + ["--resume"]) == 0
+    # the run is finished at 3 steps; --resume with a larger --max-steps trains further
+    assert imagenet_train.main(["--resume", str(out), "--max-steps", "4"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
@@ -177,6 +178,13 @@ def test_training_entry_runs_and_resumes(tmp_path, monkeypatch):
     assert validations and all(0 <= r["top1"] <= r["top5"] <= 1 for r in validations)
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 1 and config["lr0"] == pytest.approx(0.0075)
+    assert config["config"]["max_steps"] == 4 and config["finished"] is not None
+    assert [r["changes"] for r in config["resumed"]] == [{"max_steps": 4}]
+    for refused in (["--resume", str(out)], args + ["--max-steps", "5"],
+                    ["--resume", str(out), "--max-steps", "6", "--seed", "1"]):
+        with pytest.raises(SystemExit) as exit_info:  # finished; exists; settings kept
+            imagenet_train.main(refused)
+        assert exit_info.value.code == 2
     assert not torch.distributed.is_initialized()
     # evaluation of an ensemble of the same checkpoint twice, with 144 crops
     result = imagenet_train.evaluate_checkpoints(

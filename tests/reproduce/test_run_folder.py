@@ -1,0 +1,122 @@
+"""The run folder shared by every experiment: provenance, refusal, resume bookkeeping, flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import batchnorm
+from batchnorm.reproduce import run_folder
+from batchnorm.reproduce.run_folder import Flag, RunFolderError, SettingError, require
+
+PACKAGE = Path(batchnorm.__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Toy:
+    """A stand-in experiment config: one required and two checked settings."""
+
+    data: str
+    steps: int = 10
+    lr: float = 0.1
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        require(self.lr > 0, "lr", "> 0", self.lr)
+
+
+FLAGS = {"--data": Flag("data", str, "input"), "--steps": Flag("steps", int, "steps"),
+         "--lr": Flag("lr", float, "learning rate")}
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="toy")
+    run_folder.add_flags(parser, Toy, FLAGS, "toy")
+    return parser, parser.parse_args([str(a) for a in argv])
+
+
+def test_command_line_names_the_module():
+    main = str(PACKAGE / "__main__.py")
+    assert run_folder.command_line([main, "reproduce", "fig1"]) == [
+        "python -m batchnorm", "reproduce", "fig1"]
+    train = str(PACKAGE / "reproduce" / "imagenet_train.py")
+    assert run_folder.command_line([train, "--data", "x"])[0] == (
+        "python -m batchnorm.reproduce.imagenet_train")
+    assert run_folder.command_line(["/usr/bin/batchnorm", "data"]) == ["batchnorm", "data"]
+    assert run_folder.command_line(["/x/pytest/__main__.py"]) == ["python -m pytest"]
+
+
+def test_provenance_fields():
+    record = run_folder.provenance(["prog", "--flag"])
+    assert set(record) == {"versions", "machine", "git", "command", "started"}
+    assert record["versions"]["batchnorm"] == batchnorm.__version__
+    assert record["command"] == ["prog", "--flag"]
+    assert set(record["git"]) == {"revision", "dirty"}
+
+
+def test_create_refuses_what_it_would_overwrite(tmp_path):
+    record = run_folder.create(tmp_path / "a" / "b", "toy", Toy(data="d"), extra=1)
+    on_disk = json.loads((tmp_path / "a" / "b" / "config.json").read_text())
+    assert on_disk == json.loads(json.dumps(record))
+    assert on_disk["config"] == {"data": "d", "steps": 10, "lr": 0.1} and on_disk["extra"] == 1
+    with pytest.raises(RunFolderError, match="--resume"):
+        run_folder.create(tmp_path / "a" / "b", "toy", Toy(data="d"))
+    with pytest.raises(RunFolderError, match="not empty"):
+        run_folder.check_new(tmp_path / "a")
+    run_folder.check_new(tmp_path / "empty")  # absent: fine, and not created
+    assert not (tmp_path / "empty").exists()
+
+
+def test_resume_bookkeeping(tmp_path):
+    out = tmp_path / "run"
+    record = run_folder.create(out, "toy", Toy(data="d"))
+    run_folder.check_resume(out, record, done=5, target=10)  # interrupted: fine
+    record = run_folder.record_resume(out, record, Toy(data="d", steps=20))
+    assert record["resumed"][0]["changes"] == {"steps": 20} and record["finished"] is None
+    run_folder.finish(out)
+    record = run_folder.read_record(out)
+    assert record["finished"] is not None
+    with pytest.raises(RunFolderError, match="finished run: nothing to resume; more"):
+        run_folder.check_resume(out, record, done=20, target=20, hint="; more")
+    run_folder.check_resume(out, record, done=20, target=30, extends=True)
+    with pytest.raises(RunFolderError, match="cannot go back"):
+        run_folder.check_resume(out, record, done=20, target=10, extends=False)
+    with pytest.raises(RunFolderError, match="not a run folder"):
+        run_folder.read_record(tmp_path)
+
+
+def test_flags_become_the_config_or_an_argparse_error(tmp_path, capsys):
+    parser, args = _parse(["--data", "d", "--steps", 3, "--out", tmp_path / "r"])
+    config, record = run_folder.settings_from_args(parser, args, Toy, FLAGS)
+    assert config == Toy(data="d", steps=3) and record is None and args.out == tmp_path / "r"
+    for argv, message in (
+        (["--steps", 0, "--data", "d"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--lr", -1, "--data", "d"], "argument --lr: must be > 0, got -1.0"),
+        (["--steps", 3], "a new run needs --data"),
+    ):
+        parser, args = _parse(argv)
+        with pytest.raises(SystemExit) as exit_info:
+            run_folder.settings_from_args(parser, args, Toy, FLAGS)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SettingError, match="steps must be an integer >= 1, got -2"):
+        Toy(data="d", steps=-2)
+
+
+def test_resume_keeps_settings_except_those_allowed(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_folder.create(out, "toy", Toy(data="d", lr=0.5))
+    parser, args = _parse(["--resume", out, "--steps", 30, "--lr", 0.5])
+    config, record = run_folder.settings_from_args(parser, args, Toy, FLAGS, may_change={"steps"})
+    assert config == Toy(data="d", steps=30, lr=0.5) and record["config"]["lr"] == 0.5
+    parser, args = _parse(["--resume", out, "--lr", 0.25])
+    with pytest.raises(SystemExit):
+        run_folder.settings_from_args(parser, args, Toy, FLAGS, may_change={"steps"})
+    err = capsys.readouterr().err
+    assert "argument --lr: a resumed run keeps its settings" in err and "--steps may" in err
+    with pytest.raises(SystemExit):
+        _parse(["--resume", tmp_path / "nothing"])
+    assert "not a run folder" in capsys.readouterr().err
