@@ -1,10 +1,11 @@
 """batchnorm: Batch Normalization (Ioffe & Szegedy 2015) for PyTorch.
 
 Algorithm 1 lives in `batchnorm.functional`, the layers in `batchnorm.modules`, Algorithm 2's
-inference side (population statistics, freezing, folding) in `batchnorm.population`.
+inference side (recalibration, freezing, folding, conversion) in `batchnorm.inference`.
 """
 
 from batchnorm import functional
+from batchnorm.diagnose import diagnose, monitor
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.modules import (
     BatchNorm,
@@ -15,7 +16,7 @@ from batchnorm.modules import (
     BatchRenorm2d,
     BatchRenorm3d,
 )
-from batchnorm.population import (
+from batchnorm.inference import (
     FoldReport,
     FrozenBatchNorm,
     convert,
@@ -30,3 +31,4 @@ __version__ = "0.1.0"
 __all__ = ["functional", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
 __all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 __all__ += ["recalibrate", "FrozenBatchNorm", "freeze", "unfreeze", "fold", "FoldReport", "convert"]
+__all__ += ["diagnose", "monitor"]

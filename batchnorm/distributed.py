@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from batchnorm import functional as F
+from batchnorm.inference.swap import rebuild, restore, swap_modules
 from batchnorm.modules import BatchNorm, _BatchNormBase
 
 __all__ = ["SyncBatchNorm", "global_batch_stats"]
@@ -307,10 +308,14 @@ class SyncBatchNorm(_BatchNormBase):
         """Replace every BatchNorm layer in ``module`` by a SyncBatchNorm sharing its state.
 
         Converts this library's BatchNorm1d/2d/3d (and `BatchNorm` with axis 1) as well as
-        ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``. The parameters are the
-        same Parameter objects (an optimizer built before conversion still updates them); the
-        buffers, train/eval mode, eps, momentum and ``requires_grad`` carry over. The original
-        class is remembered for `revert_sync_batchnorm`.
+        ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``, through the one swap
+        utility (`batchnorm.inference.swap.rebuild`): the parameters are the same Parameter
+        objects (an optimizer built before conversion still updates them); the buffers,
+        train/eval mode, eps, momentum, backward and ``requires_grad`` carry over; a layer
+        registered at several places becomes one shared SyncBatchNorm. The original class
+        and settings are remembered for `revert_sync_batchnorm`. Layers SyncBatchNorm cannot
+        express (Ghost BN, Batch Renormalization, a channel axis other than 1, no beta) are
+        refused with the setting named, and nothing is converted.
 
         Args:
             module: a model or a single BN layer.
@@ -326,37 +331,21 @@ class SyncBatchNorm(_BatchNormBase):
             >>> type(net[1]).__name__
             'SyncBatchNorm'
         """
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-            if getattr(module, "_axis", 1) != 1:
-                raise ValueError(
-                    f"cannot convert {module}: SyncBatchNorm normalizes channel axis 1 only"
+        def fn(m):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, cls):
+                return rebuild(
+                    m, cls, remember=True, process_group=process_group, timeout=timeout
                 )
-            if getattr(module, "virtual_batch_size", None) is not None or hasattr(module, "r_max"):
-                # Ghost BN and Batch Renorm are other transforms: converting would silently
-                # turn them into plain synchronized BN.
-                raise ValueError(
-                    f"cannot convert {module}: SyncBatchNorm does not implement Ghost BN "
-                    "(virtual_batch_size) or Batch Renormalization"
-                )
-            new = cls(
-                module.num_features, module.eps, module.momentum, module.affine,
-                module.track_running_stats, process_group, timeout=timeout,
-                backward=getattr(module, "backward", "native"),
-            )  # fmt: skip
-            _move_state(module, new)
-            new._original_cls = type(module)
-            return new
-        for name, child in module.named_children():
-            converted = cls.convert_sync_batchnorm(child, process_group, timeout)
-            if converted is not child:
-                module.add_module(name, converted)
-        return module
+            return None
+
+        return swap_modules(module, fn)
 
     @classmethod
     def revert_sync_batchnorm(cls, module: nn.Module) -> nn.Module:
         """Undo `convert_sync_batchnorm`: each SyncBatchNorm becomes its original class.
 
-        A SyncBatchNorm that was built directly (not converted) becomes our `BatchNorm`
+        The original class comes back with its settings (eps and momentum as they are now);
+        a SyncBatchNorm that was built directly (not converted) becomes our `BatchNorm`
         (any rank, channel axis 1). Parameters are shared, buffers and mode carry over.
 
         Example:
@@ -364,44 +353,12 @@ class SyncBatchNorm(_BatchNormBase):
             >>> type(SyncBatchNorm.revert_sync_batchnorm(net)[0])
             <class 'torch.nn.modules.batchnorm.BatchNorm1d'>
         """
-        if isinstance(module, cls):
-            target = getattr(module, "_original_cls", BatchNorm)
-            args = (
-                module.num_features, module.eps, module.momentum, module.affine,
-                module.track_running_stats,
-            )  # fmt: skip
-            if issubclass(target, _BatchNormBase):
-                new = target(*args, backward=module.backward)
-            elif issubclass(target, nn.SyncBatchNorm):
-                new = target(*args, process_group=module.process_group)
-            else:
-                new = target(*args)
-            _move_state(module, new)
-            return new
-        for name, child in module.named_children():
-            reverted = cls.revert_sync_batchnorm(child)
-            if reverted is not child:
-                module.add_module(name, reverted)
-        return module
+        def fn(m):
+            if not isinstance(m, cls):
+                return None
+            restored = restore(m)
+            if restored is not None:
+                return restored
+            return rebuild(m, BatchNorm, drop={"process_group", "timeout"})
 
-
-@torch.no_grad()
-def _move_state(src: nn.Module, dst: nn.Module) -> None:
-    """Share src's parameters and buffers with dst; copy its mode and qconfig."""
-    # dst was built on the default device: put its own buffers (num_batches_skipped when src
-    # is torch's layer) where src's state lives before sharing that state.
-    state = next(iter(src.parameters(recurse=False)), None)
-    if state is None:
-        state = next(iter(src.buffers(recurse=False)), None)
-    if state is not None:
-        dst.to(state.device)
-    if src.affine:
-        dst.weight = src.weight
-        dst.bias = src.bias
-    for name in ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"):
-        value = getattr(src, name, None)
-        if value is not None and getattr(dst, name, None) is not None:
-            setattr(dst, name, value)
-    dst.train(src.training)
-    if hasattr(src, "qconfig"):
-        dst.qconfig = src.qconfig
+        return swap_modules(module, fn)

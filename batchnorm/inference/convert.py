@@ -1,0 +1,93 @@
+"""Sec. 3's BN layers across libraries: `convert` swaps ``torch.nn``'s BN layers and ours.
+
+Both directions go through `batchnorm.inference.swap`: the new layer shares the tensors and
+keeps every setting, or the conversion is refused with the setting named.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from batchnorm import modules as M
+from batchnorm.inference.swap import rebuild, swap_modules
+
+__all__ = ["convert"]
+
+# Settings that change how a gradient is computed or how long a collective waits, never a
+# value: converting to torch's layers (only torch's kernel, the group's own timeout) drops them.
+_TORCH_DROPS = frozenset({"backward", "timeout"})
+
+
+def _to_ours() -> dict[type, type]:
+    # Imported here: batchnorm.distributed itself imports this package's swap module.
+    from batchnorm.distributed import SyncBatchNorm
+
+    return {
+        nn.BatchNorm1d: M.BatchNorm1d,
+        nn.BatchNorm2d: M.BatchNorm2d,
+        nn.BatchNorm3d: M.BatchNorm3d,
+        nn.SyncBatchNorm: SyncBatchNorm,
+    }
+
+
+def _to_torch() -> dict[type, type]:
+    # Batch Renorm maps to torch's layer of the same rank, which has no r_max/d_max: the swap
+    # utility refuses it with those settings named, as it refuses Ghost BN.
+    pairs = {ours: torch_cls for torch_cls, ours in _to_ours().items()}
+    pairs.update(
+        {
+            M.BatchRenorm1d: nn.BatchNorm1d,
+            M.BatchRenorm2d: nn.BatchNorm2d,
+            M.BatchRenorm3d: nn.BatchNorm3d,
+        }
+    )
+    return pairs
+
+
+def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
+    """Swap every BN layer between ``torch.nn``'s and ours, in place.
+
+    ``torch.nn.BatchNorm1d/2d/3d`` <-> ``batchnorm.BatchNorm1d/2d/3d`` and
+    ``torch.nn.SyncBatchNorm`` <-> ``batchnorm.SyncBatchNorm``. The new layer holds the same
+    parameter and buffer tensors (so optimizers keep working), every setting (eps, momentum,
+    affine, track_running_stats, bias, process_group), device, dtype and train/eval mode; a
+    module registered at several places stays one shared module.
+
+    Converting to torch refuses, with the setting named and the model unchanged, what torch's
+    layers cannot express: Ghost BN (``virtual_batch_size``), Batch Renormalization
+    (``BatchRenorm1d/2d/3d``) and ``batchnorm.BatchNorm`` (a channel axis for any rank, which
+    torch has no class for). It drops ``backward="paper"`` (the same gradients by another
+    formula; torch has only its kernel) and SyncBatchNorm's ``timeout`` (torch's waits for
+    the process group's). Subclasses other than these (which may change ``forward``) and
+    `FrozenBatchNorm` are left alone in both directions.
+
+    Args:
+        model: the model (changed in place), or a single BN layer.
+        to: "batchnorm" (ours) or "torch".
+
+    Returns:
+        ``model`` (a new module only when ``model`` itself is a BN layer).
+
+    Raises:
+        ValueError: ``to`` is unknown, or a layer cannot be expressed by the target library.
+
+    Example:
+        >>> net = convert(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)), to="batchnorm")
+        >>> type(net[1]).__module__
+        'batchnorm.modules'
+    """
+    if to not in ("batchnorm", "torch"):
+        raise ValueError(f"to must be 'batchnorm' or 'torch', got {to!r}")
+    mapping = _to_ours() if to == "batchnorm" else _to_torch()
+    drop = _TORCH_DROPS if to == "torch" else ()
+
+    def fn(m):
+        if to == "torch" and type(m) is M.BatchNorm:
+            raise ValueError(
+                f"cannot convert {m} to torch: torch.nn has no BN layer for a channel axis of "
+                "any rank; build batchnorm.BatchNorm1d/2d/3d instead"
+            )
+        target = mapping.get(type(m))
+        return None if target is None else rebuild(m, target, drop=drop)
+
+    return swap_modules(model, fn)
