@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,reproduce]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -20,7 +20,7 @@ fig2: $(STAMP)
 	$(PY) -m batchnorm reproduce fig2
 
 test: $(STAMP)
-	$(PY) -m ruff check batchnorm tests benchmarks
+	$(PY) -m ruff check batchnorm tests benchmarks scripts
 	$(PY) -m pytest
 
 bench: $(STAMP)
