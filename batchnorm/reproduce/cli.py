@@ -1,10 +1,18 @@
-"""The `batchnorm` command line: parses flags at the edge and hands them to experiments and data."""
+"""The `batchnorm` command line: `batchnorm data ...` and `batchnorm reproduce <figure>`.
+
+Flags are parsed at the edge and handed to the data module and the experiments; every
+experiment takes ``--out RUN_DIR`` (a new run) or ``--resume RUN_DIR`` (see `run_folder`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+
+# What the command line needs beyond the library: the `reproduce` extra of pyproject.toml.
+_EXTRA = {"numpy": "numpy", "matplotlib": "matplotlib", "PIL": "pillow"}
 
 # Each entry: (subcommand path, module that provides `add_cli(parser)`).
 # `add_cli` adds the module's flags and calls `parser.set_defaults(func=...)`; `func(args)`
@@ -37,7 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_extra() -> None:
+    # A library-only install (`pip install batchnorm`) has no numpy/matplotlib/Pillow: say
+    # so before anything runs, rather than fail with a traceback (or, for the plot, after
+    # training).
+    missing = [package for module, package in _EXTRA.items() if _absent(module)]
+    if missing:
+        sys.exit(
+            f"batchnorm: the command line needs the reproduce extra ({', '.join(missing)} "
+            "missing): pip install 'batchnorm[reproduce]'"
+        )
+
+
+def _absent(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ValueError:  # in sys.modules without a spec
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    _check_extra()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

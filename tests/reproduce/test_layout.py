@@ -73,3 +73,14 @@ def test_dependencies_split_into_library_and_reproduce():
               for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
     assert names(project["optional-dependencies"]["reproduce"]) <= pinned
     assert '".[dev,reproduce]"' in (ROOT / "Makefile").read_text()
+
+
+def test_command_line_without_the_extra_names_it():
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from batchnorm.reproduce.cli import main\n"
+            "main(['data', 'info'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 1
+    assert "reproduce extra (matplotlib missing)" in done.stderr
+    assert "pip install 'batchnorm[reproduce]'" in done.stderr
