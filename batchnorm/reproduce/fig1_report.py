@@ -21,7 +21,7 @@ __all__ = ["NETS", "PAPER_ACCURACY", "PAPER_STEPS_TO", "WITHIN", "CHECK_FROM", "
 
 NETS = ("baseline", "bn")
 
-# Figure 1(a), read off the paper's figure (PAPER.md, Sec. 2): step -> (without BN, with BN).
+# Figure 1(a), read off the paper's figure: step -> (without BN, with BN).
 PAPER_ACCURACY = {
     5000: (0.787, 0.956),
     7500: (0.906, 0.965),
