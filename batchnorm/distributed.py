@@ -25,6 +25,7 @@ import datetime
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from batchnorm import functional as F
 from batchnorm.inference.swap import rebuild, restore, swap_modules
@@ -71,18 +72,24 @@ def _collective(op: str, fn, group, timeout: datetime.timedelta | None) -> None:
         ) from err
 
 
-def _local_moments(input: Tensor) -> tuple[int, Tensor, Tensor]:
-    """This rank's n, mu and M2 = n * sigma2_B per channel (axis 1), from `F.batch_stats`."""
-    n = F._values_per_channel(input, 1)
+def _local_moments(input: Tensor, mask: Tensor | None) -> tuple[int, Tensor, Tensor]:
+    """This rank's n, mu and M2 = n * sigma2_B per channel (axis 1), from `F.batch_stats`.
+
+    With a mask, n counts (and the moments cover) the selected positions only."""
+    input = input.detach()  # the statistics enter _SyncBatchNormFunction as constants
+    n = F._values_per_channel(input, 1) if mask is None else int(mask.sum().item())
     if n == 0:  # the mean of nothing is NaN; an empty rank contributes count 0 instead
         zeros = torch.zeros(input.shape[1], dtype=F._stats_dtype(input), device=input.device)
         return 0, zeros, zeros.clone()
-    mean, var, _ = F.batch_stats(input, 1)
+    mean, var, _ = F.batch_stats(input, 1, mask)
     return n, mean, var * n
 
 
 def global_batch_stats(
-    input: Tensor, group=None, timeout: float | datetime.timedelta | None = None
+    input: Tensor,
+    group=None,
+    timeout: float | datetime.timedelta | None = None,
+    mask: Tensor | None = None,
 ) -> F.BatchStats:
     """mu_B and the biased sigma2_B over the union of every rank's batch, channel axis 1.
 
@@ -95,6 +102,8 @@ def global_batch_stats(
         input: (N, C, *) local batch; N may be 0.
         group: the process group (None: the default group).
         timeout: seconds (or a timedelta) to wait for the other ranks; None uses the group's.
+        mask: optional bool tensor of the input's shape without axis 1: only True positions
+            enter the statistics (see `batchnorm.functional.batch_stats`).
 
     Returns:
         BatchStats(mean (C,), var (C,), count N) with mean and var in float32 (float64 for
@@ -103,7 +112,7 @@ def global_batch_stats(
         (exact integers up to 2^53), the same on every rank: turning it into a Python int
         would make an accelerator wait for the collective.
     """
-    n, mean, m2 = _local_moments(input)
+    n, mean, m2 = _local_moments(input, mask)
     stats_dtype = mean.dtype
     # One message per rank: [n, mu_1..mu_C, M2_1..M2_C]. float64 counts stay exact past 2^24
     # values per channel (a large 3D batch), where float32 would round them.
@@ -120,7 +129,7 @@ def global_batch_stats(
     c = mean.numel()
     counts, means, m2s = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]  # (W,1),(W,C),(W,C)
     # total: () float64, on the input's device, never read back here. With N = 0 the
-    # merge gives NaN; the caller raises before using it.
+    # merge gives NaN; the caller checks N before using it.
     total, global_mean, global_m2 = F.merge_stats(counts, means, m2s)
     return F.BatchStats(global_mean.to(stats_dtype), (global_m2 / total).to(stats_dtype), total)
 
@@ -128,8 +137,9 @@ def global_batch_stats(
 class _SyncBatchNormFunction(torch.autograd.Function):
     """y = gamma * xhat + beta with given global statistics; backward all-reduces its two sums.
 
-    Forward uses `batchnorm.functional.normalize`. Backward is `BatchNormFunction`'s compact
-    form with m = N, the global count, and the two per-channel sums taken over ALL ranks:
+    Forward uses `batchnorm.functional.normalize`. Backward is the library's one gradient
+    helper, `batchnorm.functional.batch_norm_backward`, with m = N, the global count, and the
+    two per-channel sums taken over ALL ranks:
 
         dl/dx = gamma / (N s) * (N dl/dy - sum_all dl/dy - xhat * sum_all(dl/dy * xhat))
 
@@ -138,55 +148,59 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     rank's LOCAL sums, as in ``torch.nn.SyncBatchNorm``: summed over ranks they are the
     single-process gradients of sum_r loss_r, and DistributedDataParallel's averaging of
     them (1/W sum_r) is consistent with the averaging it applies to every other parameter.
+    With a mask, padding is normalized with the same statistics and adds nothing to the sums
+    (as in the single-process masked transform). Differentiable once: a double backward
+    raises instead of silently dropping the statistics' dependence on x.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, mean, var, count, eps, group, timeout):  # noqa: D102
+    def forward(ctx, input, weight, bias, mean, var, count, eps, group, timeout, mask):  # noqa: D102
         invstd = torch.rsqrt(var + eps)
         output = F.normalize(input, mean, var, weight, bias, eps, 1)
-        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_backward(input, weight, mean, invstd, mask)
         ctx.count, ctx.group, ctx.timeout = count, group, timeout
         ctx.has_bias = bias is not None
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):  # noqa: D102
-        input, weight, mean, invstd = ctx.saved_tensors
+        input, weight, mean, invstd, mask = ctx.saved_tensors
         dims = F._reduce_dims(input, 1)
         dtype = invstd.dtype
-        dy = grad_output.to(dtype)
-        # Arranged so that only two full-size tensors are allocated (xhat, then dy * xhat,
-        # reused for dl/dx) and the rest is (C,)-sized arithmetic: on the CPU, passes over
-        # memory, not flops, are what a BN layer costs.
-        xhat = input.to(dtype) * F._per_channel(invstd, input, 1)
+        invstd_c = F._per_channel(invstd, input, 1)
+        xhat = input.to(dtype) * invstd_c
         xhat.add_(F._per_channel(-mean * invstd, input, 1))  # as `normalize` computes it
-        sum_dy = dy.sum(dims)  # (N, C, *) -> (C,); zeros for an empty batch
-        buffer = dy * xhat
-        sum_dy_xhat = buffer.sum(dims)  # (C,)
-        grad_input = grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = sum_dy_xhat.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(grad_output.dtype if weight is None else weight.dtype)
-        if ctx.needs_input_grad[0]:
+
+        def all_reduce(sums):
             # The same on every rank (same model, same requires_grad), so every rank joins.
-            sums = torch.cat([sum_dy, sum_dy_xhat])
             _collective(
                 "all_reduce of gradient sums",
                 lambda async_op: dist.all_reduce(sums, group=ctx.group, async_op=async_op),
                 ctx.group,
                 ctx.timeout,
             )
-            c = sum_dy.numel()
-            gamma = weight.to(dtype) if weight is not None else torch.ones_like(invstd)
-            k = gamma * invstd  # dl/dx = k * (dy - mean_all(dy) - xhat * mean_all(dy * xhat))
-            shift = -k * sums[:c] / ctx.count
-            slope = -k * sums[c:] / ctx.count
-            grad_input = torch.mul(dy, F._per_channel(k, input, 1), out=buffer)
-            grad_input.add_(F._per_channel(shift, input, 1))
-            grad_input.addcmul_(xhat, F._per_channel(slope, input, 1))
+
+        grad_input, grad_gamma, grad_beta = F.batch_norm_backward(
+            grad_output.to(dtype),
+            xhat,
+            invstd_c,
+            None if weight is None else F._per_channel(weight.to(dtype), input, 1),
+            dims,
+            count=ctx.count,
+            mask=None if mask is None else mask.unsqueeze(1),
+            all_reduce=all_reduce,
+            input_grad=ctx.needs_input_grad[0],
+        )
+        grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = grad_gamma.reshape(-1).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dtype = grad_output.dtype if weight is None else weight.dtype
+            grad_bias = grad_beta.reshape(-1).to(dtype)
+        if grad_input is not None:
             grad_input = grad_input.to(input.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNormBase):
@@ -202,7 +216,9 @@ class SyncBatchNorm(_BatchNormBase):
     - statistics are merged over all ranks, count-weighted: uneven and empty (N = 0) local
       batches are fine, but every rank must call forward and backward of every SyncBatchNorm
       layer (a rank that skips one leaves the others waiting until the timeout);
-    - fewer than 2 values per channel over ALL ranks raises ValueError on every rank;
+    - fewer than 2 values per channel over ALL ranks raises ValueError on every rank (none
+      at all: an empty output, nothing committed);
+    - ``forward(input, mask=...)`` keeps padding out of the statistics of every rank;
     - running statistics move towards the global mean and the unbiased global variance,
       identically on every rank; a non-finite value on any rank makes the global statistics
       non-finite, so every rank skips the update (``num_batches_skipped``);
@@ -210,8 +226,10 @@ class SyncBatchNorm(_BatchNormBase):
       the loss sum_r loss_r); gamma/beta gradients are local sums, see
       `_SyncBatchNormFunction`.
 
-    In eval mode, without an initialized process group or with world size 1 it is exactly
-    our `BatchNorm` (channel axis 1): no communication.
+    It is a transform step (`_transform`) under the base layer's one forward, which checks
+    the input and commits the running statistics. In eval mode, without an initialized
+    process group or with world size 1 it is exactly our `BatchNorm` (channel axis 1): no
+    communication.
 
     A dead rank: the collective fails with a RuntimeError naming the layer's operation
     instead of hanging, at once if the peer's connection closed, else after ``timeout``
@@ -259,14 +277,17 @@ class SyncBatchNorm(_BatchNormBase):
         self.process_group = process_group
         self.timeout = timeout
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _transform(self, input: Tensor, mask: Tensor | None):
+        # The transform step over every rank; the base layer's forward validates and commits.
         if not self.training or _group_size(self.process_group) == 1:
-            return super().forward(input)
-        self._check_input_dim(input)
-        stats = global_batch_stats(input, self.process_group, self.timeout)
+            return super()._transform(input, mask)
+        stats = global_batch_stats(input, self.process_group, self.timeout, mask)
         # N >= n: only a rank with at most one local value needs to read N back (a device
-        # sync). If N <= 1 every rank has n <= 1, so every rank reads it and raises together.
-        if F._values_per_channel(input, 1) <= 1 and int(stats.count) <= 1:
+        # sync). If N <= 1 every rank has n <= 1, so every rank reads it and acts together.
+        local = F._values_per_channel(input, 1) if mask is None else int(mask.sum().item())
+        if local <= 1 and int(stats.count) <= 1:
+            if int(stats.count) == 0:  # every rank's batch is empty: nothing to normalize by
+                return F._empty_output(input, self.weight, self.bias, 1), None
             raise ValueError(
                 "Expected more than 1 value per channel when training, got "
                 f"{int(stats.count)} over all {dist.get_world_size(self.process_group)} ranks "
@@ -275,21 +296,9 @@ class SyncBatchNorm(_BatchNormBase):
             )
         output = _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, stats.mean, stats.var, stats.count, self.eps,
-            self.process_group, _as_timedelta(self.timeout),
+            self.process_group, _as_timedelta(self.timeout), mask,
         )  # fmt: skip
-        if self.track_running_stats:
-            self._update_running_stats(stats)
-        return output
-
-    @torch.no_grad()
-    def _update_running_stats(self, stats: F.BatchStats) -> None:
-        # The core's update and non-finite guard, and the base layer's write-back.
-        self._write_back(
-            F.tracked_output(
-                None, self.running_mean, self.running_var, stats.mean, stats.var, stats.count,
-                self._momentum(),
-            )
-        )  # fmt: skip
+        return output, stats
 
     def _settings(self) -> dict:
         # Only what this constructor takes: no bias=False, no Ghost BN.

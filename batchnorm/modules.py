@@ -1,12 +1,15 @@
-"""Drop-in BN layers (Sec. 3, 3.2): BatchNorm1d/2d/3d, and BatchNorm for any channel axis.
+"""Drop-in BN layers (Sec. 3, 3.2): BatchNorm1d/2d/3d, BatchNorm for any channel axis, and
+Batch Renormalization; one forward for all of them (validate -> transform -> commit).
 
-The layers own gamma/beta and the running buffers and write back what the pure core in
-`batchnorm.functional` returns; every statistical convention is stated once, in that
-module's docstring. They subclass torch's `_BatchNorm`, so names, defaults, state_dict keys,
-checkpoint migration and ``isinstance`` checks of torch's tooling carry over unchanged.
+The layers own gamma/beta and the running buffers; every statistical convention is stated
+once, in `batchnorm.functional`'s docstring. They subclass torch's `_BatchNorm`, so names,
+defaults, state_dict keys, checkpoint migration and ``isinstance`` checks of torch's tooling
+carry over unchanged.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -24,18 +27,51 @@ __all__ = [
 ]
 
 
+def _host_readable(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` back to Python is free: eager mode on the CPU.
+
+    On accelerators it would synchronize; under torch.compile it would break the graph;
+    under torch.func transforms it is not allowed. There the commit selects with
+    `torch.where` instead of branching."""
+    return (
+        t.is_cpu
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
 class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
-    """Shared forward of every BN layer; subclasses only say which input ranks they accept.
+    """The one forward of every BN layer here: validate -> transform -> commit.
+
+    - validate (`_check_input_dim`): rank, dtype, channel count, eps and mask, with errors
+      that name the layer, what it expected and what came;
+    - transform (`_transform`, the one step a subclass replaces): the output and the batch
+      statistics (`batchnorm.functional.BatchStats`), or None when nothing is to be
+      committed (an empty batch);
+    - commit (`_commit`): the guarded running-statistics update (momentum, momentum=None's
+      cumulative 1/k, Algorithm 2's m/(m-1), the non-finite guard) written in place into
+      the buffers, with the counters ``num_batches_tracked`` and ``num_batches_skipped``.
+      It is the layer's only write to its state.
+
+    In eval mode with running statistics, forward is Algorithm 2's fixed map, for every
+    layer (a mask is checked, then ignored). A fused kernel may do transform and commit in
+    one call and must leave the same state: for the native backward without mask or Ghost
+    BN that is torch's own kernel (`_forward_fused`), the fast path on the CPU.
 
     Beyond torch's module: a batch with non-finite statistics never reaches the running
     statistics (the update is skipped and counted in ``num_batches_skipped``, a buffer that is
-    not saved in the state_dict so checkpoints stay interchangeable with torch's); errors name
-    the layer's expected and received shapes; ``backward="paper"`` selects the paper's
+    not saved in the state_dict so checkpoints stay interchangeable with torch's); an empty
+    batch (N = 0) moves nothing, counters included; ``backward="paper"`` selects the paper's
     backward pass; `inference_affine` exposes Algorithm 2's per-channel scale and shift.
     """
 
     _ranks: tuple[int, ...] = ()  # accepted input ranks; empty means any rank >= 2
     _axis: int = 1
+    _fusable: bool = True  # the transform is the base one, so torch's kernel may replace it
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fusable = cls._transform is _BatchNormBase._transform
 
     def __init__(
         self,
@@ -51,12 +87,16 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         backward: str = "native",
         virtual_batch_size: int | None = None,
     ) -> None:
+        if not eps >= 0:  # never valid; eps = 0 is torch's "eval only" (checked in forward)
+            raise ValueError(f"eps must be positive, got {eps}")
+        if backward not in ("native", "paper"):
+            raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
+        if virtual_batch_size is not None:
+            F._check_virtual_batch_size(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
             # torch >= 2.13's ``bias=False``: gamma without beta (older torch lacks the flag).
             self.register_parameter("bias", None)
-        if backward not in ("native", "paper"):
-            raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
         self.backward = backward
         self.virtual_batch_size = virtual_batch_size  # Ghost BN; see functional.batch_norm
         self.register_buffer(
@@ -65,87 +105,178 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             persistent=False,
         )
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if self._ranks and input.dim() not in self._ranks:
-            expected = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(
-                f"{type(self).__name__} expected {expected} input, got {input.dim()}D input "
-                f"of shape {tuple(input.shape)}"
-            )
-        if input.dim() < 2:
-            raise ValueError(
-                f"{type(self).__name__} expected input of at least 2 dimensions (N, C, ...), "
-                f"got shape {tuple(input.shape)}"
-            )
-        if not (input.is_floating_point()):
-            raise TypeError(
-                f"{type(self).__name__} expected a floating-point input, got {input.dtype}"
-            )
-        channels = input.shape[self._axis]
-        if channels != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
-                f"channels on axis {self._axis}, got {channels} (input shape {tuple(input.shape)})"
-            )
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        # None while torch's constructor runs (it resets before this buffer exists).
+        skipped = self._buffers.get("num_batches_skipped")
+        if skipped is not None:
+            skipped.zero_()
+
+    # ----------------------------------------------------------------------------------------
+    # validate -> transform -> commit
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, the input's shape without the channel axis)
         keeps padded positions out of the batch statistics in training."""
-        self._check_input_dim(input)
-        training = self.training
-        tracking = training and self.track_running_stats
+        self._check_input_dim(input, mask)
+        running_mean = self.running_mean
+        if not self.training and running_mean is not None:
+            return F.batch_norm_inference(
+                input, running_mean, self.running_var, self.weight, self.bias, self.eps,
+                axis=self._axis, backward=self.backward,
+            )  # fmt: skip
+        commit = self.training and self.track_running_stats
+        if (
+            commit
+            and mask is None
+            and self._fusable
+            and self.backward == "native"
+            and self.virtual_batch_size is None
+        ):
+            output = self._forward_fused(input, running_mean)
+            if output is not None:
+                return output
+        output, stats = self._transform(input, mask)
+        if commit and stats is not None:
+            self._commit(stats)
+        return output
+
+    def _check_input_dim(self, input: Tensor, mask: Tensor | None = None) -> None:
+        dim = input.dim()
+        if self._ranks:
+            if dim not in self._ranks:
+                expected = " or ".join(f"{r}D" for r in self._ranks)
+                raise ValueError(
+                    f"{type(self).__name__} expected {expected} input, got {dim}D input "
+                    f"of shape {tuple(input.shape)}"
+                )
+        elif dim < 2:
+            raise ValueError(
+                f"{type(self).__name__} expected input of at least 2 dimensions (N, C, ...), "
+                f"got shape {tuple(input.shape)}"
+            )
+        axis = self._axis
+        if not -dim <= axis < dim:
+            raise ValueError(
+                f"{type(self).__name__} normalizes channel axis {axis}, which input of shape "
+                f"{tuple(input.shape)} does not have"
+            )
+        if not input.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} expected a floating-point input, got {input.dtype}"
+            )
+        if input.shape[axis] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
+                f"channels on axis {axis}, got {input.shape[axis]} (input shape "
+                f"{tuple(input.shape)})"
+            )
+        if not self.eps > 0:
+            F._check_eps(self.eps, self.training or self.running_mean is None)
+        if mask is not None:
+            F._check_mask(mask, input, axis % dim)
+
+    def _transform(self, input: Tensor, mask: Tensor | None):
+        """The transform step: (output, BatchStats or None), Algorithm 1 by default.
+
+        The one step a subclass replaces (Batch Renorm, SyncBatchNorm); called in training,
+        and in eval mode for a layer without running statistics.
+        """
+        return F.batch_norm_transform(
+            input, self.weight, self.bias, self.eps, axis=self._axis, backward=self.backward,
+            mask=mask, virtual_batch_size=self.virtual_batch_size,
+            stats=self.training and self.track_running_stats,
+        )  # fmt: skip
+
+    def _momentum(self, readable: bool) -> float | Tensor:
+        if self.momentum is not None:
+            return self.momentum
+        # Cumulative average: the k-th tracked batch gets weight 1/k (Algorithm 2's E_B). A
+        # tensor unless reading k back is free, so that torch.compile keeps it in the graph
+        # instead of specializing (and recompiling) on every new k.
+        k = self.num_batches_tracked
+        if readable:
+            return 1.0 / (k.item() + 1)
+        return (k + 1).to(self.running_mean.dtype).reciprocal()
+
+    def _commit(self, stats: F.BatchStats) -> None:
+        """The commit step: move the running statistics towards ``stats``, in place, guarded.
+
+        The rule is `F.running_stats_step` (momentum, m/(m-1)); a batch whose step is not
+        finite leaves the buffers alone and counts in ``num_batches_skipped``, one that is
+        counts in ``num_batches_tracked``. On the CPU in eager mode the guard is read back and
+        branches; elsewhere it selects with `torch.where` and adds the 0-d bool ``updated`` to
+        the counters, so nothing synchronizes or breaks a compiled graph.
+        """
         running_mean, running_var = self.running_mean, self.running_var
-        use_running = not training or self.track_running_stats
-        result = self._transform(
-            input,
-            running_mean if use_running else None,
-            running_var if use_running else None,
-            training or running_mean is None,
-            self._momentum() if tracking else 0.0,
-            mask,
-        )
-        if tracking and result.updated is not None:
-            self._write_back(result)
-        return result.output
-
-    def _momentum(self) -> float:
-        if self.momentum is None:
-            # Cumulative average: the k-th batch gets weight 1/k (Algorithm 2's E_B).
-            return 1.0 / (float(self.num_batches_tracked) + 1.0)
-        return self.momentum
-
-    def _write_back(self, result: F.BatchNormOutput) -> None:
-        # The new statistics carry no autograd history (the kernel and the paper path both
-        # hand them back detached), so plain copies suffice.
-        updated = result.updated
-        if updated is False:
-            self.num_batches_skipped.add_(1)
+        readable = _host_readable(running_var)
+        momentum = self._momentum(readable)
+        if readable:
+            new_mean, new_var = F.running_stats_step(running_mean, running_var, stats, momentum)
+            if math.isfinite(new_var.max().item()):
+                torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+                self.num_batches_tracked.add_(1)
+            else:
+                self.num_batches_skipped.add_(1)
             return
-        torch._foreach_copy_(
-            [self.running_mean, self.running_var], [result.running_mean, result.running_var]
+        new_mean, new_var, updated = F.update_running_stats(
+            running_mean, running_var, stats, momentum
         )
-        if updated is True:
-            self.num_batches_tracked.add_(1)
-        else:  # a tensor: select without synchronizing
-            self.num_batches_tracked.add_(updated)
-            self.num_batches_skipped.add_(~updated)
+        torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+        self._count(updated)
 
-    def _transform(self, input, running_mean, running_var, training, momentum, mask):
-        # The functional core this layer applies; the write-back above is shared.
-        return F.batch_norm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            training,
-            momentum,
-            self.eps,
-            axis=self._axis,
-            backward=self.backward,
-            mask=mask,
-            virtual_batch_size=self.virtual_batch_size,
-        )
+    def _count(self, updated: Tensor) -> None:
+        self.num_batches_tracked.add_(updated)
+        self.num_batches_skipped.add_(~updated)
+
+    def _forward_fused(self, input: Tensor, running_mean: Tensor) -> Tensor | None:
+        """Transform and commit in one call of torch's kernel: the native path's fast case.
+
+        torch's kernel normalizes with the batch statistics and applies the same rule as
+        `F.running_stats_step` to the buffers in place. The guard then runs after it: a copy
+        of the two buffers taken before (one (2C,) cat) restores them if the new variance is
+        not finite. Returns None where this path does not apply (empty or one-value batches,
+        which the transform reports; momentum=None where 1/k must stay a tensor).
+
+        Operations beyond torch.nn's forward (benchmarks/bench_bn.py counts them): the
+        backup ``cat``, and the guard's ``max`` with its read-back (``_local_scalar_dense``);
+        ``momentum=None`` reads k back (one more ``_local_scalar_dense``). Off the eager CPU
+        the guard is ``isfinite``, ``all``, two ``where``, a copy and the counters' adds.
+        """
+        axis = self._axis
+        channels = input.shape[axis]
+        if channels == 0 or input.numel() // channels < 2:
+            return None
+        running_var = self.running_var
+        readable = _host_readable(running_var)
+        momentum = self._momentum(readable)
+        if not isinstance(momentum, float):
+            return None
+        backup = torch.cat((running_mean, running_var))
+        x = input if axis == 1 else input.movedim(axis, 1)
+        output = torch.batch_norm(
+            x, self.weight, self.bias, running_mean, running_var, True, momentum, self.eps,
+            torch._C._get_cudnn_enabled(),
+        )  # fmt: skip
+        if readable:
+            if math.isfinite(running_var.max().item()):
+                self.num_batches_tracked.add_(1)
+            else:
+                old_mean, old_var = backup.chunk(2)
+                torch._foreach_copy_([running_mean, running_var], [old_mean, old_var])
+                self.num_batches_skipped.add_(1)
+        else:
+            updated = F.all_finite(running_var)
+            old_mean, old_var = backup.chunk(2)
+            kept = [
+                torch.where(updated, running_mean, old_mean),
+                torch.where(updated, running_var, old_var),
+            ]
+            torch._foreach_copy_([running_mean, running_var], kept)
+            self._count(updated)
+        return output if axis == 1 else output.movedim(1, axis)
+
+    # ----------------------------------------------------------------------------------------
 
     def inference_affine(self) -> tuple[Tensor, Tensor]:
         """Algorithm 2, step 3: the per-channel (scale, shift) this layer applies in eval mode.
@@ -262,10 +393,13 @@ class BatchNorm(_BatchNormBase):
 class _BatchRenormMixin:
     """Batch Renormalization (Ioffe 2017) on top of a BN layer: see `F.batch_renorm`.
 
-    ``r_max`` and ``d_max`` are plain attributes, so a training loop can follow the paper's
-    schedule: ``layer.r_max, layer.d_max = F.renorm_limits(step)``. Buffers, state_dict and
-    the eval-mode map are BN's (`inference_affine`, folding and export apply unchanged).
-    Defaults follow the paper: momentum 0.01, r_max 3, d_max 5.
+    Only the transform differs from BN (`F.batch_renorm_transform`: BN with gamma r and
+    beta + gamma d, r and d constant in backprop), so ``backward="paper"`` and "native" both
+    apply. ``r_max`` and ``d_max`` are plain attributes, so a training loop can follow the
+    paper's schedule: ``layer.r_max, layer.d_max = F.renorm_limits(step)``. Buffers,
+    state_dict and the eval-mode map are BN's (`inference_affine`, folding and export apply
+    unchanged; a mask is ignored in eval mode as BN ignores it). Defaults follow the paper:
+    momentum 0.01, r_max 3, d_max 5.
     """
 
     def __init__(
@@ -278,6 +412,12 @@ class _BatchRenormMixin:
         d_max: float = 5.0,
         **kwargs,
     ) -> None:
+        if kwargs.get("virtual_batch_size") is not None:
+            raise ValueError(
+                "Batch Renormalization does not implement Ghost BN: virtual_batch_size must be "
+                f"None, got {kwargs['virtual_batch_size']!r}"
+            )
+        F._check_renorm_limits(r_max, d_max)
         super().__init__(num_features, eps, momentum, *args, **kwargs)
         if not self.track_running_stats:
             raise ValueError(
@@ -288,22 +428,17 @@ class _BatchRenormMixin:
             raise ValueError("Batch Renormalization needs a momentum (the paper uses 0.01)")
         self.r_max, self.d_max = r_max, d_max
 
-    def _transform(self, input, running_mean, running_var, training, momentum, mask):
-        if mask is not None or self.virtual_batch_size is not None:
-            raise ValueError("Batch Renormalization takes neither mask nor virtual_batch_size")
-        return F.batch_renorm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            training,
-            momentum,
-            self.eps,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            axis=self._axis,
-        )
+    def _transform(self, input, mask):
+        if mask is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes no mask in training (Batch Renormalization "
+                "corrects full-batch statistics); a mask is accepted and ignored in eval mode"
+            )
+        F._check_renorm_limits(self.r_max, self.d_max)
+        return F.batch_renorm_transform(
+            input, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+            r_max=self.r_max, d_max=self.d_max, axis=self._axis, backward=self.backward,
+        )  # fmt: skip
 
     def _settings(self) -> dict:
         return {**super()._settings(), "r_max": self.r_max, "d_max": self.d_max}

@@ -210,7 +210,8 @@ def test_scale_invariance_section_3_3(a):
     u = torch.randn(32, 10, dtype=torch.float64)
     w = torch.randn(10, 5, dtype=torch.float64)
     target = torch.randn(32, 5, dtype=torch.float64)
-    bn = batchnorm.BatchNorm1d(5, eps=0.0, dtype=torch.float64)  # the identity is exact at eps=0
+    # The identity is exact at eps = 0, which training refuses (as torch): the smallest eps.
+    bn = batchnorm.BatchNorm1d(5, eps=torch.finfo(torch.float64).tiny, dtype=torch.float64)
 
     def loss_and_grad(weight):
         weight = weight.clone().requires_grad_()
