@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from batchnorm.reproduce import run_folder
 from batchnorm.reproduce.models.mlp import MLP, SIZES, StackedMLP
 
 N_TRAIN, BATCH, LR = 60_000, 60, 0.5
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} steps")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{threads} torch threads")
-    print("command: .venv/bin/python " + " ".join(sys.argv))
+    git = run_folder.git_state()
+    print(f"git {git['revision']}{' (dirty)' if git['dirty'] else ''}; "
+          "command: .venv/bin/python " + " ".join(sys.argv))
     print()
     print("| what | idiomatic eager | ours | speed-up |")
     print("|---|---|---|---|")
