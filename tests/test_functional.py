@@ -433,3 +433,145 @@ def test_merge_stats_of_parts_equals_stats_of_the_union():
     assert total.item() == 37
     torch.testing.assert_close(mean, x.mean(0))
     torch.testing.assert_close(m2 / 37, x.var(0, correction=0))
+
+
+# ------------------------------------------------------------------------------------------
+# Regressions of issue 8 (defects 1, 2, 8, 9) and the one type of ``updated``.
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_paper_backward_is_twice_differentiable(affine):
+    # Defect 1: the second derivative must include the statistics' dependence on x.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 2, dtype=torch.float64, generator=g).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64, generator=g) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(3, dtype=torch.float64, generator=g).requires_grad_() if affine else None
+
+    def f(x, w, b):
+        return F.batch_norm(x, None, None, w, b, True, backward="paper").output
+
+    inputs = (x, w, b) if affine else (x,)
+    assert torch.autograd.gradgradcheck(lambda *a: f(*a, *([None, None] * (not affine))), inputs)
+    # The same second derivative as torch's kernel (the native path).
+    grads = {}
+    for backward in BACKWARDS:
+        y = F.batch_norm(x, None, None, w, b, True, backward=backward).output
+        (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+        grads[backward] = torch.autograd.grad(gx.sum(), [t for t in inputs])
+    for a, c in zip(grads["paper"], grads["native"]):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 1e30])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_masked_out_values_never_enter_the_statistics(bad, axis):
+    # Defect 2: whatever padding holds (NaN, Inf, 1e30) changes neither the valid outputs,
+    # nor the running statistics, nor the gradients of a loss on the valid outputs.
+    g = torch.Generator().manual_seed(0)
+    n, length, c = 4, 6, 3
+    mask = torch.arange(length)[None, :] < torch.tensor([6, 2, 4, 1])[:, None]  # (N, L)
+    x = torch.randn(n, length, c, generator=g) * 2 + 1  # (N, L, C)
+    x[~mask] = bad
+    w = (torch.rand(c, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(c, generator=g).requires_grad_()
+    xin = (x if axis == -1 else x.transpose(1, 2)).clone().requires_grad_()
+    rm, rv = torch.zeros(c), torch.ones(c)
+    out = F.batch_norm(xin, rm, rv, w, b, True, 0.5, axis=axis, mask=mask)
+    y = out.output if axis == -1 else out.output.transpose(1, 2)
+    xv = x[mask].clone().requires_grad_()
+    w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = F.batch_norm(xv, rm, rv, w2, b2, True, 0.5)  # BN of the valid positions alone
+    torch.testing.assert_close(y[mask], ref.output)
+    assert bool(out.updated)
+    torch.testing.assert_close(out.running_mean, ref.running_mean)
+    torch.testing.assert_close(out.running_var, ref.running_var)
+    gy = torch.randn(ref.output.shape, generator=g)
+    (y[mask] * gy).sum().backward()
+    (ref.output * gy).sum().backward()
+    gx = xin.grad if axis == -1 else xin.grad.transpose(1, 2)
+    torch.testing.assert_close(gx[mask], xv.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+    assert torch.all(gx[~mask] == 0)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"axis": -1}, {"virtual_batch_size": 2}], ids=["bn", "axis-1", "ghost"]
+)
+def test_empty_batch_gives_empty_output_and_moves_nothing(backward, kwargs):
+    # Defect 8: N = 0 in training is what torch does: an empty output, statistics alone.
+    shape = (0, 4, 3) if kwargs.get("axis") == -1 else (0, 3, 4)
+    x = torch.randn(shape, requires_grad=True)
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    out = F.batch_norm(x, rm, rv, w, b, True, backward=backward, **kwargs)
+    assert out.output.shape == x.shape
+    assert out.running_mean is rm and out.running_var is rv and not bool(out.updated)
+    out.output.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(3))
+    axis = kwargs.get("axis", 1)
+    ren = F.batch_renorm(x.detach(), rm, rv, w, b, True, axis=axis, backward=backward)
+    assert ren.output.shape == x.shape and ren.running_mean is rm and not bool(ren.updated)
+
+
+def test_eps_must_be_positive_with_batch_statistics():
+    # Defect 9, as torch: eps > 0 whenever batch statistics are used, eps >= 0 otherwise.
+    x, rm, rv = torch.randn(8, 3), torch.zeros(3), torch.ones(3)
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be positive"):
+            F.batch_norm(x, rm, rv, training=True, eps=eps)
+        with pytest.raises(ValueError, match="eps must be positive"):
+            F.batch_norm(x, None, None, training=False, eps=eps)  # batch statistics too
+        with pytest.raises(ValueError, match="eps must be positive"):
+            F.batch_renorm(x, rm, rv, training=True, eps=eps)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        F.batch_norm(x, rm, rv, training=False, eps=-1.0)
+    torch.testing.assert_close(  # eps = 0 with population statistics is a plain affine map
+        F.batch_norm(x, rm, rv, training=False, eps=0.0).output,
+        torch.nn.functional.batch_norm(x, rm, rv, training=False, eps=0.0),
+    )
+
+
+def test_updated_is_always_a_0d_bool_tensor():
+    # One type whatever happened: moved, not tracked, eval, empty, non-finite.
+    x, rm, rv = torch.randn(8, 3), torch.zeros(3), torch.ones(3)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    cases = {
+        True: F.batch_norm(x, rm, rv, training=True),
+        False: [
+            F.batch_norm(x, None, None, training=True),
+            F.batch_norm(x, rm, rv, training=False),
+            F.batch_norm(x[:0], rm, rv, training=True),
+            F.batch_norm(bad, rm, rv, training=True),
+            F.batch_norm(bad, rm, rv, training=True, backward="paper"),
+        ],
+    }
+    for expected, outs in ((True, [cases[True]]), (False, cases[False])):
+        for out in outs:
+            assert isinstance(out.updated, torch.Tensor)
+            assert out.updated.dtype == torch.bool and out.updated.shape == ()
+            assert bool(out.updated) is expected
+
+
+def test_paper_backward_shares_the_gradient_helper_with_masks_and_counts():
+    # batch_norm_backward with a mask equals it on the selected positions alone.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=g)
+    mask = torch.rand(5, 1, 4, generator=g) > 0.3
+    x[~mask.expand_as(x)] = float("nan")
+    dy = torch.randn(5, 3, 4, dtype=torch.float64, generator=g)
+    sel = x.transpose(1, 2)[mask[:, 0]]  # (K, C)
+    mean, var = sel.mean(0), sel.var(0, correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+    xhat = (x - mean[:, None]) * invstd[:, None]
+    gamma = torch.rand(3, dtype=torch.float64, generator=g)[:, None] + 0.5
+    gi, gg, gb = F.batch_norm_backward(dy, xhat, invstd[:, None], gamma, [0, 2], mask=mask)
+    xs = sel.clone().requires_grad_()
+    ys = torch.nn.functional.batch_norm(xs, None, None, gamma[:, 0], None, True, eps=1e-5)
+    (ys * dy.transpose(1, 2)[mask[:, 0]]).sum().backward()
+    torch.testing.assert_close(gi.transpose(1, 2)[mask[:, 0]], xs.grad)
+    k = (gamma * invstd[:, None]).expand_as(x)
+    torch.testing.assert_close(gi[~mask.expand_as(x)], (dy * k)[~mask.expand_as(x)])
+    assert torch.isfinite(gg).all() and torch.isfinite(gb).all()
