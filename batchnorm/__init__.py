@@ -7,15 +7,6 @@ inference side (recalibration, freezing, folding, conversion) in `batchnorm.infe
 from batchnorm import functional
 from batchnorm.diagnose import diagnose, monitor
 from batchnorm.distributed import SyncBatchNorm
-from batchnorm.modules import (
-    BatchNorm,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-)
 from batchnorm.inference import (
     FoldReport,
     FrozenBatchNorm,
@@ -24,6 +15,15 @@ from batchnorm.inference import (
     freeze,
     recalibrate,
     unfreeze,
+)
+from batchnorm.modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
 )
 
 __version__ = "0.1.0"

@@ -248,9 +248,9 @@ def fold(
     graph, failures = capture(model, example_inputs, leaf=_is_bn_like)
     report = FoldReport(graph=graph.source)
     if failures:
-        hint = "" if example_inputs is not None else (
-            "; pass example_inputs=(x,) so that fold can capture the model with torch.export"
-        )
+        hint = ""
+        if example_inputs is None:
+            hint = "; pass example_inputs=(x,) so that fold can capture the model with torch.export"
         report.trace_error = "could not capture the model: " + "; ".join(failures) + hint
     shared_counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = {i for i, c in shared_counts.items() if c > 1}

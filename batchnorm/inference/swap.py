@@ -237,9 +237,10 @@ def rebuild(
         if source is None:
             continue
         if slot is new._buffers:
-            if isinstance(source, nn.Parameter):
+            if isinstance(source, nn.Parameter):  # held as a buffer: the same memory
                 kept[name] = source
-            slot[name] = source.detach()
+                source = source.detach()
+            slot[name] = source
         elif isinstance(source, nn.Parameter):
             slot[name] = source
         else:  # a buffer becomes a Parameter: the one it came from, if it still fits
@@ -315,4 +316,3 @@ def swap_modules(model: nn.Module, fn: Callable[[nn.Module], nn.Module | None]) 
     for parent, name, module in places:
         parent._modules[name] = module
     return model
-
