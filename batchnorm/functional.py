@@ -268,7 +268,7 @@ def batch_norm_inference(
     if backward == "native" and axis in (1, 1 - input.dim()):
         return torch.batch_norm(
             input, weight, bias, running_mean, running_var, False, 0.0, eps,
-            torch._C._get_cudnn_enabled(),
+            torch.backends.cudnn.enabled,
         )  # fmt: skip
     return normalize(input, running_mean, running_var, weight, bias, eps, axis)
 
@@ -508,7 +508,7 @@ def batch_norm_transform(
         batch = BatchStats(mean, var, count)
     else:
         output = torch.batch_norm(
-            x, weight, bias, None, None, True, 0.0, eps, torch._C._get_cudnn_enabled()
+            x, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
         batch = batch_stats(input.detach(), axis) if stats else None
     if axis != 1:

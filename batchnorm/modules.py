@@ -256,7 +256,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         x = input if axis == 1 else input.movedim(axis, 1)
         output = torch.batch_norm(
             x, self.weight, self.bias, running_mean, running_var, True, momentum, self.eps,
-            torch._C._get_cudnn_enabled(),
+            torch.backends.cudnn.enabled,
         )  # fmt: skip
         if readable:
             if math.isfinite(running_var.max().item()):

@@ -309,3 +309,222 @@ def test_batch_renorm_layer_is_bn_in_eval_and_loads_bn_checkpoints():
     torch.testing.assert_close(layer(x), plain(x))
     with pytest.raises(ValueError, match="track_running_stats must be True"):
         batchnorm.BatchRenorm1d(3, track_running_stats=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Regressions of issue 8 (defects 1, 2, 8, 9, 13, 14) and the one forward.
+
+
+def test_paper_backward_second_derivative_matches_torch():
+    # Defect 1, the issue's reproduction: about 1.2 off before, now as torch.nn and native.
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_()
+    layers = {
+        "paper": batchnorm.BatchNorm1d(3, backward="paper").double(),
+        "native": batchnorm.BatchNorm1d(3).double(),
+        "torch": nn.BatchNorm1d(3).double(),
+    }
+    second = {}
+    for name, bn in layers.items():
+        (g,) = torch.autograd.grad((bn(x) ** 3).sum(), x, create_graph=True)
+        (second[name],) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(second["paper"], second["torch"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(second["native"], second["torch"], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_layer_mask_keeps_any_padding_value_out(bad):
+    # Defect 2 at the layer: the running statistics are those of the valid positions.
+    bn = batchnorm.BatchNorm1d(3)
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    x.transpose(1, 2)[~mask] = bad
+    y = bn(x, mask=mask)
+    valid = x.transpose(1, 2)[mask]  # (7, 3)
+    assert torch.isfinite(y.transpose(1, 2)[mask]).all()
+    torch.testing.assert_close(bn.running_mean, 0.1 * valid.mean(0))
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * valid.var(0))
+    assert bn.num_batches_tracked.item() == 1 and bn.num_batches_skipped.item() == 0
+
+
+EMPTY = [  # (layer, empty input): every layer kind, N = 0
+    (lambda: batchnorm.BatchNorm1d(4), (0, 4)),
+    (lambda: batchnorm.BatchNorm1d(4, backward="paper"), (0, 4, 3)),
+    (lambda: batchnorm.BatchNorm2d(4), (0, 4, 2, 2)),
+    (lambda: batchnorm.BatchNorm3d(4), (0, 4, 2, 2, 2)),
+    (lambda: batchnorm.BatchNorm(4, axis=-1), (0, 3, 4)),
+    (lambda: batchnorm.BatchNorm2d(4, virtual_batch_size=2), (0, 4, 2, 2)),
+    (lambda: batchnorm.BatchRenorm2d(4), (0, 4, 2, 2)),
+    (lambda: batchnorm.SyncBatchNorm(4), (0, 4, 2)),
+    (lambda: batchnorm.BatchNorm1d(4, momentum=None), (0, 4)),
+]
+
+
+@pytest.mark.parametrize("make,shape", EMPTY)
+def test_empty_batch_in_training_leaves_the_state_alone(make, shape):
+    # Defect 8: torch returns an empty output and leaves the statistics alone; so do we,
+    # counters included (an empty batch is no batch for the cumulative average).
+    layer = make()
+    layer(torch.randn(8, *shape[1:]))  # some state to keep
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    skipped = layer.num_batches_skipped.clone()
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(layer.num_batches_skipped, skipped)
+
+
+def test_eps_is_checked_as_torch_does():
+    # Defect 9: eps < 0 is refused at construction; eps = 0 only with population statistics.
+    with pytest.raises(ValueError, match="eps must be positive"):
+        batchnorm.BatchNorm2d(3, eps=-1.0)
+    bn, ref = batchnorm.BatchNorm2d(3, eps=0.0), nn.BatchNorm2d(3, eps=0.0)
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        bn(x)
+    assert bn.num_batches_tracked.item() == 0
+    bn.eval(), ref.eval()
+    torch.testing.assert_close(bn(x), ref(x))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        batchnorm.BatchNorm1d(3, eps=0.0, track_running_stats=False).eval()(torch.randn(4, 3))
+
+
+def test_sync_batch_norm_takes_a_mask():
+    # Defect 13: SyncBatchNorm's forward has mask= (here without a process group: BN's).
+    x = torch.randn(2, 3, 5)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    x.transpose(1, 2)[~mask] = float("nan")
+    sync, plain = batchnorm.SyncBatchNorm(3), batchnorm.BatchNorm1d(3)
+    torch.testing.assert_close(sync(x, mask=mask), plain(x, mask=mask), equal_nan=True)
+    torch.testing.assert_close(sync.running_var, plain.running_var)
+    assert torch.isfinite(sync.running_var).all()
+
+
+def test_eval_mode_ignores_a_valid_mask_and_rejects_a_wrong_one():
+    # Defect 13: Batch Renorm ignores a mask in eval mode as BN does; in eval mode a mask of
+    # the wrong shape or dtype is an error, as in training.
+    x = torch.randn(4, 3, 5)
+    good = torch.rand(4, 5) > 0.3
+    for layer in (batchnorm.BatchNorm1d(3), batchnorm.BatchRenorm1d(3)):
+        layer(torch.randn(8, 3, 5))
+        layer.eval()
+        torch.testing.assert_close(layer(x, mask=good), layer(x))
+        with pytest.raises(ValueError, match=r"shape without the channel axis, \(4, 5\)"):
+            layer(x, mask=torch.ones(4, 3, dtype=torch.bool))
+        with pytest.raises(TypeError, match="bool tensor"):
+            layer(x, mask=torch.ones(4, 5))
+    with pytest.raises(ValueError, match="takes no mask in training"):
+        batchnorm.BatchRenorm1d(3)(x, mask=good)
+
+
+def test_batch_renorm_honours_the_paper_backward():
+    # Defect 14: backward="paper" is used (the paper's Function is in the graph) and gives
+    # the gradients of the float64 formula with r and d constant, as the native path does.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 2, 2, dtype=torch.float64, generator=g) * 2 + 1
+    dy = torch.randn(8, 3, 2, 2, dtype=torch.float64, generator=g)
+    grads = {}
+    for backward in ("paper", "native"):
+        layer = batchnorm.BatchRenorm2d(3, r_max=1.5, d_max=0.5, backward=backward).double()
+        with torch.no_grad():
+            layer.running_mean.fill_(0.8)
+            layer.running_var.fill_(2.5)
+            layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        if backward == "paper":
+            assert "BatchNormFunction" in type(y.grad_fn).__name__
+            assert "backward='paper'" in repr(layer)
+        (y * dy).sum().backward()
+        grads[backward] = (y.detach(), xi.grad, layer.weight.grad, layer.bias.grad)
+    xb = x.clone().requires_grad_()
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    mu, var = xb.mean((0, 2, 3)), xb.var((0, 2, 3), correction=0)
+    sb, s = torch.sqrt(var + 1e-5), torch.sqrt(torch.tensor(2.5, dtype=torch.float64) + 1e-5)
+    r = (sb / s).detach().clamp(1 / 1.5, 1.5)
+    d = ((mu - 0.8) / s).detach().clamp(-0.5, 0.5)
+    c = (slice(None), None, None)
+    ref = w[c] * ((xb - mu[c]) / sb[c] * r[c] + d[c]) + b[c]
+    (ref * dy).sum().backward()
+    for backward in ("paper", "native"):
+        for ours, exact in zip(grads[backward], (ref.detach(), xb.grad, w.grad, b.grad)):
+            torch.testing.assert_close(ours, exact)
+
+
+@pytest.mark.parametrize("v", [0, 1, -2, 2.5, True, "4"])
+def test_virtual_batch_size_is_checked_at_construction(v):
+    # Defect 14: not at the first training batch.
+    with pytest.raises(ValueError, match="virtual_batch_size must be an int >= 2"):
+        batchnorm.BatchNorm2d(3, virtual_batch_size=v)
+    with pytest.raises(ValueError, match="does not implement Ghost BN"):
+        batchnorm.BatchRenorm2d(3, virtual_batch_size=4)
+
+
+def test_reset_running_stats_resets_every_counter():
+    # Defect 14: num_batches_skipped too.
+    bn = batchnorm.BatchNorm1d(3)
+    bn(torch.randn(8, 3))
+    bn(torch.full((8, 3), float("nan")))
+    assert bn.num_batches_tracked.item() == 1 and bn.num_batches_skipped.item() == 1
+    bn.reset_running_stats()
+    assert bn.num_batches_tracked.item() == 0 and bn.num_batches_skipped.item() == 0
+    assert torch.equal(bn.running_var, torch.ones(3))
+
+
+def test_cumulative_momentum_compiles_once():
+    # Defect 14: momentum=None under torch.compile kept 1/k as a Python float read from the
+    # buffer, so every step was a new graph. Now 1/k is a tensor in the graph.
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    bn, ref = batchnorm.BatchNorm1d(3, momentum=None), nn.BatchNorm1d(3, momentum=None)
+    compiled = torch.compile(bn, backend=counter)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(8, 3, generator=g) * 2 + 1
+        torch.testing.assert_close(compiled(x), ref(x))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == 5
+
+
+def test_compiled_layer_skips_and_counts_a_non_finite_batch():
+    # The commit's tensor form (no read-back under compile): rollback and counters.
+    torch._dynamo.reset()
+    bn = batchnorm.BatchNorm2d(3)
+    compiled = torch.compile(bn, backend="eager")
+    compiled(torch.randn(4, 3, 2, 2))
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    bad = torch.randn(4, 3, 2, 2)
+    bad[1, 2, 0, 0] = float("inf")
+    compiled(bad)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert bn.num_batches_tracked.item() == 1 and bn.num_batches_skipped.item() == 1
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), 3e38])
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_fused_kernel_and_commit_step_leave_the_same_state(bad, momentum):
+    # torch's kernel doing transform + commit in one call (the fast path) is the transform
+    # step followed by the commit step, to the bit on the guard and within rounding else.
+    fused = batchnorm.BatchNorm2d(3, momentum=momentum)
+    stepwise = batchnorm.BatchNorm2d(3, momentum=momentum)
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        x = torch.randn(4, 3, 2, 2, generator=g) * 2 + 1
+        if bad is not None and i == 1:
+            x[0, 1, 0, 0], x[1, 1, 0, 0] = bad, -bad
+        y = fused(x)
+        out, stats = stepwise._transform(x, None)
+        stepwise._commit(stats)
+        torch.testing.assert_close(y, out, equal_nan=True)
+    for name in ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"):
+        torch.testing.assert_close(getattr(fused, name), getattr(stepwise, name))
+    assert fused.num_batches_skipped.item() == (bad is not None)
