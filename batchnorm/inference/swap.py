@@ -202,8 +202,9 @@ def rebuild(
             reverse). ``layer`` is unchanged then.
 
     Example:
+        >>> from batchnorm import BatchNorm2d
         >>> bn = nn.BatchNorm2d(8, momentum=0.01)
-        >>> ours = rebuild(bn, batchnorm.BatchNorm2d)
+        >>> ours = rebuild(bn, BatchNorm2d)
         >>> ours.weight is bn.weight, ours.momentum
         (True, 0.01)
     """
