@@ -200,6 +200,49 @@ def _check_convert(rank, device):
     torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)
 
 
+def _check_mask(rank, device):
+    """Issue 8, defect 13: forward(x, mask=...) over 2 ranks, NaN padding on both, equals
+    single-process BN (float64) of the valid positions of the concatenated batch."""
+    torch.manual_seed(4)
+    sizes, length, c = (3, 2), 5, 3
+    sync, ref = _pair((c, length), 0.2, device)
+    x_all = torch.randn(5, c, length, dtype=torch.float64, device=device) * 2 + 1
+    lengths = torch.tensor([5, 1, 3, 4, 2])
+    mask_all = (torch.arange(length)[None, :] < lengths[:, None]).to(device)  # (N, L)
+    x_all.transpose(1, 2)[~mask_all] = float("nan")
+    g_all = torch.randn_like(x_all)
+    valid_all = x_all.transpose(1, 2)[mask_all].clone().requires_grad_()  # (K, C)
+    y_ref = ref(valid_all)
+    (y_ref * g_all.transpose(1, 2)[mask_all]).sum().backward()
+    start, n = sum(sizes[:rank]), sizes[rank]
+    x = x_all[start : start + n].clone().requires_grad_()
+    mask = mask_all[start : start + n]
+    y = sync(x, mask=mask)
+    keep = mask[:, None, :].expand_as(y)
+    (torch.where(keep, y, 0) * g_all[start : start + n]).sum().backward()
+    # The rank's valid positions are a contiguous run of the oracle's rows.
+    before = int(mask_all[:start].sum())
+    mine = slice(before, before + int(mask.sum()))
+    torch.testing.assert_close(y.transpose(1, 2)[mask], y_ref[mine].detach(), **TOL)
+    torch.testing.assert_close(x.grad.transpose(1, 2)[mask], valid_all.grad[mine], **TOL)
+    assert torch.all(x.grad.transpose(1, 2)[~mask] == 0)
+    torch.testing.assert_close(_sum_over_ranks(sync.weight.grad), ref.weight.grad, **TOL)
+    torch.testing.assert_close(_sum_over_ranks(sync.bias.grad), ref.bias.grad, **TOL)
+    torch.testing.assert_close(sync.running_mean, ref.running_mean, **TOL)
+    torch.testing.assert_close(sync.running_var, ref.running_var, **TOL)
+
+
+def _check_all_empty(rank, device):
+    """Issue 8, defect 8: N = 0 on every rank is an empty output; nothing moves anywhere."""
+    sync = SyncBatchNorm(3, device=device, dtype=torch.float64)
+    x = torch.randn(0, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    y = sync(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(sync.running_var, torch.ones_like(sync.running_var))
+    assert int(sync.num_batches_tracked) == 0 and int(sync.num_batches_skipped) == 0
+
+
 def _check_dead_rank(rank, device, short, spare):
     """Rank 1 first stalls (alive, never joining), then exits; rank 0 must never hang.
 
@@ -238,7 +281,7 @@ def _expect_failure(group, layer_timeout, limit):
 
 
 CHECKS = [name for name, *_ in CASES] + [
-    "ddp", "nonfinite", "too_few_values", "half", "convert", "dead_rank",
+    "ddp", "nonfinite", "too_few_values", "half", "convert", "mask", "all_empty", "dead_rank",
 ]  # fmt: skip
 
 
@@ -259,6 +302,8 @@ def _worker(rank, port, device, flag, results):
         too_few_values=(_check_too_few_values, ()),
         half=(_check_half, ()),
         convert=(_check_convert, ()),
+        mask=(_check_mask, ()),
+        all_empty=(_check_all_empty, ()),
         dead_rank=(_check_dead_rank, (short, spare)),
     )
     report = {}
