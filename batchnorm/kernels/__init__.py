@@ -28,7 +28,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def is_available() -> bool:
     """Whether Triton can be imported (it ships with PyTorch's CUDA builds)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a blocked or half-imported module
+        return False
 
 
 def _interpreting() -> bool:

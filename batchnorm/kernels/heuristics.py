@@ -4,12 +4,13 @@ reduction, and when one launch suffices. Pure Python, so it is testable without 
 Published Triton BNs run one program per channel; with C = 64 at (32, 64, 56, 56) that is
 64 programs for 6.4 M values, far too few to fill a GPU. Here every channel block's reduction
 is split over ``splits`` programs (the first launch writes partial moments, the second merges
-them), so the grid has about ``PROGRAMS_PER_SM`` programs per multiprocessor at any C.
+them), so the grid has up to ``PROGRAMS_PER_SM`` programs per multiprocessor at any C.
 The constants are starting points chosen on paper: no GPU was available to tune them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -17,8 +18,14 @@ from batchnorm.kernels.layout import Geometry
 
 TILE = 2048  # elements one program loads per step (8 KiB of float32)
 MAX_BLOCK_C = 64  # channels per tile when channels are contiguous (channels_last, (N, C))
+MIN_BLOCK_C = 16  # ... and at least this many, so a tile row fills a 32-byte sector in 16 bits
 SINGLE_LAUNCH_MAX = 16384  # up to this many elements one program does the whole forward
-MAX_SPLITS = 256  # partial-moment rows per channel; the merge loads them as one block
+MAX_SPLITS = 256  # partial-moment rows per channel block
+MERGE_BLOCK = 2048  # splits * block_c: the partials one program loads to merge them
+# Every program of the second launch merges its channel block's partials itself, so the grid
+# reads splits^2 * C * 3 floats of partials (from L2) against rows * cols * C input values:
+# splits is capped where that ratio reaches MERGE_BUDGET.
+MERGE_BUDGET = 0.25
 PROGRAMS_PER_SM = 4
 INTERPRETER_SMS = 2  # the Triton interpreter runs programs one after another
 
@@ -66,17 +73,23 @@ def plan(geom: Geometry, sms: int, allow_single: bool = True) -> Launch:
     """
     _, ss, sc = geom.strides[0]
     cols, c = geom.cols, geom.channels
+    values = geom.rows * cols
+    target = PROGRAMS_PER_SM * sms
+    cap = max(1, min(MAX_SPLITS, math.isqrt(int(MERGE_BUDGET * values / 3))))
     if sc == 1 and ss != 1:
+        # Channels are the fast axis: narrow the channel block until the grid fills the device.
         block_c = min(_next_pow2(c), MAX_BLOCK_C)
+        while block_c > MIN_BLOCK_C and _cdiv(c, block_c) * cap < target:
+            block_c //= 2
         block_s = min(_next_pow2(cols), max(1, TILE // block_c))
     else:
         block_s = min(_next_pow2(cols), TILE)
         block_c = min(_next_pow2(c), max(1, TILE // block_s), MAX_BLOCK_C)
     c_blocks = _cdiv(c, block_c)
     tiles = geom.rows * _cdiv(cols, block_s)
-    single = allow_single and geom.rows * cols * c <= SINGLE_LAUNCH_MAX
-    want = max(1, _cdiv(PROGRAMS_PER_SM * sms, c_blocks))
-    splits = 1 if single else max(1, min(want, tiles, MAX_SPLITS))
+    single = allow_single and values * c <= SINGLE_LAUNCH_MAX
+    cap = max(1, min(cap, MERGE_BLOCK // block_c))
+    splits = 1 if single else max(1, min(_cdiv(target, c_blocks), tiles, cap))
     per_split = _cdiv(tiles, splits)
     splits = _cdiv(tiles, per_split)  # no split without tiles
     return Launch(block_s, block_c, c_blocks, tiles, splits, per_split, single)

@@ -1,0 +1,371 @@
+"""The Triton kernels against torch.nn's BN (+ activation, + residual) under the interpreter:
+outputs, gradients and running statistics for every layout, dtype and activation, both launch
+plans, odd sizes, the non-finite guard, empty batches, momentum=None and memory saving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as tF
+
+from batchnorm import kernels
+from batchnorm.kernels import heuristics
+
+LAYOUTS = {  # name -> (shape, memory format)
+    "NCHW": ((4, 3, 5, 7), torch.contiguous_format),
+    "channels_last": ((4, 3, 5, 7), torch.channels_last),
+    "NCDHW": ((2, 3, 3, 4, 5), torch.contiguous_format),
+    "NDHWC": ((2, 3, 3, 4, 5), torch.channels_last_3d),
+    "(N, C)": ((37, 5), torch.contiguous_format),
+    "(N, C, L)": ((6, 4, 19), torch.contiguous_format),
+}
+ACTIVATIONS = ["identity", "relu", "leaky_relu"]
+SLOPE = 0.2
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to max |ref|
+
+
+@pytest.fixture(params=["one launch", "two launches"])
+def path(request, monkeypatch):
+    """Run a test with the one-program plan, or the split plan with many small tiles."""
+    if request.param == "two launches":
+        monkeypatch.setattr(heuristics, "SINGLE_LAUNCH_MAX", 0)
+        monkeypatch.setattr(heuristics, "TILE", 64)
+        monkeypatch.setattr(heuristics, "MIN_BLOCK_C", 2)
+        monkeypatch.setattr(heuristics, "MAX_BLOCK_C", 32)
+    return request.param
+
+
+def make(shape, fmt=torch.contiguous_format, dtype=torch.float32, seed=0, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
+    p = dict(
+        weight=torch.randn(c, generator=g) + 1.0,
+        bias=torch.randn(c, generator=g),
+        running_mean=torch.randn(c, generator=g),
+        running_var=torch.rand(c, generator=g) + 0.5,
+    )
+    r = torch.randn(shape, generator=g).to(dtype) if residual else None
+    grad = torch.randn(shape, generator=g).to(dtype)
+    return x, p, r, grad
+
+
+def reference(x, p, r, grad, training, activation, momentum=0.1, eps=1e-5):
+    """torch.nn.functional in float64: output, grads (x, weight, bias, residual), new stats."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, p["weight"], p["bias"])]
+    res = None if r is None else r.detach().double().requires_grad_()
+    rm, rv = p["running_mean"].double(), p["running_var"].double()
+    y = tF.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, momentum, eps)
+    if res is not None:
+        y = y + res
+    y = {"identity": y, "relu": tF.relu(y), "leaky_relu": tF.leaky_relu(y, SLOPE)}[activation]
+    y.backward(grad.double())
+    grads = [t.grad for t in leaves] + [None if res is None else res.grad]
+    return y.detach(), grads, rm, rv
+
+
+def ours(x, p, r, grad, training, activation, memory_saving=False, momentum=0.1, counters=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, p["weight"], p["bias"])]
+    res = None if r is None else r.detach().clone().requires_grad_()
+    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+    nbt, nbs = counters if counters is not None else (torch.tensor(0), torch.tensor(0))
+    y = kernels.batch_norm_act(
+        leaves[0],
+        leaves[1],
+        leaves[2],
+        rm,
+        rv,
+        nbt,
+        nbs,
+        training=training,
+        momentum=momentum,
+        activation=activation,
+        negative_slope=SLOPE,
+        residual=res,
+        memory_saving=memory_saving,
+    )
+    y.backward(grad)
+    grads = [t.grad for t in leaves] + [None if res is None else res.grad]
+    return y.detach(), grads, rm, rv, (nbt, nbs)
+
+
+def close(actual, expected, dtype, what):
+    scale = expected.abs().max().item() + 1e-6
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def check_parity(shape, fmt, dtype, activation, residual, training=True, seed=0):
+    x, p, r, grad = make(shape, fmt, dtype, seed, residual)
+    y_ref, g_ref, rm_ref, rv_ref = reference(x, p, r, grad, training, activation)
+    y, g, rm, rv, (nbt, nbs) = ours(x, p, r, grad, training, activation)
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+    close(y, y_ref, dtype, "output")
+    for name, a, b in zip(("input", "weight", "bias", "residual"), g, g_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == (x.dtype if name in ("input", "residual") else torch.float32)
+            close(a, b, dtype, f"grad {name}")
+    close(rm, rm_ref, dtype, "running_mean")
+    close(rv, rv_ref, dtype, "running_var")
+    assert (nbt.item(), nbs.item()) == ((1, 0) if training else (0, 0))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_parity(layout, activation, path):
+    shape, fmt = LAYOUTS[layout]
+    check_parity(shape, fmt, torch.float32, activation, residual=activation == "relu")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "(N, C)"])
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
+def test_residual_with_every_activation(layout, activation, path):
+    shape, fmt = LAYOUTS[layout]
+    check_parity(shape, fmt, torch.float32, activation, residual=True)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_eval_parity(layout, activation):
+    shape, fmt = LAYOUTS[layout]
+    check_parity(shape, fmt, torch.float32, activation, residual=True, training=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "(N, C)"])
+def test_half_precision_input_float32_statistics(layout, dtype, path):
+    shape, fmt = LAYOUTS[layout]
+    check_parity(shape, fmt, dtype, "relu", residual=True)
+    check_parity(shape, fmt, dtype, "leaky_relu", residual=False, training=False)
+
+
+ODD = {  # sizes that are not multiples of any block
+    "C = 1": ((7, 1, 3, 3), torch.contiguous_format),
+    "C = 1, channels_last": ((7, 1, 3, 3), torch.channels_last),
+    "1x1 spatial": ((9, 4, 1, 1), torch.contiguous_format),
+    "1x1 spatial, channels_last": ((9, 4, 1, 1), torch.channels_last),
+    "70 channels (several channel blocks)": ((3, 70, 3, 1), torch.channels_last),
+    "(N, C) with 70 channels": ((5, 70), torch.contiguous_format),
+    "batch of one": ((1, 3, 5, 3), torch.contiguous_format),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD))
+def test_odd_sizes(case, path):
+    shape, fmt = ODD[case]
+    check_parity(shape, fmt, torch.float32, "relu", residual=True)
+
+
+def test_strided_input_is_read_through_its_strides():
+    base, p, r, grad = make((4, 3, 10, 7))
+    # A batch slice is read through its strides; a spatial slice and permuted spatial dims
+    # do not flatten into one stride and are copied once inside: the same results either way.
+    for inp in (base[::2], base[:, :, ::2], base.transpose(2, 3)):
+        g = torch.randn(inp.shape)
+        y_ref, g_ref, rm_ref, _ = reference(inp, p, None, g, True, "relu")
+        y, g_ours, rm, _, _ = ours(inp, p, None, g, True, "relu")
+        close(y, y_ref, torch.float32, "output")
+        close(g_ours[0], g_ref[0], torch.float32, "grad input")
+        close(rm, rm_ref, torch.float32, "running_mean")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the interpreted inf - inf
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_is_skipped_and_counted(bad, path):
+    x, p, _, _ = make((4, 3, 5, 5))
+    x[1, 2, 3, 4] = bad
+    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+    nbt, nbs = torch.tensor(5), torch.tensor(0)
+    y = kernels.batch_norm_act(x, p["weight"], p["bias"], rm, rv, nbt, nbs, momentum=0.1)
+    assert torch.equal(rm, p["running_mean"]) and torch.equal(rv, p["running_var"])
+    assert (nbt.item(), nbs.item()) == (5, 1)
+    assert not torch.isfinite(y[:, 2]).any()  # the output still shows the bad batch
+    # the next finite batch is tracked again
+    kernels.batch_norm_act(x.nan_to_num(0.0, 0.0, 0.0), None, None, rm, rv, nbt, nbs)
+    assert (nbt.item(), nbs.item()) == (6, 1)
+    assert not torch.equal(rm, p["running_mean"])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_overflowing_running_variance_is_skipped():
+    # Finite input whose variance overflows float32: the new running_var would be inf.
+    x = torch.tensor([[-3e38, 0.0], [3e38, 0.0], [0.0, 1.0]])
+    rm, rv, nbt, nbs = torch.zeros(2), torch.ones(2), torch.tensor(0), torch.tensor(0)
+    kernels.batch_norm_act(x, None, None, rm, rv, nbt, nbs)
+    assert torch.equal(rv, torch.ones(2)) and (nbt.item(), nbs.item()) == (0, 1)
+
+
+def test_no_host_synchronization_in_training(monkeypatch):
+    # Reading a device value back (item, bool, tolist) is what would synchronize on a GPU:
+    # the kernels' training forward and backward, guard and momentum=None included, never do.
+    x, p, r, grad = make((4, 3, 5, 5), residual=True)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a device value")
+
+    x.requires_grad_()
+    nbt, nbs = torch.tensor(2), torch.tensor(0)
+    for name in ("item", "__bool__", "tolist", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    y = kernels.batch_norm_act(
+        x,
+        p["weight"],
+        p["bias"],
+        p["running_mean"],
+        p["running_var"],
+        nbt,
+        nbs,
+        momentum=None,
+        activation="relu",
+        residual=r,
+    )
+    y.backward(grad)
+    monkeypatch.undo()
+    assert nbt.item() == 3 and x.grad is not None
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(training):
+    x, p, r, _ = make((0, 3, 4, 4), residual=True)
+    x.requires_grad_()
+    w = p["weight"].clone().requires_grad_()
+    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+    nbt, nbs = torch.tensor(4), torch.tensor(1)
+    y = kernels.batch_norm_act(x, w, None, rm, rv, nbt, nbs, training=training, residual=r)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(3))
+    assert torch.equal(rm, p["running_mean"]) and torch.equal(rv, p["running_var"])
+    assert (nbt.item(), nbs.item()) == (4, 1)
+
+
+def test_momentum_none_is_the_cumulative_average(path):
+    torch_bn = torch.nn.BatchNorm2d(3, momentum=None)
+    rm, rv, nbt, nbs = torch.zeros(3), torch.ones(3), torch.tensor(0), torch.tensor(0)
+    for seed in range(3):
+        x, _, _, _ = make((4, 3, 5, 5), seed=seed)
+        torch_bn(x)
+        kernels.batch_norm_act(x, None, None, rm, rv, nbt, nbs, momentum=None)
+    torch.testing.assert_close(rm, torch_bn.running_mean)
+    torch.testing.assert_close(rv, torch_bn.running_var)
+    assert nbt.item() == torch_bn.num_batches_tracked.item() == 3
+
+
+def test_no_running_statistics():
+    # track_running_stats=False: batch statistics in both modes, nothing to update.
+    x, p, _, grad = make((4, 3, 5, 5))
+    y_ref = tF.batch_norm(x, None, None, p["weight"], p["bias"], True)
+    for training in (True, False):
+        y = kernels.batch_norm_act(x, p["weight"], p["bias"], training=training)
+        torch.testing.assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "(N, C)"])
+def test_memory_saving_gradients_equal_the_standard_ones(layout, activation, path):
+    shape, fmt = LAYOUTS[layout]
+    x, p, _, grad = make(shape, fmt)
+    for training in (True, False):
+        _, g_std, *_ = ours(x, p, None, grad, training, activation)
+        _, g_mem, *_ = ours(x, p, None, grad, training, activation, memory_saving=True)
+        for a, b in zip(g_mem[:3], g_std[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_saving_bfloat16_within_the_stated_bound():
+    x, p, _, grad = make((8, 4, 6, 6), torch.channels_last, torch.bfloat16)
+    _, g_ref, *_ = reference(x, p, None, grad, True, "leaky_relu")
+    _, g_mem, *_ = ours(x, p, None, grad, True, "leaky_relu", memory_saving=True)
+    for a, b, name in zip(g_mem[:3], g_ref[:3], ("input", "weight", "bias")):
+        close(a, b, torch.bfloat16, name)
+
+
+def _saved_storages(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.untyped_storage().data_ptr()) or t, lambda t: t
+    ):
+        fn()
+    return saved
+
+
+def test_memory_saving_keeps_the_output_not_the_input():
+    x, p, _, _ = make((4, 3, 5, 5))
+    x.requires_grad_()
+    w, b = p["weight"].requires_grad_(), p["bias"].requires_grad_()
+    ptr = x.untyped_storage().data_ptr()
+    call = dict(activation="leaky_relu", negative_slope=SLOPE)
+    assert ptr in _saved_storages(lambda: kernels.batch_norm_act(x, w, b, **call))
+    assert ptr not in _saved_storages(
+        lambda: kernels.batch_norm_act(x, w, b, memory_saving=True, **call)
+    )
+    # gamma near zero: xhat = (u - beta) / gamma is not recoverable, so x is kept instead
+    w_small = w.detach().clone()
+    w_small[1] = 0.0
+    w_small.requires_grad_()
+    assert ptr in _saved_storages(
+        lambda: kernels.batch_norm_act(x, w_small, b, memory_saving=True, **call)
+    )
+    assert not kernels.gamma_invertible(w_small) and kernels.gamma_invertible(w)
+
+
+def test_memory_saving_with_zero_gamma_is_exact():
+    # A zero-initialised gamma (ResNet's last BN in a block) must still learn: dl/dgamma
+    # needs xhat, which the output of a gamma = 0 channel does not carry.
+    x, p, _, grad = make((4, 3, 5, 5))
+    p["weight"][0] = 0.0
+    y_ref, g_ref, *_ = reference(x, p, None, grad, True, "leaky_relu")
+    _, g_mem, *_ = ours(x, p, None, grad, True, "leaky_relu", memory_saving=True)
+    assert g_mem[1][0] != 0
+    for a, b, name in zip(g_mem[:3], g_ref[:3], ("input", "weight", "bias")):
+        close(a, b, torch.float32, name)
+
+
+def test_gradients_are_deterministic(path):
+    x, p, r, grad = make((4, 3, 5, 5), torch.channels_last, residual=True)
+    runs = [ours(x, p, r, grad, True, "relu")[1] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+BAD_CALLS = [
+    ("float64", dict(dtype=torch.float64), TypeError, "float32, float16 or bfloat16"),
+    ("relu memory saving", dict(activation="relu", memory_saving=True), ValueError, "invertible"),
+    (
+        "residual memory saving",
+        dict(residual=True, memory_saving=True),
+        ValueError,
+        "does not take a residual",
+    ),
+    (
+        "negative slope",
+        dict(activation="leaky_relu", negative_slope=-0.1),
+        ValueError,
+        "negative_slope >= 0",
+    ),
+    ("unknown activation", dict(activation="gelu"), ValueError, "activation must be one of"),
+    ("one value per channel", dict(shape=(1, 3)), ValueError, "more than 1 value per channel"),
+    ("weight shape", dict(weight_shape=(4,)), ValueError, r"weight of shape \(3,\)"),
+    ("residual shape", dict(residual_shape=(2, 3, 4)), ValueError, "residual of the input"),
+]
+
+
+@pytest.mark.parametrize("name,kw,error,match", BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
+def test_bad_calls_say_what_was_expected(name, kw, error, match):
+    shape = kw.pop("shape", (2, 3, 4, 4))
+    x = torch.randn(shape, dtype=kw.pop("dtype", torch.float32))
+    weight = torch.ones(kw.pop("weight_shape", (3,)))
+    if kw.pop("residual", False):
+        kw["residual"] = torch.randn(shape)
+    if "residual_shape" in kw:
+        kw["residual"] = torch.randn(kw.pop("residual_shape"))
+    with pytest.raises(error, match=match):
+        kernels.batch_norm_act(x, weight, None, torch.zeros(3), torch.ones(3), **kw)
+
+
+def test_supports():
+    assert kernels.is_available()
+    assert kernels.supports(torch.randn(2, 3))  # CPU tensors under TRITON_INTERPRET=1
+    assert not kernels.supports(torch.randn(2, 3, dtype=torch.float64))
+    assert not kernels.supports(torch.randn(3))
