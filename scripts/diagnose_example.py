@@ -1,7 +1,8 @@
 """Worked example for docs/diagnose.md: two real BN failures, diagnosed, fixed, diagnosed clean.
 
-A small conv net (three conv-BN-ReLU blocks, then Linear-BN1d-ReLU on the pooled features) learns a synthetic 10-class image task (16x16
-RGB: a smooth class pattern, a random gain and shift, and noise; made here, no download).
+A small conv net (three conv-BN-ReLU blocks, then Linear-BN1d-ReLU on the pooled features)
+learns a synthetic 10-class image task (16x16 RGB: a smooth class pattern, a random gain and
+shift, and noise; made here, no download).
 
 A. Distribution shift. The net is trained with batches of 32 and evaluated on images from a
    "second camera" (lower contrast, brighter: x -> 0.4 x + 1.2). In training mode (batch
