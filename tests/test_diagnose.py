@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -510,3 +512,13 @@ def test_monitor_removes_hooks_on_exit_and_on_exception():
     # After exit, forwards are not recorded.
     model(torch.randn(4, 3, 6, 6))
     assert len(mon.history[CONV_BN]) == 1
+
+
+def test_docs_python_blocks_run(tmp_path, monkeypatch):
+    doc = Path(__file__).resolve().parents[1] / "docs" / "diagnose.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)  # blocks that save figures write here
+    namespace: dict = {}
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"docs/diagnose.md python block {index}", "exec"), namespace)
