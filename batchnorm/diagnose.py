@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from tqdm.auto import tqdm
 
 from batchnorm import functional as F
 
@@ -581,6 +580,16 @@ class _OutputStats:
 # --------------------------------------------------------------------------------------------
 
 
+def _progress(iterable, total, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the bar is optional; the result is the same without it
+        return iterable
+    return tqdm(iterable, total=total, desc="diagnose", unit="batch")
+
+
 def _mode(bn: nn.Module) -> str:
     if _is_frozen(bn):
         return "frozen"
@@ -614,8 +623,8 @@ def diagnose(
     statistics, every other layer in eval mode; a forward pre-hook records each BN input's
     mu_B and sigma2_B (`batchnorm.functional.batch_stats` on the layer's channel axis). Then
     in eval mode, with the running statistics, to compare the model outputs. Per layer this
-    gives the population statistics (all values seen, merged exactly with
-    `batchnorm.functional.merge_stats`), their mismatch with the running statistics, the
+    gives the population statistics (those `batchnorm.recalibrate` would write with the same
+    ``estimator``), their mismatch with the running statistics, the
     train/eval gap, the noise of the batch statistics, dead and eps-dominated channels, and
     the layer's count of skipped non-finite batches (``num_batches_skipped``, ours only).
     Because the first pass normalizes every layer with batch statistics, a layer's input does
@@ -657,6 +666,7 @@ def diagnose(
         TypeError: ``data`` is a tensor (pass an iterable of batches, e.g. ``[x]``).
 
     Example:
+        >>> import batchnorm
         >>> net = nn.Sequential(nn.Linear(4, 8), batchnorm.BatchNorm1d(8), nn.ReLU())
         >>> data = [torch.randn(64, 4) for _ in range(10)]
         >>> _ = batchnorm.recalibrate(net, data, progress=False)
@@ -708,7 +718,7 @@ def diagnose(
     used = 0
     try:
         it = data if batches is None else itertools.islice(data, batches)
-        for batch in tqdm(it, total=total, disable=not progress, desc="diagnose", unit="batch"):
+        for batch in _progress(it, total, progress):
             x = _first_input(batch).to(device)
             model.eval()
             for _, bn in layers:
@@ -1272,6 +1282,7 @@ def monitor(
         records; ``mon.plot(path)`` draws Figure 1(b, c)-style panels.
 
     Example:
+        >>> import batchnorm
         >>> net = nn.Sequential(nn.Linear(4, 8), batchnorm.BatchNorm1d(8), nn.Sigmoid())
         >>> with batchnorm.monitor(net, every=2) as mon:
         ...     for _ in range(5):
