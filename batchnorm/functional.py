@@ -349,9 +349,12 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(input, weight, mean, torch.rsqrt(var + eps))
         ctx.has_bias, ctx.eps = bias is not None, eps
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (unused) grads
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):  # noqa: D102
+        if grad_y is None:
+            return None, None, None, None
         input, weight, mean, invstd = ctx.saved_tensors
         dims = _reduce_dims(input, 1)
         dtype = invstd.dtype
@@ -441,9 +444,10 @@ def batch_norm_backward(
         # dy * xhat: one full-size temporary besides it.
         if isinstance(count, Tensor):
             grad_input = torch.sub(dy, sum_dy / count, out=product)
+            grad_input.addcmul_(xh, sum_dy_xhat / count, value=-1)
         else:
             grad_input = torch.sub(dy, sum_dy, alpha=1 / count, out=product)
-        grad_input.addcmul_(xh, sum_dy_xhat / count, value=-1)
+            grad_input.addcmul_(xh, sum_dy_xhat, value=-1 / count)
         grad_input.mul_(k)
     if mask is not None:
         grad_input = torch.where(mask, grad_input, grad_output * k)
