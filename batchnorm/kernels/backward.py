@@ -152,9 +152,9 @@ def _apply(
         sum_dyx = tl.sum(tl.load(p_dyx_ptr + off, mask=pmask, other=0.0), 0)
     if split == 0:
         if WRITE_DW:
-            tl.store(dw_ptr + chans, sum_dyx.to(dw_ptr.dtype.element_ty), mask=cmask)
+            K.store(dw_ptr + chans, sum_dyx, cmask)
         if WRITE_DB:
-            tl.store(db_ptr + chans, sum_dy.to(db_ptr.dtype.element_ty), mask=cmask)
+            K.store(db_ptr + chans, sum_dy, cmask)
     if WRITE_DX or WRITE_DR:
         scale = gamma * invstd
         mean_dy = sum_dy / count
@@ -168,15 +168,13 @@ def _apply(
                 row, s, chans, mask, mean, invstd, gamma, beta, slope, ACT, MEMORY_SAVING,
             )
             if WRITE_DR:
-                tl.store(dr_ptr + K.addr(row, s, chans, srn, srs, src),
-                         dyp.to(dr_ptr.dtype.element_ty), mask=mask)
+                K.store(dr_ptr + K.addr(row, s, chans, srn, srs, src), dyp, mask)
             if WRITE_DX:
                 if TRAINING:
                     dx = (dyp - mean_dy[None, :] - xhat * mean_dyx[None, :]) * scale[None, :]
                 else:
                     dx = dyp * scale[None, :]
-                tl.store(dx_ptr + K.addr(row, s, chans, sgn, sgs, sgc),
-                         dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                K.store(dx_ptr + K.addr(row, s, chans, sgn, sgs, sgc), dx, mask)
 
 
 def backward(

@@ -27,6 +27,13 @@ def addr(row, s, chans, stride_n, stride_s, stride_c):
 
 
 @triton.jit
+def store(ptr, value, mask):
+    """Store float32 ``value`` in ``ptr``'s dtype (rounded to nearest on a GPU; Triton's
+    interpreter truncates float32 -> bfloat16)."""
+    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def activate(u, slope, ACT: tl.constexpr):
     # `u < 0` (not `u > 0`) keeps NaN as NaN, like torch's relu and leaky_relu.
     if ACT == 1:
@@ -104,5 +111,4 @@ def normalize_range(
             r = tl.load(r_ptr + addr(row, s, chans, srn, srs, src), mask=mask, other=0.0)
             u = u + r.to(tl.float32)
         y = activate(u, slope, ACT)
-        y_addr = addr(row, s, chans, syn, sys, syc)
-        tl.store(y_ptr + y_addr, y.to(y_ptr.dtype.element_ty), mask=mask)
+        store(y_ptr + addr(row, s, chans, syn, sys, syc), y, mask)

@@ -59,8 +59,8 @@ def _commit(
         mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
         var = tl.load(var_ptr + chans, mask=cmask, other=0.0)
         new_m, new_v = _running_step(rm_ptr, rv_ptr, chans, cmask, mean, var, momentum, unbias)
-        tl.store(rm_ptr + chans, new_m.to(rm_ptr.dtype.element_ty), mask=cmask & ok)
-        tl.store(rv_ptr + chans, new_v.to(rv_ptr.dtype.element_ty), mask=cmask & ok)
+        K.store(rm_ptr + chans, new_m, cmask & ok)
+        K.store(rv_ptr + chans, new_v, cmask & ok)
     if HAS_TRACKED:
         tl.store(nbt_ptr, tl.load(nbt_ptr) + ok.to(tl.int64))
     if HAS_SKIPPED:

@@ -273,12 +273,34 @@ def test_memory_saving_gradients_equal_the_standard_ones(layout, activation, pat
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_memory_saving_bfloat16_within_the_stated_bound():
+def test_memory_saving_bfloat16_gradients_within_tolerance():
     x, p, _, grad = make((8, 4, 6, 6), torch.channels_last, torch.bfloat16)
     _, g_ref, *_ = reference(x, p, None, grad, True, "leaky_relu")
     _, g_mem, *_ = ours(x, p, None, grad, True, "leaky_relu", memory_saving=True)
     for a, b, name in zip(g_mem[:3], g_ref[:3], ("input", "weight", "bias")):
         close(a, b, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rebuilt_xhat_within_the_documented_bound(dtype):
+    # docs/kernels.md: |xhat' - xhat| <= u_z * (|xhat| + |beta| / |gamma|), u_z the unit
+    # roundoff of z's dtype, for xhat' rebuilt from the kernel's output z.
+    x, p, _, _ = make((16, 3, 4, 4), dtype=dtype)
+    p["weight"] = torch.tensor([0.01, -0.5, 3.0])  # small, negative and large gammas
+    p["bias"] = torch.tensor([0.7, -2.0, 0.1])
+    z = kernels.batch_norm_act(
+        x, p["weight"], p["bias"], activation="leaky_relu", negative_slope=SLOPE
+    ).double()
+    x64 = x.double()
+    mean, var = x64.mean((0, 2, 3), keepdim=True), x64.var((0, 2, 3), False, keepdim=True)
+    xhat = (x64 - mean) / torch.sqrt(var + 1e-5)
+    gamma, beta = p["weight"].double().view(1, 3, 1, 1), p["bias"].double().view(1, 3, 1, 1)
+    u = torch.where(z > 0, z, z / SLOPE)
+    rebuilt = (u - beta) / gamma
+    # u_z; bfloat16 doubled: the interpreter truncates float32 -> bfloat16, GPUs round
+    unit = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}[dtype]
+    bound = unit * (xhat.abs() + beta.abs() / gamma.abs()) + 1e-5 / gamma.abs()  # + float32
+    assert ((rebuilt - xhat).abs() <= bound).all()
 
 
 def _saved_storages(fn):
