@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from batchnorm.kernels import backward as B
 from batchnorm.kernels import forward as F
@@ -105,6 +106,7 @@ class BatchNormActFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, grad_output):  # noqa: D102
         needs = ctx.needs_input_grad[:4]
         if ctx.empty:

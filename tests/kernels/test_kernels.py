@@ -391,3 +391,12 @@ def test_supports():
     assert kernels.supports(torch.randn(2, 3))  # CPU tensors under TRITON_INTERPRET=1
     assert not kernels.supports(torch.randn(2, 3, dtype=torch.float64))
     assert not kernels.supports(torch.randn(3))
+
+
+def test_double_backward_is_refused():
+    x, p, _, _ = make((4, 3, 5, 5))
+    x.requires_grad_()
+    y = kernels.batch_norm_act(x, p["weight"], p["bias"], activation="relu")
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
