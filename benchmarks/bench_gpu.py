@@ -126,13 +126,20 @@ class KernelBN(nn.modules.batchnorm._BatchNorm):
     """A torch BN module (same parameters, buffers and state_dict) computing
     act(BN(x) + residual) with `batchnorm.kernels.batch_norm_act`."""
 
-    def __init__(self, num_features, activation="identity", negative_slope=0.01,
-                 memory_saving=False, **kwargs):
+    def __init__(
+        self,
+        num_features,
+        activation="identity",
+        negative_slope=0.01,
+        memory_saving=False,
+        **kwargs,
+    ):
         super().__init__(num_features, **kwargs)
         self.activation, self.negative_slope = activation, negative_slope
         self.memory_saving = memory_saving
-        self.register_buffer("num_batches_skipped", torch.zeros((), dtype=torch.long),
-                             persistent=False)
+        self.register_buffer(
+            "num_batches_skipped", torch.zeros((), dtype=torch.long), persistent=False
+        )
 
     def _check_input_dim(self, input):
         pass
@@ -141,16 +148,33 @@ class KernelBN(nn.modules.batchnorm._BatchNorm):
         from batchnorm import kernels
 
         return kernels.batch_norm_act(
-            input, self.weight, self.bias, self.running_mean, self.running_var,
-            self.num_batches_tracked, self.num_batches_skipped, self.training, self.momentum,
-            self.eps, self.activation, self.negative_slope, residual, self.memory_saving,
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.num_batches_skipped,
+            self.training,
+            self.momentum,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            residual,
+            self.memory_saving,
         )
 
 
 def kernel_bn(bn: nn.Module, **kwargs) -> KernelBN:
     """`KernelBN` with ``bn``'s configuration and state."""
-    new = KernelBN(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                   track_running_stats=bn.track_running_stats, **kwargs)
+    new = KernelBN(
+        bn.num_features,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        **kwargs,
+    )
     new.load_state_dict(bn.state_dict(), strict=False)
     return new.to(bn.weight.device if bn.affine else bn.running_mean.device)
 
@@ -166,8 +190,9 @@ def swap_bn(model: nn.Module, fuse: bool, activation="relu", memory_saving=False
                 continue
             act = seq._modules.get(nxt) if nxt else None
             if fuse and isinstance(act, (nn.ReLU, nn.LeakyReLU)):
-                seq._modules[name] = kernel_bn(bn, activation=activation,
-                                               memory_saving=memory_saving)
+                seq._modules[name] = kernel_bn(
+                    bn, activation=activation, memory_saving=memory_saving
+                )
                 seq._modules[nxt] = nn.Identity()
             else:
                 seq._modules[name] = kernel_bn(bn)
@@ -214,7 +239,7 @@ def timer(plan: Plan):
         samples = {k: [] for k in fns}
         names = list(fns)
         for r in range(plan.rounds):
-            for k in names[r % len(names):] + names[: r % len(names)]:
+            for k in names[r % len(names) :] + names[: r % len(names)]:
                 sync()
                 t0 = time.perf_counter()
                 for _ in range(calls):
@@ -280,24 +305,45 @@ def section_layer(plan, report, wall, kernels):
         grad = torch.randn_like(x)
         for mode in ("forward", "forward+backward"):
             xs = x.detach().clone().requires_grad_(mode != "forward")
-            fns = {k: call(m.to(plan.device), xs, mode != "forward", grad=grad)
-                   for k, m in layers.items()}
+            fns = {
+                k: call(m.to(plan.device), xs, mode != "forward", grad=grad)
+                for k, m in layers.items()
+            }
             t = wall(fns)
             k = {name: kernels(fn) for name, fn in fns.items()}
-            rows.append([label, mode] + [us(t[n]) for n in fns]
-                        + [fmt(ratio(t["ours"], t["torch"])),
-                           fmt(ratio(t["ours triton"], t["torch"]))]
-                        + [us(k[n]) for n in fns]
-                        + [fmt(ratio(k["ours triton"], k["torch"]))])
+            rows.append(
+                [label, mode]
+                + [us(t[n]) for n in fns]
+                + [fmt(ratio(t["ours"], t["torch"])), fmt(ratio(t["ours triton"], t["torch"]))]
+                + [us(k[n]) for n in fns]
+                + [fmt(ratio(k["ours triton"], k["torch"]))]
+            )
             if mode != "forward":
                 for name in worst:
                     worst[name] = max(worst[name], t[name] / t["torch"])
-    report.lines += ["", "## One BN layer (eager)", "",
-                     "Wall: microseconds per call, calls queued back to back between "
-                     "synchronizations (host + GPU). Kernels: GPU kernel time per call."]
-    report.table(["shape", "pass", "torch wall", "ours wall", "triton wall", "ours/torch",
-                  "triton/torch", "torch kernels", "ours kernels", "triton kernels",
-                  "triton/torch kernels"], rows)
+    report.lines += [
+        "",
+        "## One BN layer (eager)",
+        "",
+        "Wall: microseconds per call, calls queued back to back between "
+        "synchronizations (host + GPU). Kernels: GPU kernel time per call.",
+    ]
+    report.table(
+        [
+            "shape",
+            "pass",
+            "torch wall",
+            "ours wall",
+            "triton wall",
+            "ours/torch",
+            "triton/torch",
+            "torch kernels",
+            "ours kernels",
+            "triton kernels",
+            "triton/torch kernels",
+        ],
+        rows,
+    )
     for name, w in worst.items():
         report.goal(f"one layer fwd+bwd wall, {name}/torch, worst row", w, "<= 1.05", w <= 1.05)
 
@@ -325,30 +371,64 @@ def section_pairs(plan, report, wall, kernels):
         for pair, res in (("BN+ReLU", None), ("BN+add+ReLU", r)):
             for mode in ("forward", "forward+backward"):
                 xs = x.detach().clone().requires_grad_(mode != "forward")
-                fns = {"torch": call(torch_pair, xs, mode != "forward", res, grad),
-                       "fused": call(fused, xs, mode != "forward", res, grad)}
+                fns = {
+                    "torch": call(torch_pair, xs, mode != "forward", res, grad),
+                    "fused": call(fused, xs, mode != "forward", res, grad),
+                }
                 t = wall(fns)
                 k = {n: kernels(fn) for n, fn in fns.items()}
                 kr = ratio(k["fused"], k["torch"])
-                rows.append([label, pair, mode, us(t["torch"]), us(t["fused"]),
-                             fmt(ratio(t["fused"], t["torch"])), us(k["torch"]),
-                             us(k["fused"]), fmt(kr)])
-                if (mode != "forward" and pair == "BN+ReLU" and dtype == BF16 and channels_last
-                        and kr is not None):
+                rows.append(
+                    [
+                        label,
+                        pair,
+                        mode,
+                        us(t["torch"]),
+                        us(t["fused"]),
+                        fmt(ratio(t["fused"], t["torch"])),
+                        us(k["torch"]),
+                        us(k["fused"]),
+                        fmt(kr),
+                    ]
+                )
+                if (
+                    mode != "forward"
+                    and pair == "BN+ReLU"
+                    and dtype == BF16
+                    and channels_last
+                    and kr is not None
+                ):
                     report.goal(f"fused BN+ReLU kernels fwd+bwd {label}", kr, "<= 0.8", kr <= 0.8)
-    report.lines += ["", "## Fused BN + activation (eager)", "",
-                     "torch: BatchNorm2d, (+= residual), ReLU(inplace=True); fused: one "
-                     "`batch_norm_act` layer. Microseconds per call."]
-    report.table(["shape", "pair", "pass", "torch wall", "fused wall", "fused/torch",
-                  "torch kernels", "fused kernels", "fused/torch kernels"], rows)
+    report.lines += [
+        "",
+        "## Fused BN + activation (eager)",
+        "",
+        "torch: BatchNorm2d, (+= residual), ReLU(inplace=True); fused: one "
+        "`batch_norm_act` layer. Microseconds per call.",
+    ]
+    report.table(
+        [
+            "shape",
+            "pair",
+            "pass",
+            "torch wall",
+            "fused wall",
+            "fused/torch",
+            "torch kernels",
+            "fused kernels",
+            "fused/torch kernels",
+        ],
+        rows,
+    )
 
 
 def inception(plan, bn_layer=nn.BatchNorm2d, channels_last=False):
     from batchnorm.reproduce.models.inception import build_inception
 
     torch.manual_seed(0)
-    model = build_inception("bn_inception", num_classes=plan.classes, width=plan.width,
-                            bn_layer=bn_layer).to(plan.device)
+    model = build_inception(
+        "bn_inception", num_classes=plan.classes, width=plan.width, bn_layer=bn_layer
+    ).to(plan.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -381,8 +461,11 @@ def section_memory(plan, report, wall, kernels):
         "torch (LeakyReLU 0.01)": lambda: leaky(inception(plan, channels_last=True)),
         "fused (ReLU)": lambda: swap_bn(inception(plan, channels_last=True), fuse=True),
         "fused memory saving (LeakyReLU 0.01)": lambda: swap_bn(
-            inception(plan, channels_last=True), fuse=True, activation="leaky_relu",
-            memory_saving=True),
+            inception(plan, channels_last=True),
+            fuse=True,
+            activation="leaky_relu",
+            memory_saving=True,
+        ),
     }
     peaks = {}
     for name, build in models.items():
@@ -397,10 +480,15 @@ def section_memory(plan, report, wall, kernels):
         del model, step
         torch.cuda.empty_cache()
     base = peaks["torch (ReLU)"]
-    report.lines += ["", f"## Peak memory of one training step (batch {batch}, {size}x{size}, "
-                     "bfloat16 autocast, channels_last)"]
-    report.table(["model", "peak MiB", "/ torch (ReLU)"],
-                 [[n, f"{p / 2**20:.0f}", f"{p / base:.3f}"] for n, p in peaks.items()])
+    report.lines += [
+        "",
+        f"## Peak memory of one training step (batch {batch}, {size}x{size}, "
+        "bfloat16 autocast, channels_last)",
+    ]
+    report.table(
+        ["model", "peak MiB", "/ torch (ReLU)"],
+        [[n, f"{p / 2**20:.0f}", f"{p / base:.3f}"] for n, p in peaks.items()],
+    )
     r = peaks["fused memory saving (LeakyReLU 0.01)"] / base
     report.goal("memory saving peak / torch (ReLU), batch 128 step", r, "<= 0.75", r <= 0.75)
 
@@ -411,10 +499,12 @@ def section_inception(plan, report, wall, kernels):
         builds = {
             "torch": lambda cl=channels_last: inception(plan, nn.BatchNorm2d, cl),
             "ours": lambda cl=channels_last: inception(plan, batchnorm.BatchNorm2d, cl),
-            "ours triton": lambda cl=channels_last: swap_bn(inception(plan, channels_last=cl),
-                                                           fuse=False),
-            "ours fused": lambda cl=channels_last: swap_bn(inception(plan, channels_last=cl),
-                                                          fuse=True),
+            "ours triton": lambda cl=channels_last: swap_bn(
+                inception(plan, channels_last=cl), fuse=False
+            ),
+            "ours fused": lambda cl=channels_last: swap_bn(
+                inception(plan, channels_last=cl), fuse=True
+            ),
         }
         modes = ["eager"] + (["compiled"] if plan.compile else [])
         for mode in modes:
@@ -425,8 +515,7 @@ def section_inception(plan, report, wall, kernels):
             steps = {}
             for name in names:
                 model = builds[name]()
-                step = train_step(model, batch, size, amp, channels_last, plan.device,
-                                  plan.classes)
+                step = train_step(model, batch, size, amp, channels_last, plan.device, plan.classes)
                 if mode == "compiled":
                     fn = torch.compile(model)
                     step = functools.partial(step, fn)
@@ -439,21 +528,34 @@ def section_inception(plan, report, wall, kernels):
             if mode == "eager":
                 for n in ("ours", "ours triton"):
                     rr = ips[n] / ips["torch"]
-                    report.goal(f"BN-Inception {label} eager, {n}/torch throughput", rr,
-                                ">= 1.0", rr >= 1.0)
+                    report.goal(
+                        f"BN-Inception {label} eager, {n}/torch throughput", rr, ">= 1.0", rr >= 1.0
+                    )
                 if amp and channels_last:
                     rr = ips["ours fused"] / ips["torch"]
-                    report.goal(f"BN-Inception {label} eager, fused/torch throughput", rr,
-                                ">= 1.05", rr >= 1.05)
+                    report.goal(
+                        f"BN-Inception {label} eager, fused/torch throughput",
+                        rr,
+                        ">= 1.05",
+                        rr >= 1.05,
+                    )
             else:
                 rr = t["ours"] / t["torch"]
-                report.goal(f"BN-Inception {label} compiled, ours/torch step time", rr,
-                            "<= 1.05", rr <= 1.05)
+                report.goal(
+                    f"BN-Inception {label} compiled, ours/torch step time",
+                    rr,
+                    "<= 1.05",
+                    rr <= 1.05,
+                )
             del steps
-    report.lines += ["", f"## BN-Inception training throughput (width {plan.width}, "
-                     f"{plan.steps} steps per round, median of {plan.rounds} rounds)", "",
-                     "Compiled rows: torch.compile of the whole model; the Triton kernels are "
-                     "not registered with torch.compile, so only the torch paths are compiled."]
+    report.lines += [
+        "",
+        f"## BN-Inception training throughput (width {plan.width}, "
+        f"{plan.steps} steps per round, median of {plan.rounds} rounds)",
+        "",
+        "Compiled rows: torch.compile of the whole model; the Triton kernels are "
+        "not registered with torch.compile, so only the torch paths are compiled.",
+    ]
     report.table(["config", "mode", "BN", "images/s", "/ torch"], rows)
 
 
@@ -486,10 +588,14 @@ def section_sync(plan, report, wall, kernels):
         backend = dist.get_backend()
     finally:
         dist.destroy_process_group()
-    report.lines += ["", f"## SyncBatchNorm smoke run (world of one, {backend})", "",
-                     f"shape {shape}: max |ours - F.batch_norm| = {err:.2e}; forward+backward "
-                     + ", ".join(f"{n} {us(s)} us" for n, s in t.items())
-                     + (f"; ours/torch {t['ours'] / t['torch']:.3f}" if "torch" in t else "")]
+    report.lines += [
+        "",
+        f"## SyncBatchNorm smoke run (world of one, {backend})",
+        "",
+        f"shape {shape}: max |ours - F.batch_norm| = {err:.2e}; forward+backward "
+        + ", ".join(f"{n} {us(s)} us" for n, s in t.items())
+        + (f"; ours/torch {t['ours'] / t['torch']:.3f}" if "torch" in t else ""),
+    ]
 
 
 SECTIONS = {
@@ -532,8 +638,11 @@ def header(plan: Plan, argv) -> list[str]:
 
 def parse(argv):
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
+    )
     p.add_argument("--out", default=None, help="folder of the report (results/gpu on a GPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--budget", type=float, default=None, help="seconds; later sections skip")
@@ -566,8 +675,10 @@ def main(argv=None) -> int:
             if name == "memory":
                 what = "BN-Inception step, batch {}, {}x{}".format(*plan.memory, plan.memory[1])
             print(f"  {name}: {what or 'world of one'}")
-        print(f"compile: {plan.compile}, budget {plan.budget_s:.0f} s, report -> "
-              f"{args.out or 'results/gpu'}/<card>.md")
+        print(
+            f"compile: {plan.compile}, budget {plan.budget_s:.0f} s, report -> "
+            f"{args.out or 'results/gpu'}/<card>.md"
+        )
         return 0
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels import Triton
@@ -587,8 +698,11 @@ def main(argv=None) -> int:
         print(f"{name}: done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
     lines = header(plan, argv) + [f"- total time: {time.perf_counter() - start:.0f} s"]
     if plan.device != "cuda":
-        lines += ["", "SMOKE RUN on the CPU under the Triton interpreter: it checks that the "
-                  "script runs; its numbers measure nothing."]
+        lines += [
+            "",
+            "SMOKE RUN on the CPU under the Triton interpreter: it checks that the "
+            "script runs; its numbers measure nothing.",
+        ]
     lines += report.lines + ["", "## Goals", "", GOALS.rstrip()]
     lines += ["", "| measured | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {w} | {v} | {t} | {m} |" for w, v, t, m in report.goals]
