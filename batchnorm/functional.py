@@ -496,6 +496,7 @@ def batch_norm_transform(
         (y, BatchStats(mu_B, sigma2_B, m) detached) or (y, None) for an empty batch (or
         ``stats=False`` on the native path).
     """
+    axis = _channel_axis(input, axis)
     count = _values_per_channel(input, axis)
     if count == 0:
         return _empty_output(input, weight, bias, axis), None
