@@ -240,10 +240,13 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         new_mean, new_var, updated = F.update_running_stats(
             running_mean, running_var, stats, momentum
         )
-        torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
-        self._count(updated)
+        self._write(running_mean, running_var, new_mean, new_var, updated)
 
-    def _count(self, updated: Tensor) -> None:
+    def _write(self, running_mean, running_var, new_mean, new_var, updated: Tensor) -> None:
+        # The tensor form of the write-back: plain copies (foreach ops have no vmap rule) and
+        # the 0-d bool ``updated`` added to the counters.
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
         self.num_batches_tracked.add_(updated)
         self.num_batches_skipped.add_(~updated)
 
@@ -288,12 +291,9 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         else:
             updated = F.all_finite(running_var)
             old_mean, old_var = backup.chunk(2)
-            kept = [
-                torch.where(updated, running_mean, old_mean),
-                torch.where(updated, running_var, old_var),
-            ]
-            torch._foreach_copy_([running_mean, running_var], kept)
-            self._count(updated)
+            kept_mean = torch.where(updated, running_mean, old_mean)
+            kept_var = torch.where(updated, running_var, old_var)
+            self._write(running_mean, running_var, kept_mean, kept_var, updated)
         return output if axis == 1 else output.movedim(1, axis)
 
     # ----------------------------------------------------------------------------------------

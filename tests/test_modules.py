@@ -528,3 +528,27 @@ def test_fused_kernel_and_commit_step_leave_the_same_state(bad, momentum):
     for name in ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"):
         torch.testing.assert_close(getattr(fused, name), getattr(stepwise, name))
     assert fused.num_batches_skipped.item() == (bad is not None)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"backward": "paper"}, {"momentum": None}])
+def test_vmap_over_an_ensemble_of_layers_commits_each_member(kwargs):
+    # The commit's tensor form under torch.func: each member's buffers move (or, for the
+    # member with a NaN, stay and count the skip) as the layer alone would.
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    members = [batchnorm.BatchNorm1d(3, **kwargs) for _ in range(3)]
+    params, buffers = stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    x = torch.randn(3, 8, 3, generator=torch.Generator().manual_seed(0))
+    x[1, 0, 1] = float("nan")
+    vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))(params, buffers, x)
+    assert buffers["num_batches_tracked"].tolist() == [1, 0, 1]
+    assert buffers["num_batches_skipped"].tolist() == [0, 1, 0]
+    assert torch.equal(buffers["running_var"][1], torch.ones(3))
+    for i in (0, 2):
+        alone = batchnorm.BatchNorm1d(3, **kwargs)
+        alone(x[i])
+        torch.testing.assert_close(buffers["running_mean"][i], alone.running_mean)
+        torch.testing.assert_close(buffers["running_var"][i], alone.running_var)
