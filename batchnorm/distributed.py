@@ -269,10 +269,11 @@ class SyncBatchNorm(_BatchNormBase):
         *,
         timeout: float | datetime.timedelta | None = None,
         backward: str = "native",
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            backward=backward,
+            backward=backward, backend=backend,
         )  # fmt: skip
         self.process_group = process_group
         self.timeout = timeout
