@@ -24,7 +24,8 @@ def _curves(ax, variants: dict, keys: list[str], target: float | None, title: st
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
 
 

