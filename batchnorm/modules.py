@@ -232,7 +232,9 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         if readable:
             new_mean, new_var = F.running_stats_step(running_mean, running_var, stats, momentum)
             if math.isfinite(new_var.max().item()):
-                torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+                # Through .data, as torch's kernel writes them: no autograd version bump, so a
+                # graph that saved the buffers (torch's kernel does) stays valid.
+                torch._foreach_copy_([running_mean.data, running_var.data], [new_mean, new_var])
                 self.num_batches_tracked.add_(_ONE)
             else:
                 self.num_batches_skipped.add_(_ONE)
@@ -256,13 +258,16 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         torch's kernel normalizes with the batch statistics and applies the same rule as
         `F.running_stats_step` to the buffers in place. The guard then runs after it: a copy
         of the two buffers taken before (one (2C,) cat) restores them if the new variance is
-        not finite. Returns None where this path does not apply (empty or one-value batches,
-        which the transform reports; momentum=None where 1/k must stay a tensor).
+        not finite. Off the eager CPU the kernel updates that copy instead, and the guard
+        selects between it and the buffers without reading anything back. Returns None where
+        this path does not apply (empty or one-value batches, which the transform reports;
+        momentum=None where 1/k must stay a tensor).
 
         Operations beyond torch.nn's forward (benchmarks/bench_bn.py counts them): the
         backup ``cat``, and the guard's ``max`` with its read-back (``_local_scalar_dense``);
         ``momentum=None`` reads k back (one more ``_local_scalar_dense``). Off the eager CPU
-        the guard is ``isfinite``, ``all``, two ``where``, a copy and the counters' adds.
+        the guard is two clones, ``isfinite``, ``all``, two ``where``, two copies and the counters'
+        adds.
         """
         axis = self._axis
         channels = input.shape[axis]
@@ -275,24 +280,33 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             if not readable:
                 return None  # the commit step keeps 1/k a tensor in the graph
             momentum = 1.0 / (buffers["num_batches_tracked"].item() + 1)
-        backup = torch.cat((running_mean, running_var))
         params = self._parameters
-        output = torch.batch_norm(
-            input if axis == 1 else input.movedim(axis, 1), params["weight"], params["bias"],
-            running_mean, running_var, True, momentum, self.eps, torch.backends.cudnn.enabled,
-        )  # fmt: skip
+        x = input if axis == 1 else input.movedim(axis, 1)
         if readable:
+            backup = torch.cat((running_mean, running_var))
+            output = torch.batch_norm(
+                x, params["weight"], params["bias"], running_mean, running_var, True, momentum,
+                self.eps, torch.backends.cudnn.enabled,
+            )  # fmt: skip
             if math.isfinite(running_var.max().item()):
                 buffers["num_batches_tracked"].add_(_ONE)
             else:
-                old_mean, old_var = backup.chunk(2)
-                torch._foreach_copy_([running_mean, running_var], [old_mean, old_var])
+                # Roll back through .data, as the kernel wrote: no autograd version bump (the
+                # kernel saved the buffers for its backward, which does not read them).
+                old = backup.chunk(2)
+                torch._foreach_copy_([running_mean.data, running_var.data], list(old))
                 buffers["num_batches_skipped"].add_(_ONE)
         else:
-            updated = F.all_finite(running_var)
-            old_mean, old_var = backup.chunk(2)
-            kept_mean = torch.where(updated, running_mean, old_mean)
-            kept_var = torch.where(updated, running_var, old_var)
+            # The kernel updates copies (whole tensors: vmap's rule for the kernel does not
+            # write through views); the guard selects between them and the buffers.
+            new_mean, new_var = running_mean.clone(), running_var.clone()
+            output = torch.batch_norm(
+                x, params["weight"], params["bias"], new_mean, new_var, True, momentum, self.eps,
+                torch.backends.cudnn.enabled,
+            )  # fmt: skip
+            updated = F.all_finite(new_var)
+            kept_mean = torch.where(updated, new_mean, running_mean)
+            kept_var = torch.where(updated, new_var, running_var)
             self._write(running_mean, running_var, kept_mean, kept_var, updated)
         return output if axis == 1 else output.movedim(1, axis)
 

@@ -552,3 +552,20 @@ def test_vmap_over_an_ensemble_of_layers_commits_each_member(kwargs):
         alone(x[i])
         torch.testing.assert_close(buffers["running_mean"][i], alone.running_mean)
         torch.testing.assert_close(buffers["running_var"][i], alone.running_var)
+
+
+def test_backward_after_a_skipped_batch_and_after_a_second_call():
+    # The rollback of a non-finite batch and a later commit write the buffers as torch's
+    # kernel does, without an autograd version bump: torch's kernel saved them for its
+    # backward, and a graph that was recorded before must still run.
+    bn = batchnorm.BatchNorm1d(3)
+    x = torch.randn(8, 3)
+    x[0, 0] = float("nan")
+    x.requires_grad_()
+    bn(x).sum().backward()
+    assert bn.num_batches_skipped.item() == 1 and x.grad.shape == x.shape
+    z = torch.randn(8, 3, requires_grad=True)
+    y1 = bn(z)  # the fused kernel, saving the buffers
+    y2 = bn(z.unsqueeze(-1) * 2, mask=torch.ones(8, 1, dtype=torch.bool))  # then the commit
+    (y1.sum() + y2.sum()).backward()
+    assert bn.num_batches_tracked.item() == 2 and z.grad.shape == z.shape
