@@ -24,7 +24,6 @@ its standard deviation (`_xhat_change2`).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import warnings
@@ -35,7 +34,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm import functional as F
+from batchnorm.inference.population import (
+    SKIPPED,
+    PopulationStats,
+    StatisticsPass,
+    check_estimator,
+)
+from batchnorm.inference.swap import channel_axis
 
 __all__ = [
     "diagnose",
@@ -83,21 +88,6 @@ def _is_frozen(m: nn.Module) -> bool:
 
 def _is_bn(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm) or _is_frozen(m)
-
-
-def _channel_axis(m: nn.Module) -> int:
-    """The channel axis a layer normalizes: ours carry ``_axis`` or ``axis``, torch's use 1."""
-    return getattr(m, "_axis", getattr(m, "axis", 1))
-
-
-def _first_input(batch) -> Tensor:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, Tensor):
-        raise TypeError(
-            "diagnose expects batches that are tensors or tuples/lists whose first element is "
-            f"the input tensor, got {type(x).__name__}"
-        )
-    return x
 
 
 def _output_tensor(out) -> Tensor | None:
@@ -462,76 +452,42 @@ def _xhat_change2(mean, var, m1, v1, m2, v2, eps):
     return var * (a1 - a2) ** 2 + ((mean - m1) * a1 - (mean - m2) * a2) ** 2
 
 
-class _LayerStats:
-    """Per-batch statistics of one BN layer's input, summed in float64 as they arrive.
+class _LayerStats(PopulationStats):
+    """One BN layer's input over the pass: the population statistics of `PopulationStats`
+    (those `batchnorm.recalibrate` writes with the same ``estimator``) and the sums behind the
+    batch noise and the train/eval gap, in float64.
 
-    The population statistics are those `batchnorm.recalibrate` computes with the same
-    ``estimator``: "algorithm2" averages mu_B and m/(m-1) sigma2_B over batches, "pooled"
-    merges every batch exactly with `F.merge_stats`. The batch noise needs the population
-    statistics, known only at the end, so the sums it needs are kept instead, shifted by the
-    first batch's mean against cancellation: sum d, sum d^2 with d = mu_B - ref, and sum s2,
-    s2 a, s2 a^2 with a = 1/sqrt(s2 + eps). The train/eval gap uses the (fixed) running
-    statistics directly.
+    The batch noise needs the population statistics, known only at the end, so the sums it
+    needs are kept instead, shifted by the first batch's mean (``ref``) against
+    cancellation: sum d (``sum_d``) and sum d^2 with d = mu_B - ref, and sum s2, s2 a, s2 a^2
+    with a = 1/sqrt(s2 + eps). The train/eval gap uses the (fixed) running statistics
+    directly.
     """
 
-    def __init__(self, eps: float, running: tuple[Tensor, Tensor] | None, estimator: str) -> None:
+    def __init__(self, estimator: str, eps: float, running: tuple[Tensor, Tensor] | None) -> None:
+        super().__init__(estimator)
         self.eps = eps
         self.running = running
-        self.estimator = estimator
-        self.batches = 0
-        self.nonfinite = 0
-        self.counts = 0
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-        self.ref: Tensor | None = None
         self.sums: dict[str, Tensor] = {}
 
-    def add(self, stats: F.BatchStats) -> None:
-        mean, var, count = stats.mean.double(), stats.var.double(), stats.count
-        if count < 2:
-            return  # a training-mode BN refuses one value per channel; nothing to measure
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-            self.nonfinite += 1
-            return
-        self.batches += 1
-        self.counts += count
-        if self.mean is None:
-            self.n, self.mean, self.m2, self.ref = count, mean, var * count, mean
-        elif self.estimator == "pooled":
-            counts = torch.tensor([[self.n], [count]], dtype=mean.dtype, device=mean.device)
-            _, self.mean, self.m2 = F.merge_stats(
-                counts, torch.stack([self.mean, mean]), torch.stack([self.m2, var * count])
-            )
-            self.n += count
+    def add(self, mean: Tensor, var: Tensor, count: int) -> bool:
+        if not super().add(mean, var, count):
+            return False
         d = mean - self.ref
         a = torch.rsqrt(var + self.eps)
-        terms = {
-            "d": d,
-            "d2": d * d,
-            "s2": var,
-            "s2a": var * a,
-            "s2a2": var * a * a,
-            "unbiased": var * (count / (count - 1)),
-        }
+        terms = {"d2": d * d, "s2": var, "s2a": var * a, "s2a2": var * a * a}
         if self.running is not None:
             rm, rv = self.running
             terms["gap"] = _xhat_change2(mean, var, mean, var, rm, rv, self.eps)
         for k, t in terms.items():
             self.sums[k] = self.sums[k] + t if k in self.sums else t
-
-    def population(self) -> tuple[Tensor, Tensor]:
-        """E[x] and Var[x] as `batchnorm.recalibrate` with this estimator would write them."""
-        if self.estimator == "pooled":
-            return self.mean, self.m2 / (self.n - 1)
-        k = self.batches
-        return self.ref + self.sums["d"] / k, self.sums["unbiased"] / k
+        return True
 
     def spread2(self, pm: Tensor) -> Tensor:
         """Mean over batches of (mu_B - pm)^2, from the shifted sums."""
-        k, s = self.batches, self.sums
+        k = self.batches
         c = pm - self.ref
-        return (s["d2"] - 2 * c * s["d"] + k * c * c).clamp_min(0) / k
+        return (self.sums["d2"] - 2 * c * self.sum_d + k * c * c).clamp_min(0) / k
 
     def noise2(self, pm: Tensor, pv: Tensor) -> Tensor:
         """Mean over batches of E[(xhat_B - xhat_pop)^2] per channel."""
@@ -580,16 +536,6 @@ class _OutputStats:
 # --------------------------------------------------------------------------------------------
 
 
-def _progress(iterable, total, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the bar is optional; the result is the same without it
-        return iterable
-    return tqdm(iterable, total=total, desc="diagnose", unit="batch")
-
-
 def _mode(bn: nn.Module) -> str:
     if _is_frozen(bn):
         return "frozen"
@@ -621,8 +567,10 @@ def diagnose(
     Each batch passes through the model twice. First as Algorithm 2 (and `batchnorm.
     recalibrate`) sees it: every BN layer in training mode, normalizing with its batch
     statistics, every other layer in eval mode; a forward pre-hook records each BN input's
-    mu_B and sigma2_B (`batchnorm.functional.batch_stats` on the layer's channel axis). Then
-    in eval mode, with the running statistics, to compare the model outputs. Per layer this
+    mu_B and sigma2_B (`batchnorm.functional.batch_stats` on the layer's channel axis); this
+    pass and the population estimators are `batchnorm.inference.population`'s, the very ones
+    `batchnorm.recalibrate` runs. Then in eval mode, with the running statistics, to compare
+    the model outputs. Per layer this
     gives the population statistics (those `batchnorm.recalibrate` would write with the same
     ``estimator``), their mismatch with the running statistics, the
     train/eval gap, the noise of the batch statistics, dead and eps-dominated channels, and
@@ -636,7 +584,9 @@ def diagnose(
     FrozenBatchNorm`, torchvision's ``FrozenBatchNorm2d``). The model is left exactly as it was:
     every buffer (running statistics, ``num_batches_tracked``, ``num_batches_skipped``) is
     restored after each batch, parameters are not touched and every module's train/eval mode
-    is restored. Inputs go to the device of the model's first parameter or buffer. A BN
+    is restored. Inputs go to the device of the model's first parameter or buffer. A batch in
+    which some layer sees fewer than 2 values per channel is skipped as a whole, with a
+    warning, as `batchnorm.recalibrate` skips it. A BN
     ``mask`` argument is not seen (hooks see positional inputs), and a Ghost BN layer's noise
     is that of the whole batch passed here: pass batches of its virtual_batch_size.
 
@@ -662,7 +612,8 @@ def diagnose(
         ``report.plot(path)`` draws the per-layer mismatch.
 
     Raises:
-        ValueError: the model has no BN layer, ``data`` yields no batch, or ``batches`` < 1.
+        ValueError: the model has no BN layer, ``data`` yields no usable batch, an unknown
+            estimator, or ``batches`` < 1.
         TypeError: ``data`` is a tensor (pass an iterable of batches, e.g. ``[x]``).
 
     Example:
@@ -680,8 +631,7 @@ def diagnose(
         )
     if batches is not None and batches < 1:
         raise ValueError(f"batches must be a positive integer or None, got {batches}")
-    if estimator not in ("algorithm2", "pooled"):
-        raise ValueError(f"estimator must be 'algorithm2' or 'pooled', got {estimator!r}")
+    check_estimator(estimator)
     limits = thresholds if thresholds is not None else Thresholds()
     layers = [(name, m) for name, m in model.named_modules() if _is_bn(m)]
     if not layers:
@@ -689,63 +639,24 @@ def diagnose(
             f"diagnose found no BN layer in {type(model).__name__} (looked for torch's "
             "_BatchNorm subclasses, ours included, and FrozenBatchNorm layers)"
         )
-    modes = [(m, m.training) for m in model.modules()]
-    saved = [(b, b.clone()) for b in model.buffers()]
     stats = {}
     for name, bn in layers:
         running = None
         if _mode(bn) != "batch_always":
             running = (bn.running_mean.detach().double(), bn.running_var.detach().double())
-        stats[name] = _LayerStats(bn.eps, running, estimator)
+        stats[name] = _LayerStats(estimator, bn.eps, running)
     output = _OutputStats()
-    first = next(itertools.chain(model.parameters(), model.buffers()))
-    device = first.device
-
-    def hook_for(acc: _LayerStats, axis: int):
-        def hook(module, args):
-            if recording[0]:
-                acc.add(F.batch_stats(args[0], axis))
-
-        return hook
-
-    recording = [False]
-    hooks = [bn.register_forward_pre_hook(hook_for(stats[n], _channel_axis(bn))) for n, bn in
-             layers]
     any_batch_mode = any(_mode(bn) == "batch" for _, bn in layers)
-    total = batches
-    if hasattr(data, "__len__"):
-        total = len(data) if batches is None else min(batches, len(data))
-    used = 0
-    try:
-        it = data if batches is None else itertools.islice(data, batches)
-        for batch in _progress(it, total, progress):
-            x = _first_input(batch).to(device)
-            model.eval()
-            for _, bn in layers:
-                if isinstance(bn, _BatchNorm):
-                    bn.train()
-            recording[0] = True
-            y_train = _output_tensor(model(x))
-            recording[0] = False
-            for b, copy in saved:
-                b.copy_(copy)
-            model.eval()
-            y_eval = _output_tensor(model(x)) if any_batch_mode else y_train
-            for b, copy in saved:
-                b.copy_(copy)
+    with StatisticsPass(model, {n: (bn, stats[n]) for n, bn in layers}, "diagnose") as run:
+        for x in run.inputs(data, batches, progress):
+            y_train = run.record(x)
+            if y_train is SKIPPED:
+                continue
+            y_train = _output_tensor(y_train)
+            y_eval = _output_tensor(run.eval_output(x)) if any_batch_mode else y_train
             if y_train is not None and y_eval is not None and y_train.shape == y_eval.shape:
                 output.add(y_train, y_eval)
-            used += 1
-    finally:
-        recording[0] = False
-        for h in hooks:
-            h.remove()
-        for m, training in modes:
-            m.training = training
-        for b, copy in saved:
-            b.copy_(copy)
-    if used == 0:
-        raise ValueError("diagnose received no batch: the iterable was empty")
+    used = run.finish()
 
     results = {name: _measure(name, bn, stats[name], limits) for name, bn in layers}
     accumulated = None
@@ -793,8 +704,8 @@ def _measure(name: str, bn: nn.Module, acc: _LayerStats, limits: Thresholds) -> 
     if acc.batches == 0:
         return d
     eps = d.eps
-    d.values_per_channel = acc.counts / acc.batches
-    pm, pv = acc.population()
+    d.values_per_channel = acc.n / acc.batches
+    pm, pv = acc.result()
     d.population_mean, d.population_var = pm.cpu(), pv.cpu()
     d.dead_input = (pv <= limits.dead_input * eps).cpu()
     dead = d.dead_input if d.dead_gamma is None else d.dead_input | d.dead_gamma
@@ -1140,7 +1051,7 @@ class Monitor:
             self._handles.append(self.model.register_forward_hook(self._after_model))
             for name, m in self._modules.items():
                 self._handles.append(
-                    m.register_forward_pre_hook(self._hook_for(name, _channel_axis(m)))
+                    m.register_forward_pre_hook(self._hook_for(name, channel_axis(m)))
                 )
         except BaseException:
             self.close()

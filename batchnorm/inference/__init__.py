@@ -1,6 +1,8 @@
 """Algorithm 2 (Sec. 3.1), the inference side: one module per verb, for ours and torch.nn's BN.
 
 - `recalibrate` (recalibrate.py): population statistics with the weights frozen (step 2).
+- population.py: the population estimators and the statistics pass behind `recalibrate`,
+  shared with `batchnorm.diagnose`.
 - `FrozenBatchNorm`, `freeze`, `unfreeze` (frozen.py): the fixed inference map as a layer.
 - `fold`, `FoldReport` (fold.py): each fixed BN merged into the adjacent linear layer (step 3),
   with the neighbours found by graph.py.

@@ -46,6 +46,7 @@ _PLAIN = {
     "virtual_batch_size": None,
     "process_group": None,
     "timeout": None,
+    "backend": "auto",  # auto is the torch path wherever the kernels do not apply
 }
 
 # What a setting means, for refusals: "<target> does not implement <meaning> (<settings>)".
@@ -58,6 +59,7 @@ _MEANING = {
     "d_max": "Batch Renormalization",
     "process_group": "synchronized statistics",
     "timeout": "synchronized statistics",
+    "backend": "a choice of kernels",
 }
 
 # The state a BN layer holds, shared (not copied) by a rebuilt layer.
@@ -115,8 +117,10 @@ def _expressible(cls: type) -> frozenset:
 
 
 def channel_axis(layer: nn.Module) -> int:
-    """The axis a BN layer normalizes (1 unless the layer has an ``axis`` setting)."""
-    return layer_settings(layer).get("axis", 1)
+    """The axis a layer normalizes: its ``axis`` setting where it reports one (ours), else 1
+    (torch's BN layers, torchvision's ``FrozenBatchNorm2d``, any other module)."""
+    own = getattr(layer, "_settings", None)
+    return 1 if own is None else own().get("axis", 1)
 
 
 def tracks_running_stats(layer: nn.Module) -> bool:

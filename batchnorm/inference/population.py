@@ -1,0 +1,269 @@
+"""Algorithm 2's population statistics (Sec. 3.1): the estimators and the statistics pass.
+
+`batchnorm.recalibrate` writes what they measure and `batchnorm.diagnose` compares it with
+the running statistics; both go through this module, so both see the same batches the same
+way and a model recalibrated on some data has exactly the population statistics `diagnose`
+measures on it.
+
+- `PopulationStats`: E[x] and Var[x] of one layer's input from its per-batch mu_B, sigma2_B
+  and m, in float64, with either estimator (`ESTIMATORS`).
+- `StatisticsPass`: runs batches through a model as Algorithm 2 sees them and feeds each
+  layer's `PopulationStats`; the model is restored afterwards.
+
+Statistical conventions (biased sigma2_B, unbiased population variance, m/(m-1)) are those
+of `batchnorm.functional`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm import functional as F
+from batchnorm.inference.swap import channel_axis
+
+__all__ = ["ESTIMATORS", "check_estimator", "PopulationStats", "StatisticsPass", "SKIPPED"]
+
+ESTIMATORS = ("algorithm2", "pooled")
+
+
+def check_estimator(estimator: str) -> None:
+    """Refuse an estimator name that is not one of `ESTIMATORS`."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+
+
+class PopulationStats:
+    """E[x] and Var[x] of one layer's input, from each batch's (mu_B, sigma2_B, m).
+
+    "algorithm2" (Algorithm 2, step 2): E[x] = E_B[mu_B], Var[x] = E_B[m/(m-1) sigma2_B],
+    every batch weighing the same. "pooled": the exact mean and unbiased variance of every
+    value seen, whatever the batch split; each batch's (m, mu_B, M2 = m sigma2_B) is merged
+    into the totals with `F.merge_stats`, which stays accurate where summing x and x^2 would
+    cancel. The batch means are summed shifted by the first one (``ref``), also against
+    cancellation. A batch with non-finite statistics is left out and counted in
+    ``nonfinite``. Subclasses add their own terms by extending `add`.
+    """
+
+    def __init__(self, estimator: str = "algorithm2") -> None:
+        check_estimator(estimator)
+        self.estimator = estimator
+        self.batches = 0  # batches added
+        self.nonfinite = 0  # batches left out
+        self.n = 0  # values per channel over the batches added
+        self.ref: Tensor | None = None  # the first batch's mu_B
+        self.sum_d: Tensor | float = 0.0  # sum of mu_B - ref
+        self.sum_unbiased: Tensor | float = 0.0  # sum of m/(m-1) sigma2_B
+        self.mean: Tensor | None = None  # pooled mean and M2 of the values seen
+        self.m2: Tensor | None = None
+
+    def add(self, mean: Tensor, var: Tensor, count: int) -> bool:
+        """Add one batch: float64 mu_B and sigma2_B (C,), m >= 2 values per channel.
+
+        Returns False when the batch was left out because a statistic is not finite."""
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            self.nonfinite += 1
+            return False
+        if self.ref is None:
+            self.ref, self.mean, self.m2 = mean, mean, var * count
+        elif self.estimator == "pooled":
+            counts = torch.tensor([[self.n], [count]], dtype=mean.dtype, device=mean.device)
+            _, self.mean, self.m2 = F.merge_stats(
+                counts, torch.stack([self.mean, mean]), torch.stack([self.m2, var * count])
+            )
+        self.batches += 1
+        self.n += count
+        self.sum_d = self.sum_d + (mean - self.ref)
+        self.sum_unbiased = self.sum_unbiased + var * (count / (count - 1))
+        return True
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """(E[x], Var[x]) per channel; needs at least one batch added."""
+        if self.estimator == "pooled":
+            return self.mean, self.m2 / (self.n - 1)
+        return self.ref + self.sum_d / self.batches, self.sum_unbiased / self.batches
+
+
+class _TooFewValues(Exception):
+    """Raised by a hook to abandon a batch in which a BN layer sees m < 2 values per channel."""
+
+    def __init__(self, layer: str, count: int) -> None:
+        super().__init__(layer, count)
+        self.layer, self.count = layer, count
+
+
+SKIPPED = object()
+"""What `StatisticsPass.record` returns for a batch it skipped."""
+
+
+def _first_input(batch, who: str) -> Tensor:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{who} expects batches that are tensors or tuples/lists whose first element is "
+            f"the input tensor, got {type(x).__name__}"
+        )
+    return x
+
+
+def _progress(iterable, total: int | None, who: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the progress bar is optional; the result is the same without it
+        return iterable
+    return tqdm(iterable, total=total, desc=who, unit="batch")
+
+
+class StatisticsPass:
+    """Batches through ``model`` as Algorithm 2 sees them, each BN input's statistics recorded.
+
+    In `record`, every BN layer (any ``torch.nn.modules.batchnorm._BatchNorm``: ours, torch's,
+    SyncBatchNorm) is in training mode, so it normalizes with its batch statistics as in
+    training, and every other module is in eval mode (dropout off, as at inference). A
+    forward pre-hook on each layer of ``layers`` records the per-channel mu_B and sigma2_B of
+    its input (`F.batch_stats` on the layer's channel axis) and m; when the forward is done
+    they go, in float64, to the layer's `PopulationStats` (k of them for a layer called k
+    times). A batch in which some layer sees m < 2 values per channel is skipped as a whole:
+    m/(m-1) is undefined there, a training-mode BN cannot normalize one value, and the layers
+    after it would see activations unlike training's.
+
+    Use as a context manager. A training-mode forward moves the running statistics and the
+    counters (``num_batches_tracked``, ``num_batches_skipped``): every buffer of the model is
+    put back after each batch, so each batch sees the model as it was (the statistics never
+    depend on momentum or on the order of the batches) and the model is left as it was. On
+    exit, also after an exception, the hooks are removed and every module's train/eval mode
+    is restored. Runs under ``torch.no_grad``; parameters are never touched.
+
+    Args:
+        model: the model.
+        layers: qualified name -> (layer, accumulator with ``add(mean, var, count)``).
+        who: the caller's name, for messages and the progress bar.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: dict[str, tuple[nn.Module, PopulationStats]], who: str
+    ) -> None:
+        self.model = model
+        self.layers = layers
+        self.who = who
+        self.used = 0
+        self.skipped: list[_TooFewValues] = []
+        self._bn = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        self.device = None if first is None else first.device
+        self._pending: list[tuple[PopulationStats, Tensor, Tensor, int]] = []
+        self._recording = False
+        self._hooks: list = []
+        self._modes: list = []
+        self._saved: list = []
+
+    def __enter__(self) -> StatisticsPass:
+        self._modes = [(m, m.training) for m in self.model.modules()]
+        self._saved = [(b, b.clone()) for b in self.model.buffers()]
+        try:
+            for name, (layer, acc) in self.layers.items():
+                hook = self._hook(name, acc, channel_axis(layer))
+                self._hooks.append(layer.register_forward_pre_hook(hook))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._recording = False
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for m, training in self._modes:
+            m.training = training
+        self._restore_buffers()
+
+    def _hook(self, name: str, acc: PopulationStats, axis: int):
+        def hook(module, args):
+            if not self._recording:
+                return
+            s = F.batch_stats(args[0], axis)
+            count = int(s.count)
+            if count < 2:
+                raise _TooFewValues(name, count)
+            self._pending.append((acc, s.mean.double(), s.var.double(), count))
+
+        return hook
+
+    def _restore_buffers(self) -> None:
+        with torch.no_grad():
+            for b, saved in self._saved:
+                b.copy_(saved)
+
+    def inputs(self, data: Iterable, limit: int | None, progress: bool) -> Iterator[Tensor]:
+        """The input tensor of each of the first ``limit`` batches (all when None), on the
+        device of the model's first parameter or buffer. A batch is a tensor or a tuple/list
+        whose first element is the input (a DataLoader of (input, target) works)."""
+        total = limit
+        if hasattr(data, "__len__"):
+            total = len(data) if limit is None else min(limit, len(data))
+        batches = data if limit is None else itertools.islice(data, limit)
+        if progress:
+            batches = _progress(batches, total, self.who)
+        for batch in batches:
+            x = _first_input(batch, self.who)
+            yield x if self.device is None else x.to(self.device)
+
+    def record(self, x: Tensor):
+        """One forward with batch statistics, recorded; the model output, or `SKIPPED` when a
+        layer saw fewer than 2 values per channel (nothing of that batch is recorded)."""
+        self.model.eval()
+        for m in self._bn:
+            m.train()
+        self._pending.clear()
+        self._recording = True
+        try:
+            with torch.no_grad():
+                output = self.model(x)
+        except _TooFewValues as small:
+            self.skipped.append(small)
+            return SKIPPED
+        finally:
+            self._recording = False
+            self._restore_buffers()
+        for acc, mean, var, count in self._pending:
+            acc.add(mean, var, count)
+        self.used += 1
+        return output
+
+    def eval_output(self, x: Tensor):
+        """The model's eval-mode output (running statistics) for ``x``; nothing recorded."""
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.model(x)
+        finally:
+            self._restore_buffers()
+
+    def finish(self) -> int:
+        """After the pass: warn once about skipped batches; the number of batches used.
+
+        Raises:
+            ValueError: no batch was used.
+        """
+        if self.skipped:
+            first = self.skipped[0]
+            warnings.warn(
+                f"{self.who} skipped {len(self.skipped)} batch(es) in which a BN layer saw "
+                f"fewer than 2 values per channel (first: layer {first.layer!r} saw "
+                f"{first.count}); Algorithm 2's unbiased variance needs m >= 2 (use "
+                "drop_last=True to avoid a last batch of one sample)",
+                stacklevel=3,
+            )
+        if self.used == 0:
+            why = "the iterable was empty" if not self.skipped else "every batch was skipped"
+            raise ValueError(
+                f"{self.who} used no batch: {why}, so no statistics were computed and the "
+                "model is unchanged"
+            )
+        return self.used
