@@ -7,6 +7,15 @@ inference side (recalibration, freezing, folding, conversion) in `batchnorm.infe
 from batchnorm import functional
 from batchnorm.diagnose import diagnose, monitor
 from batchnorm.distributed import SyncBatchNorm
+from batchnorm.fused import (
+    BatchNormAct,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    FrozenBatchNormAct,
+    FuseReport,
+    fuse_activations,
+)
 from batchnorm.inference import (
     FoldReport,
     FrozenBatchNorm,
@@ -32,3 +41,5 @@ __all__ = ["functional", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d
 __all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 __all__ += ["recalibrate", "FrozenBatchNorm", "freeze", "unfreeze", "fold", "FoldReport", "convert"]
 __all__ += ["diagnose", "monitor"]
+__all__ += ["BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
+__all__ += ["FrozenBatchNormAct", "fuse_activations", "FuseReport"]

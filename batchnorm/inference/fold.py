@@ -269,6 +269,9 @@ def fold(
             report.skipped.append((name, why))
             continue
         reasons = []
+        # A BN fused with its activation (batchnorm.fused) leaves the activation in its place,
+        # which stands between it and the next layer.
+        residue = bn.activation_module() if hasattr(bn, "activation_module") else nn.Identity()
         for where, neighbour in (("after", site.producer), ("before", site.consumer)):
             if neighbour is None or not isinstance(neighbour.module, _LINEAR):
                 continue
@@ -282,12 +285,14 @@ def fold(
                 problem = _axis_problem(bn, layer, site.call.rank)
             if problem is None and where == "before":
                 problem = _pre_fold_problem(layer)
+            if problem is None and where == "before" and not isinstance(residue, nn.Identity):
+                problem = f"the fused {type(residue).__name__} lies between the BN and this layer"
             if problem is not None:
                 reasons.append(f"{where} {neighbour.name} ({type(layer).__name__}): {problem}")
                 continue
             scale, shift = _affine64(bn)
             (_fold_after if where == "after" else _fold_before)(layer, scale, shift)
-            swap_modules(model, lambda m, bn=bn: nn.Identity() if m is bn else None)
+            swap_modules(model, lambda m, bn=bn, new=residue: new if m is bn else None)
             report.folded.append((name, neighbour.name, where))
             break
         else:

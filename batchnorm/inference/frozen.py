@@ -29,6 +29,8 @@ TRAINING_ONLY = frozenset(
         "d_max",
         "process_group",
         "timeout",
+        "backend",  # how it is computed (batchnorm.dispatch), remembered for unfreeze
+        "memory_saving",  # a fused layer's backward (batchnorm.fused)
     }
 )
 
@@ -195,7 +197,9 @@ def freeze(model: nn.Module, trainable_affine: bool = False) -> nn.Module:
 
     def fn(m):
         if tracks_running_stats(m):
-            return FrozenBatchNorm.from_batchnorm(m, trainable_affine)
+            # A fused BN + activation (batchnorm.fused) names its frozen form.
+            frozen = getattr(m, "_frozen_class", FrozenBatchNorm)
+            return frozen.from_batchnorm(m, trainable_affine)
         return None
 
     return swap_modules(model, fn)

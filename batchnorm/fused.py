@@ -1,0 +1,428 @@
+"""BN fused with its activation: BatchNormAct1d/2d/3d, FrozenBatchNormAct, fuse_activations.
+
+A BN layer is almost always followed by a ReLU (Sec. 4.2's BN-Inception puts BN before every
+nonlinearity), often after a residual add. `BatchNormAct2d` computes act(BN(x) + residual) in
+one layer: on the Triton kernels (`batchnorm.kernels`, chosen by `batchnorm.dispatch`) that is
+one pass over memory instead of three, and with ``memory_saving=True`` (In-Place ABN, Rota
+Bulo et al. 2018) the backward pass rebuilds xhat from the output instead of keeping x. On the
+torch path it is the BN layer's forward followed by torch's add and activation.
+
+The layers subclass the BN layers: same parameters, buffers and state_dict keys as
+``torch.nn.BatchNorm2d`` (checkpoints load both ways), the same validate -> transform ->
+commit forward, Algorithm 2's map in eval mode, and `freeze`, `fold`, `recalibrate` apply.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm import dispatch as _dispatch
+from batchnorm import modules as M
+from batchnorm.inference.frozen import FrozenBatchNorm
+from batchnorm.inference.graph import capture, find_sites
+from batchnorm.inference.swap import rebuild, restore, swap_modules
+
+__all__ = [
+    "BatchNormAct",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "FrozenBatchNormAct",
+    "FuseReport",
+    "fuse_activations",
+]
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu")
+
+
+def _check_activation(activation: str, negative_slope: float, memory_saving: bool) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "leaky_relu" and not negative_slope >= 0:
+        raise ValueError(
+            "the fused leaky_relu needs negative_slope >= 0 (its backward reads the sign off "
+            f"the output, like torch's in-place leaky_relu), got {negative_slope}"
+        )
+    if memory_saving and (
+        activation == "relu" or (activation == "leaky_relu" and negative_slope == 0)
+    ):
+        raise ValueError(
+            "memory_saving rebuilds the input from the output and needs an invertible "
+            f"activation (identity, or leaky_relu with negative_slope > 0), got {activation!r} "
+            f"with negative_slope={negative_slope}"
+        )
+
+
+def activate(input: Tensor, activation: str, negative_slope: float = 0.01) -> Tensor:
+    """The torch path's activation: identity, relu or leaky_relu."""
+    if activation == "relu":
+        return torch.relu(input)
+    if activation == "leaky_relu":
+        return TF.leaky_relu(input, negative_slope)
+    return input
+
+
+def activation_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
+    """The torch.nn module of an activation (what stays in place when a BN is folded away)."""
+    if activation == "relu":
+        return nn.ReLU()
+    if activation == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    return nn.Identity()
+
+
+def _check_residual(layer: nn.Module, input: Tensor, residual: Tensor | None) -> None:
+    if residual is None:
+        return
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"{type(layer).__name__} expected a residual of the input's shape "
+            f"{tuple(input.shape)}, got {tuple(residual.shape)}"
+        )
+    if getattr(layer, "memory_saving", False):
+        raise ValueError(
+            f"{type(layer).__name__}(memory_saving=True) takes no residual: subtracting it from "
+            "the output would cancel most digits of gamma * xhat; add the residual after the "
+            "layer instead"
+        )
+
+
+class _BatchNormActMixin:
+    """act(BN(input) + residual) on top of a BN layer; see `BatchNormAct2d`."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *args,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        memory_saving: bool = False,
+        **kwargs,
+    ) -> None:
+        _check_activation(activation, negative_slope, memory_saving)
+        super().__init__(num_features, *args, **kwargs)
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.memory_saving = memory_saving
+
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """act(BN(input) + residual); ``mask`` as for the BN layers (torch path only)."""
+        _check_residual(self, input, residual)
+        backend = self.backend
+        if backend != "torch" and (input.is_cuda or backend == "triton"):
+            self._check_input_dim(input, mask)
+            if _dispatch.use_kernels(self, input, mask, residual):
+                return _dispatch.forward_kernels(
+                    self, input, residual, self.activation, self.negative_slope,
+                    self.memory_saving,
+                )  # fmt: skip
+        output = super().forward(input, mask)
+        if residual is not None:
+            output = output + residual
+        return activate(output, self.activation, self.negative_slope)
+
+    def activation_module(self) -> nn.Module:
+        """The activation as a torch.nn module: what `fold` leaves in this layer's place."""
+        return activation_module(self.activation, self.negative_slope)
+
+    def _settings(self) -> dict:
+        return {
+            **super()._settings(),
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+            "memory_saving": self.memory_saving,
+        }
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr() + f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        if self.memory_saving:
+            text += ", memory_saving=True"
+        return text
+
+    @property
+    def _frozen_class(self) -> type:
+        return FrozenBatchNormAct
+
+
+class BatchNormAct1d(_BatchNormActMixin, M.BatchNorm1d):
+    """act(BN(x) + residual) over (N, C) or (N, C, L); see `BatchNormAct2d`."""
+
+
+class BatchNormAct2d(_BatchNormActMixin, M.BatchNorm2d):
+    """act(BN(x) + residual) per feature map of (N, C, H, W): BN (Sec. 3.2) fused with its
+    activation and an optional residual add.
+
+    ``forward(input, residual=None)`` returns act(BN(input) + residual), with
+    act = identity, relu or leaky_relu(negative_slope). Parameters, buffers, state_dict keys,
+    the running-statistics update and the eval-mode map are `batchnorm.BatchNorm2d`'s, so a
+    checkpoint of ``nn.BatchNorm2d`` loads into it and back.
+
+    On CUDA tensors (``backend="auto"``, see `batchnorm.dispatch`) the Triton kernels compute
+    the whole layer, forward and backward, in one pass over memory each. Elsewhere (CPU,
+    float64, torch.compile, a mask) the torch path computes the same values with torch's
+    operations.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, bias, backward,
+            virtual_batch_size, backend: as for `batchnorm.BatchNorm2d`.
+        activation: "relu" (default), "leaky_relu" or "identity".
+        negative_slope: leaky_relu's slope for negative inputs (>= 0).
+        memory_saving: In-Place ABN (Rota Bulo et al. 2018): on the kernels, keep only the
+            output for the backward pass and rebuild xhat = (act^-1(z) - beta) / gamma there,
+            so the input can be freed. Needs an invertible activation (identity, or
+            leaky_relu with negative_slope > 0) and no residual. Gamma near zero: on a call
+            where some |gamma| < 1e-3 the kernels keep x instead (exact gradients; the check
+            reads gamma back, one host synchronization per call). Nothing is
+            reparametrized: the state_dict stays plain BN's. The torch path ignores it (same
+            values; x is kept).
+
+    Example:
+        >>> layer = BatchNormAct2d(8)
+        >>> x, skip = torch.randn(4, 8, 5, 5), torch.randn(4, 8, 5, 5)
+        >>> bool((layer(x, skip) >= 0).all())
+        True
+    """
+
+
+class BatchNormAct3d(_BatchNormActMixin, M.BatchNorm3d):
+    """act(BN(x) + residual) per feature map of (N, C, D, H, W); see `BatchNormAct2d`."""
+
+
+class BatchNormAct(_BatchNormActMixin, M.BatchNorm):
+    """act(BN(x) + residual) with the channel on any ``axis``; see `BatchNormAct2d`."""
+
+
+class FrozenBatchNormAct(FrozenBatchNorm):
+    """act(FrozenBatchNorm(x) + residual): a frozen `BatchNormAct2d` (Algorithm 2's map, then
+    the residual add and the activation), what `batchnorm.freeze` makes of a fused layer.
+
+    The state_dict is FrozenBatchNorm's (torch's BN keys); ``unfreeze`` brings the fused layer
+    back with every setting it had.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        **kwargs,
+    ) -> None:
+        _check_activation(activation, negative_slope, False)
+        super().__init__(num_features, eps, **kwargs)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        _check_residual(self, input, residual)
+        output = super().forward(input)
+        if residual is not None:
+            output = output + residual
+        return activate(output, self.activation, self.negative_slope)
+
+    def activation_module(self) -> nn.Module:
+        """The activation as a torch.nn module: what `fold` leaves in this layer's place."""
+        return activation_module(self.activation, self.negative_slope)
+
+    def _settings(self) -> dict:
+        return {
+            **super()._settings(),
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+        }
+
+    def to_batchnorm(self) -> nn.Module:
+        """The trainable fused layer this one was frozen from (`BatchNormAct` over the same
+        axis when it was built directly)."""
+        restored = restore(self)
+        if restored is not None:
+            return restored
+        return rebuild(self, BatchNormAct, drop={"trainable_affine"})
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr() + f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_activations
+
+
+@dataclass
+class FuseReport:
+    """What `fuse_activations` did: the BN -> activation pairs fused, and the BNs left.
+
+    Attributes:
+        fused: (bn name, activation name, activation): the BN became a fused layer and the
+            activation module became ``nn.Identity``.
+        skipped: (bn name, reason) for every BN-like layer left as it was.
+        graph: how the neighbours were found ("torch.export", "torch.fx", "nn.Sequential").
+        trace_error: what failed while capturing the model, or None.
+    """
+
+    fused: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    graph: str = "torch.fx"
+    trace_error: str | None = None
+
+    @property
+    def traced(self) -> bool:
+        return self.graph != "nn.Sequential"
+
+    def __str__(self) -> str:
+        lines = [f"fused {len(self.fused)} BN layer(s), left {len(self.skipped)}"]
+        lines += [f"  {bn} + {act} -> {kind}" for bn, act, kind in self.fused]
+        lines += [f"  kept {bn}: {why}" for bn, why in self.skipped]
+        if self.trace_error is not None:
+            lines.append(f"  (neighbours from {self.graph}; {self.trace_error})")
+        return "\n".join(lines)
+
+
+def _targets() -> dict[type, type]:
+    """BN class -> fused class: exact classes only (a subclass may change forward)."""
+    return {
+        nn.BatchNorm1d: BatchNormAct1d,
+        nn.BatchNorm2d: BatchNormAct2d,
+        nn.BatchNorm3d: BatchNormAct3d,
+        M.BatchNorm1d: BatchNormAct1d,
+        M.BatchNorm2d: BatchNormAct2d,
+        M.BatchNorm3d: BatchNormAct3d,
+        M.BatchNorm: BatchNormAct,
+        FrozenBatchNorm: FrozenBatchNormAct,
+    }
+
+
+def _is_bn_like(m: nn.Module) -> bool:
+    return isinstance(m, (_BatchNorm, FrozenBatchNorm))
+
+
+def _activation_of(module: nn.Module | None) -> tuple[str, float] | None:
+    if type(module) is nn.ReLU:
+        return "relu", 0.01
+    if type(module) is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    return None
+
+
+def _describe(call) -> str:
+    return call.name if call.module is None else f"{call.name} ({type(call.module).__name__})"
+
+
+def fuse_activations(
+    model: nn.Module,
+    example_inputs: tuple | Tensor | None = None,
+    *,
+    memory_saving: bool = False,
+) -> tuple[nn.Module, FuseReport]:
+    """Replace every BN -> ReLU/LeakyReLU pair by one fused layer, in place.
+
+    Each BN (``torch.nn.BatchNorm1d/2d/3d``, ours, or a `FrozenBatchNorm`) whose output is
+    read only by an ``nn.ReLU`` or ``nn.LeakyReLU`` module (that reads nothing else) becomes
+    the matching `BatchNormAct1d/2d/3d` (or `FrozenBatchNormAct`) sharing the very same
+    parameter and buffer tensors, settings and train/eval mode (an optimizer keeps working);
+    the activation module becomes ``nn.Identity``, so the model's forward code and state_dict
+    keys stay as they were and its outputs are unchanged.
+
+    Left alone, with the reason in the report: a BN that is not followed by such a module (a
+    convolution, a function such as ``F.relu``, an add: BN + add -> ReLU needs the residual
+    passed to the fused layer, ``layer(x, residual)``, which is a change to the forward
+    code), a BN or activation called more than once per forward (torchvision's ResNet
+    blocks reuse one ``self.relu``), a LeakyReLU with a negative slope, and BN subclasses
+    (Batch Renorm, SyncBatchNorm).
+
+    The neighbours come from `batchnorm.inference.graph.capture`, as for `fold`: torch.export
+    with ``example_inputs``, else torch.fx, else ``nn.Sequential`` containers.
+
+    Args:
+        model: the model (changed in place).
+        example_inputs: positional inputs to capture the model with torch.export (not run).
+        memory_saving: build the LeakyReLU pairs (negative_slope > 0) with In-Place ABN's
+            memory saving; ReLU pairs cannot use it (ReLU is not invertible).
+
+    Returns:
+        (model, `FuseReport`).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> net, report = fuse_activations(net)
+        >>> report.fused, type(net[1]).__name__, type(net[2]).__name__
+        ([('1', '2', 'relu')], 'BatchNormAct2d', 'Identity')
+    """
+    graph, failures = capture(model, example_inputs, leaf=_is_bn_like)
+    report = FuseReport(graph=graph.source)
+    if failures:
+        report.trace_error = "could not capture the model: " + "; ".join(failures)
+    targets = _targets()
+    replace: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+    sites = find_sites(graph, _is_bn_like)
+    called_by_bn = Counter(id(s.call.module) for s in sites)
+    for site in sites:
+        bn, name = site.call.module, site.call.name
+        if id(bn) in seen:
+            continue
+        seen.add(id(bn))
+        target = targets.get(type(bn))
+        why = None
+        if target is None:
+            why = (
+                "already fused"
+                if isinstance(bn, (_BatchNormActMixin, FrozenBatchNormAct))
+                else f"{type(bn).__name__} has no fused form (only plain BN layers are fused)"
+            )
+        elif graph.times_called[id(bn)] > 1 or called_by_bn[id(bn)] > 1:
+            why = "called more than once per forward"
+        elif site.call.touched:
+            why = "the forward reads its tensors outside its call"
+        consumer = site.consumer
+        act = _activation_of(consumer.module) if consumer is not None else None
+        if why is None and act is None:
+            users = site.call.users
+            if consumer is None and len(users) == 1 and users[0].module is None:
+                user = users[0]
+                nxt = user.users[0] if len(user.users) == 1 else None
+                if "add" in user.name and nxt is not None and _activation_of(nxt.module):
+                    why = (
+                        f"BN + add -> {_describe(nxt)}: pass the residual to a fused layer in "
+                        "the forward code instead, layer(x, residual)"
+                    )
+                elif user.name == "output":
+                    why = "its output is the model's output"
+                else:
+                    why = f"its output goes to {_describe(user)}, not to a ReLU/LeakyReLU module"
+            elif consumer is None:
+                why = "its output is read by several calls, or by one that reads other values too"
+            else:
+                why = f"its output goes to {_describe(consumer)}, not to a ReLU/LeakyReLU module"
+        if why is None and graph.times_called[id(consumer.module)] > 1:
+            why = (
+                f"the activation {consumer.name} is called more than once per forward "
+                "(one module shared by several places)"
+            )
+        if why is None and act[0] == "leaky_relu" and act[1] < 0:
+            why = f"LeakyReLU with negative_slope {act[1]} < 0 (the fused backward needs >= 0)"
+        if why is not None:
+            report.skipped.append((name, why))
+            continue
+        kind, slope = act
+        settings = {"activation": kind, "negative_slope": slope}
+        if target is not FrozenBatchNormAct:
+            settings["memory_saving"] = memory_saving and kind == "leaky_relu" and slope > 0
+        replace[id(bn)] = rebuild(bn, target, **settings)
+        replace[id(consumer.module)] = nn.Identity()
+        report.fused.append((name, consumer.name, kind))
+    model = swap_modules(model, lambda m: replace.get(id(m)))
+    return model, report
