@@ -46,6 +46,7 @@ _PLAIN = {
     "virtual_batch_size": None,
     "process_group": None,
     "timeout": None,
+    "backend": "auto",  # auto is the torch path wherever the kernels do not apply
 }
 
 # What a setting means, for refusals: "<target> does not implement <meaning> (<settings>)".
@@ -58,6 +59,7 @@ _MEANING = {
     "d_max": "Batch Renormalization",
     "process_group": "synchronized statistics",
     "timeout": "synchronized statistics",
+    "backend": "a choice of kernels",
 }
 
 # The state a BN layer holds, shared (not copied) by a rebuilt layer.
