@@ -61,6 +61,11 @@ def _setting_refusal(layer) -> str | None:
     return None
 
 
+def _auto_takes(input: Tensor) -> bool:
+    """The device rule of ``backend="auto"``: CUDA tensors only (the interpreter is for tests)."""
+    return input.is_cuda
+
+
 def _traced() -> bool:
     """Under torch.compile (or export's tracing), where the kernels cannot be traced."""
     return torch.compiler.is_compiling()
@@ -108,7 +113,7 @@ def use_kernels(layer, input: Tensor, mask: Tensor | None = None, residual=None)
     backend = layer.backend
     if backend == "torch":
         return False
-    if backend == "auto" and not input.is_cuda:
+    if backend == "auto" and not _auto_takes(input):
         return False
     if _traced() or torch._C._functorch.is_functorch_wrapped_tensor(input):
         return False

@@ -15,7 +15,7 @@ __all__ = ["convert"]
 
 # Settings that change how a gradient is computed or how long a collective waits, never a
 # value: converting to torch's layers (only torch's kernel, the group's own timeout) drops them.
-_TORCH_DROPS = frozenset({"backward", "timeout"})
+_TORCH_DROPS = frozenset({"backward", "timeout", "backend"})
 
 
 def _to_ours() -> dict[type, type]:
@@ -57,8 +57,9 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     layers cannot express: Ghost BN (``virtual_batch_size``), Batch Renormalization
     (``BatchRenorm1d/2d/3d``) and ``batchnorm.BatchNorm`` (a channel axis for any rank, which
     torch has no class for). It drops ``backward="paper"`` (the same gradients by another
-    formula; torch has only its kernel) and SyncBatchNorm's ``timeout`` (torch's waits for
-    the process group's). Subclasses other than these (which may change ``forward``) and
+    formula; torch has only its kernel), ``backend`` (which kernels compute the same
+    values) and SyncBatchNorm's ``timeout`` (torch's waits for the process group's).
+    Subclasses other than these (which may change ``forward``) and
     `FrozenBatchNorm` are left alone in both directions.
 
     Args:

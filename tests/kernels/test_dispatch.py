@@ -1,0 +1,209 @@
+"""The layers' ``backend`` dispatch to the Triton kernels, run on the CPU under the interpreter.
+
+Oracles: torch.nn's BN layers followed by torch's add and activation (outputs, gradients,
+running statistics, counters), and our layers' torch path for the state they leave.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import batchnorm
+from batchnorm import dispatch, kernels
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Count the layers' calls of the kernels."""
+    calls = []
+    real = kernels.batch_norm_act
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("activation"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch.kernels, "batch_norm_act", counting)
+    return calls
+
+
+def _randomize(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
+        layer.bias.copy_(torch.randn(layer.num_features, generator=g))
+        layer.running_mean.copy_(torch.randn(layer.num_features, generator=g))
+        layer.running_var.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
+    return layer
+
+
+def _act(y, activation, slope=0.01):
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "leaky_relu":
+        return TF.leaky_relu(y, slope)
+    return y
+
+
+def test_auto_takes_the_torch_path_on_cpu_tensors(spy):
+    layer = batchnorm.BatchNorm2d(3)
+    ref = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(layer(x), ref(x))
+    assert spy == [] and not dispatch.use_kernels(layer, x)
+
+
+def test_auto_rules_where_the_device_qualifies(monkeypatch):
+    # auto's device rule is CUDA only; pretend the CPU qualifies to test every other rule.
+    monkeypatch.setattr(dispatch, "_auto_takes", lambda t: True)
+    x = torch.randn(4, 3, 5, 5)
+    assert dispatch.use_kernels(batchnorm.BatchNorm2d(3), x)
+    assert dispatch.use_kernels(batchnorm.BatchNormAct2d(3), x, residual=x)
+    assert not dispatch.use_kernels(batchnorm.BatchNorm2d(3), x.double())
+    assert not dispatch.use_kernels(batchnorm.BatchNorm2d(3), x, torch.ones(4, 5, 5, dtype=bool))
+    assert not dispatch.use_kernels(batchnorm.BatchNorm2d(3, virtual_batch_size=2), x)
+    assert not dispatch.use_kernels(batchnorm.BatchNorm2d(3, backward="paper"), x)
+    assert not dispatch.use_kernels(batchnorm.BatchRenorm2d(3), x)
+    assert not dispatch.use_kernels(batchnorm.SyncBatchNorm(3), x)
+    assert not dispatch.use_kernels(batchnorm.BatchNorm2d(3, backend="torch"), x)
+
+
+def test_triton_falls_back_under_torch_compile(spy):
+    layer = batchnorm.BatchNormAct2d(3, backend="triton")
+    ref = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    compiled = torch.compile(layer, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), torch.relu(ref(x)))
+    assert spy == []
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    layer(x)  # eager again: the kernels
+    assert spy == ["relu"]
+
+
+def test_triton_falls_back_under_torch_func(spy):
+    layer = _randomize(batchnorm.BatchNorm2d(3, backend="triton")).eval()
+    ref = _randomize(nn.BatchNorm2d(3)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    g = torch.func.grad(lambda t: layer(t).pow(2).sum())(x)
+    torch.testing.assert_close(g, torch.func.grad(lambda t: ref(t).pow(2).sum())(x))
+    assert spy == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: batchnorm.BatchNorm2d(3, backend="triton", backward="paper"),
+        lambda: batchnorm.BatchNorm2d(3, backend="triton", virtual_batch_size=2),
+        lambda: batchnorm.BatchRenorm2d(3, backend="triton"),
+        lambda: batchnorm.SyncBatchNorm(3, backend="triton"),
+        lambda: batchnorm.BatchNorm2d(3, backend="cuda"),
+    ],
+)
+def test_triton_refuses_settings_the_kernels_lack(make):
+    with pytest.raises(ValueError, match="backend"):
+        make()
+
+
+def test_triton_refuses_calls_the_kernels_cannot_take():
+    layer = batchnorm.BatchNorm2d(3, backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        layer(torch.randn(4, 3, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mask"):
+        layer(torch.randn(4, 3, 5, 5), torch.ones(4, 5, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last", "activation", "residual"),
+    [
+        ((4, 6, 5, 3), False, "relu", True),
+        ((4, 6, 5, 3), True, "leaky_relu", True),
+        ((3, 6, 2, 3, 2), False, "relu", False),
+        ((7, 6), False, "identity", True),
+        ((5, 6, 9), False, "leaky_relu", False),
+    ],
+)
+def test_fused_layer_on_the_kernels_matches_torch_nn(
+    spy, shape, channels_last, activation, residual
+):
+    rank = len(shape)
+    ours_cls = {2: batchnorm.BatchNormAct1d, 3: batchnorm.BatchNormAct1d}.get(
+        rank, batchnorm.BatchNormAct2d if rank == 4 else batchnorm.BatchNormAct3d
+    )
+    ref_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+    layer = _randomize(ours_cls(6, activation=activation, negative_slope=0.2, backend="triton"))
+    ref = ref_cls(6)
+    ref.load_state_dict(layer.state_dict())
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    r = torch.randn(shape) if residual else None
+    for _ in range(2):
+        xs = x.clone().requires_grad_()
+        rs = None if r is None else r.clone().requires_grad_()
+        y = layer(xs, rs)
+        expected = ref(xs)
+        expected = _act(expected if rs is None else expected + rs, activation, 0.2)
+        torch.testing.assert_close(y, expected, atol=2e-5, rtol=2e-5)
+        grad = torch.randn(shape)
+        inputs = [xs, layer.weight, layer.bias] + ([rs] if rs is not None else [])
+        ref_inputs = [xs, ref.weight, ref.bias] + ([rs] if rs is not None else [])
+        got = torch.autograd.grad(y, inputs, grad)
+        want = torch.autograd.grad(expected, ref_inputs, grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.running_mean, ref.running_mean)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    assert layer.num_batches_tracked.item() == 2 and layer.num_batches_skipped.item() == 0
+    layer.eval()
+    ref.eval()
+    expected = ref(x)
+    torch.testing.assert_close(
+        layer(x, r), _act(expected if r is None else expected + r, activation, 0.2)
+    )
+    assert len(spy) == 3  # both training steps and the eval call ran on the kernels
+
+
+def test_plain_layers_on_the_kernels_leave_the_torch_paths_state(spy):
+    x = torch.randn(6, 5, 4)
+    kernel = batchnorm.BatchNorm(4, axis=-1, momentum=None, backend="triton")
+    torch_path = batchnorm.BatchNorm(4, axis=-1, momentum=None, backend="torch")
+    for _ in range(3):
+        torch.testing.assert_close(kernel(x), torch_path(x), atol=1e-5, rtol=1e-5)
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    kernel(bad)
+    torch_path(bad)
+    for name, value in torch_path.named_buffers():
+        torch.testing.assert_close(kernel.get_buffer(name), value, msg=name)
+    assert kernel.num_batches_skipped.item() == 1 and kernel.num_batches_tracked.item() == 3
+    assert len(spy) == 4
+
+
+def test_memory_saving_gradients_equal_the_standard_ones_and_free_the_input():
+    standard = _randomize(
+        batchnorm.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.1, backend="triton")
+    )
+    saving = _randomize(
+        batchnorm.BatchNormAct2d(
+            4, activation="leaky_relu", negative_slope=0.1, memory_saving=True, backend="triton"
+        )
+    )
+    assert saving.state_dict().keys() == nn.BatchNorm2d(4).state_dict().keys()
+    x = torch.randn(5, 4, 3, 3, requires_grad=True)
+    grad = torch.randn(5, 4, 3, 3)
+    results = []
+    for layer in (standard, saving):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, saved=saved: saved.append(t.data_ptr()) or t, lambda t: t
+        ):
+            y = layer(x)
+        results.append(torch.autograd.grad(y, (x, layer.weight, layer.bias), grad))
+        results.append(x.data_ptr() in saved)
+    (g_std, kept_std), (g_save, kept_save) = results[:2], results[2:]
+    for a, b in zip(g_std, g_save):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert kept_std and not kept_save
+    with pytest.raises(ValueError, match="residual"):
+        saving(x, torch.zeros_like(x))
