@@ -1,0 +1,203 @@
+"""Fused BN + activation layers on the torch path, and fuse_activations; oracles: torch.nn.
+
+The kernel path of the same layers is tested in tests/kernels/test_dispatch.py.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import batchnorm
+from batchnorm import FrozenBatchNormAct, fuse_activations
+from batchnorm.fused import BatchNormAct2d
+
+
+def _randomize(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
+        layer.bias.copy_(torch.randn(layer.num_features, generator=g))
+        layer.running_mean.copy_(torch.randn(layer.num_features, generator=g))
+        layer.running_var.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
+    return layer
+
+
+@pytest.mark.parametrize(
+    ("cls", "ref_cls", "shape"),
+    [
+        (batchnorm.BatchNormAct1d, nn.BatchNorm1d, (6, 4)),
+        (batchnorm.BatchNormAct2d, nn.BatchNorm2d, (3, 4, 5, 5)),
+        (batchnorm.BatchNormAct3d, nn.BatchNorm3d, (2, 4, 3, 2, 3)),
+    ],
+)
+@pytest.mark.parametrize(("activation", "residual"), [("relu", True), ("leaky_relu", False)])
+def test_torch_path_matches_torch_nn_bn_add_act(cls, ref_cls, shape, activation, residual):
+    layer = _randomize(cls(4, activation=activation, negative_slope=0.3))
+    ref = ref_cls(4)
+    ref.load_state_dict(layer.state_dict())
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    r = torch.randn(shape, requires_grad=True) if residual else None
+
+    def expected(module):
+        u = module(x) if r is None else module(x) + r
+        return torch.relu(u) if activation == "relu" else TF.leaky_relu(u, 0.3)
+
+    y, y_ref = layer(x, r), expected(ref)
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn(shape)
+    extra = [r] if r is not None else []
+    got = torch.autograd.grad(y, [x, layer.weight, layer.bias, *extra], grad)
+    want = torch.autograd.grad(y_ref, [x, ref.weight, ref.bias, *extra], grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(layer, name), getattr(ref, name))
+    layer.eval()
+    ref.eval()
+    torch.testing.assert_close(layer(x, r), expected(ref))
+
+
+def test_state_dict_is_interchangeable_with_nn_batchnorm2d():
+    fused = _randomize(BatchNormAct2d(5, activation="leaky_relu", memory_saving=True))
+    plain = nn.BatchNorm2d(5)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(fused.state_dict())
+    back = BatchNormAct2d(5)
+    back.load_state_dict(plain.state_dict())
+    for key, value in fused.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value)
+
+
+def test_bad_settings_and_calls_are_refused():
+    with pytest.raises(ValueError, match="invertible"):
+        BatchNormAct2d(3, activation="relu", memory_saving=True)
+    with pytest.raises(ValueError, match="activation must be"):
+        BatchNormAct2d(3, activation="gelu")
+    with pytest.raises(ValueError, match="negative_slope"):
+        BatchNormAct2d(3, activation="leaky_relu", negative_slope=-0.1)
+    with pytest.raises(ValueError, match="backend"):
+        BatchNormAct2d(3, backend="cuda")
+    with pytest.raises(ValueError, match="residual"):
+        BatchNormAct2d(3)(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4))
+    saving = BatchNormAct2d(3, activation="identity", memory_saving=True)
+    with pytest.raises(ValueError, match="residual"):
+        saving(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
+
+
+def test_backend_is_a_setting_swaps_keep():
+    layer = batchnorm.BatchNorm2d(3, backend="torch")
+    assert "backend='torch'" in repr(layer)
+    sync = batchnorm.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(layer))[0]
+    assert sync.backend == "torch"
+    assert batchnorm.SyncBatchNorm.revert_sync_batchnorm(nn.Sequential(sync))[0].backend == "torch"
+    # torch.nn has no backend: converting drops it, as it drops backward="paper".
+    assert type(batchnorm.convert(layer, to="torch")) is nn.BatchNorm2d
+    frozen = batchnorm.freeze(nn.Sequential(batchnorm.BatchNorm2d(3, backend="torch").eval()))
+    assert batchnorm.unfreeze(frozen)[0].backend == "torch"
+
+
+def _block():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, bias=False),
+        BatchNormAct2d(6, activation="leaky_relu", negative_slope=0.1, memory_saving=True),
+        nn.Conv2d(6, 4, 1),
+        batchnorm.BatchNorm2d(4),
+        nn.ReLU(),
+    )
+
+
+def test_freeze_unfreeze_convert_fold_on_a_fused_model():
+    model = _block()
+    x = torch.randn(4, 3, 7, 7)
+    model(x)  # move the running statistics
+    model.eval()
+    expected = model(x)
+    frozen = batchnorm.freeze(copy.deepcopy(model))
+    assert type(frozen[1]) is FrozenBatchNormAct and frozen[1].activation == "leaky_relu"
+    torch.testing.assert_close(frozen.train()(x), expected)
+    back = batchnorm.unfreeze(frozen)[1]
+    assert type(back) is BatchNormAct2d
+    assert (back.activation, back.negative_slope, back.memory_saving) == ("leaky_relu", 0.1, True)
+    converted = batchnorm.convert(copy.deepcopy(model), to="torch")
+    assert type(converted[1]) is BatchNormAct2d and type(converted[3]) is nn.BatchNorm2d
+    folded, report = batchnorm.fold(model)
+    assert [(bn, where) for bn, _, where in report.folded] == [("1", "after"), ("3", "after")]
+    assert type(folded[1]) is nn.LeakyReLU and folded[1].negative_slope == 0.1
+    torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_never_folds_a_fused_layer_into_the_next_layer():
+    model = nn.Sequential(nn.Flatten(), _randomize(batchnorm.BatchNormAct1d(4)), nn.Linear(4, 2))
+    model.eval()
+    x = torch.randn(5, 4)
+    folded, report = batchnorm.fold(model, x)
+    assert report.folded == []
+    assert "ReLU lies between" in report.skipped[0][1]
+    torch.testing.assert_close(folded(x), model(x))
+
+
+class _Net(nn.Module):
+    """A small conv net with every case fuse_activations meets."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = batchnorm.BatchNorm2d(8)
+        self.act2 = nn.LeakyReLU(0.2)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.bn3 = nn.BatchNorm2d(8)  # + residual, then the shared relu
+        self.relu = nn.ReLU()
+        self.bn4 = nn.BatchNorm2d(8)  # followed by a function
+        self.bn5 = nn.BatchNorm2d(8)  # followed by the shared relu again
+        self.head = nn.Conv2d(8, 2, 1)
+        self.bn6 = nn.BatchNorm2d(2)  # the model's output
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        y = self.act2(self.bn2(self.conv2(x)))
+        y = self.relu(self.bn3(self.conv3(y)) + x)
+        y = TF.relu(self.bn4(y))
+        y = self.relu(self.bn5(y))
+        return self.bn6(self.head(y))
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_fuse_activations_on_a_small_conv_net(example):
+    model = _Net()
+    x = torch.randn(2, 3, 6, 6)
+    reference = copy.deepcopy(model)
+    fused, report = fuse_activations(model, (x,) if example else None, memory_saving=True)
+    assert fused is model
+    assert report.fused == [("bn1", "act1", "relu"), ("bn2", "act2", "leaky_relu")]
+    assert type(model.bn1) is BatchNormAct2d and type(model.act1) is nn.Identity
+    assert model.bn2.memory_saving and not model.bn1.memory_saving  # relu is not invertible
+    skipped = dict(report.skipped)
+    assert set(skipped) == {"bn3", "bn4", "bn5", "bn6"}
+    assert "add" in skipped["bn3"] and "residual" in skipped["bn3"]
+    assert "relu" in skipped["bn4"]
+    assert "more than once" in skipped["bn5"]
+    assert "output" in skipped["bn6"]
+    assert "relu" in str(report) and "kept bn5" in str(report)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        getattr(reference, mode)()
+        torch.testing.assert_close(model(x), reference(x))
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, msg=name)
+
+
+def test_fuse_activations_keeps_parameters_for_the_optimizer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    weight = model[1].weight
+    model, report = fuse_activations(model)
+    assert model[1].weight is weight and report.fused == [("1", "2", "relu")]
+    again, report = fuse_activations(model)
+    assert report.fused == [] and report.skipped == [("1", "already fused")]
