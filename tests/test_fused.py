@@ -201,3 +201,17 @@ def test_fuse_activations_keeps_parameters_for_the_optimizer():
     assert model[1].weight is weight and report.fused == [("1", "2", "relu")]
     again, report = fuse_activations(model)
     assert report.fused == [] and report.skipped == [("1", "already fused")]
+
+
+def test_recalibrate_treats_a_fused_layer_as_its_bn():
+    fused = _block()
+    plain = copy.deepcopy(fused)
+    plain[1] = batchnorm.BatchNorm2d(6)
+    plain[1].load_state_dict(fused[1].state_dict())
+    plain.insert(2, nn.LeakyReLU(0.1))
+    batches = [torch.randn(4, 3, 7, 7) for _ in range(3)]
+    assert batchnorm.recalibrate(fused, batches, progress=False) == 3
+    batchnorm.recalibrate(plain, batches, progress=False)
+    for a, b in zip(fused[1].buffers(), plain[1].buffers()):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(fused.eval()(batches[0]), plain.eval()(batches[0]))

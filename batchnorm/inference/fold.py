@@ -217,7 +217,9 @@ def fold(
       is nonzero there), and a transposed conv sums fewer inputs at its border, so those cases
       are not exact and are left alone.
 
-    The BN becomes ``nn.Identity``; the model keeps its class and forward code. Folding is
+    The BN becomes ``nn.Identity`` (a BN fused with its activation, `batchnorm.fused`, becomes
+    that activation's module, and folds only into the layer before it); the model keeps its
+    class and forward code. Folding is
     computed in float64 and cast back, so a float32 model's outputs match within about 1e-6
     relative error (the tests demand 1e-5). A BN is folded into a layer only if the BN is the
     sole user of that layer's output (or the layer is the sole user of the BN's output) and
