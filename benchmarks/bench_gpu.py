@@ -15,9 +15,9 @@ Sections (each timed interleaved, implementations in rotating order after a warm
              autocast, channels_last), eager and under torch.compile.
   sync       SyncBatchNorm smoke run: a world of one over NCCL (gloo on the CPU).
 
-Until the layers dispatch to the kernels themselves (``backend=``, ``BatchNormAct2d``,
-``fuse_activations``), the Triton rows run through `KernelBN` below: a torch BN module whose
-forward is one `batchnorm.kernels.batch_norm_act` call on its own parameters and buffers.
+"ours" is our layer as it is: with ``backend="auto"`` it runs on the Triton kernels for CUDA
+tensors (the torch path under torch.compile). "ours triton" forces ``backend="triton"``; the
+fused rows use ``BatchNormAct2d`` and `batchnorm.fuse_activations`.
 
 Usage:
     python benchmarks/bench_gpu.py                # on a CUDA machine, about 6-8 minutes
@@ -29,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import functools
 import os
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchnorm
+from batchnorm.inference.swap import rebuild
 
 GOALS = """\
 | goal (issue 9) | threshold |
@@ -122,80 +124,27 @@ SMOKE = Plan(
 )
 
 
-class KernelBN(nn.modules.batchnorm._BatchNorm):
-    """A torch BN module (same parameters, buffers and state_dict) computing
-    act(BN(x) + residual) with `batchnorm.kernels.batch_norm_act`."""
-
-    def __init__(
-        self,
-        num_features,
-        activation="identity",
-        negative_slope=0.01,
-        memory_saving=False,
-        **kwargs,
-    ):
-        super().__init__(num_features, **kwargs)
-        self.activation, self.negative_slope = activation, negative_slope
-        self.memory_saving = memory_saving
-        self.register_buffer(
-            "num_batches_skipped", torch.zeros((), dtype=torch.long), persistent=False
-        )
-
-    def _check_input_dim(self, input):
-        pass
-
-    def forward(self, input, residual=None):
-        from batchnorm import kernels
-
-        return kernels.batch_norm_act(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            self.num_batches_skipped,
-            self.training,
-            self.momentum,
-            self.eps,
-            self.activation,
-            self.negative_slope,
-            residual,
-            self.memory_saving,
-        )
+def triton_layer(bn: nn.Module, **settings) -> nn.Module:
+    """Our layer (``BatchNormAct2d`` where an ``activation`` is given) with a copy of ``bn``'s
+    configuration and state, on the Triton kernels (``backend="triton"``)."""
+    fused = "activation" in settings
+    if isinstance(bn, nn.BatchNorm1d):
+        cls = batchnorm.BatchNormAct1d if fused else batchnorm.BatchNorm1d
+    else:
+        cls = batchnorm.BatchNormAct2d if fused else batchnorm.BatchNorm2d
+    return rebuild(copy.deepcopy(bn), cls, backend="triton", **settings)
 
 
-def kernel_bn(bn: nn.Module, **kwargs) -> KernelBN:
-    """`KernelBN` with ``bn``'s configuration and state."""
-    new = KernelBN(
-        bn.num_features,
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
-        **kwargs,
-    )
-    new.load_state_dict(bn.state_dict(), strict=False)
-    return new.to(bn.weight.device if bn.affine else bn.running_mean.device)
-
-
-def swap_bn(model: nn.Module, fuse: bool, activation="relu", memory_saving=False) -> nn.Module:
-    """Replace every BN by `KernelBN`; with ``fuse``, fold the ReLU after it into the kernel
-    (as ``activation``) and leave an Identity in its place."""
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for name, nxt in zip(names, names[1:] + [None]):
-            bn = seq._modules[name]
-            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, KernelBN):
-                continue
-            act = seq._modules.get(nxt) if nxt else None
-            if fuse and isinstance(act, (nn.ReLU, nn.LeakyReLU)):
-                seq._modules[name] = kernel_bn(
-                    bn, activation=activation, memory_saving=memory_saving
-                )
-                seq._modules[nxt] = nn.Identity()
-            else:
-                seq._modules[name] = kernel_bn(bn)
+def kernel_model(model: nn.Module, fuse: bool, memory_saving=False) -> nn.Module:
+    """Our layers on the kernels in place of torch's (`batchnorm.convert`, then
+    ``backend="triton"``); with ``fuse``, each BN -> ReLU/LeakyReLU pair becomes one fused
+    layer (`batchnorm.fuse_activations`; memory saving for LeakyReLU pairs if asked)."""
+    model = batchnorm.convert(model, to="batchnorm")
+    if fuse:
+        model, _ = batchnorm.fuse_activations(model, memory_saving=memory_saving)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.backend = "triton"
     return model
 
 
@@ -298,7 +247,7 @@ def section_layer(plan, report, wall, kernels):
         torch_cls = nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d
         ours_cls = batchnorm.BatchNorm2d if len(shape) == 4 else batchnorm.BatchNorm1d
         layers = {"torch": torch_cls(c), "ours": ours_cls(c)}
-        layers["ours triton"] = kernel_bn(layers["torch"])
+        layers["ours triton"] = triton_layer(layers["torch"])
         x = torch.randn(shape, device=plan.device, dtype=dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -367,7 +316,7 @@ def section_pairs(plan, report, wall, kernels):
                 y += residual
             return relu(y)
 
-        fused = kernel_bn(bn, activation="relu")
+        fused = triton_layer(bn, activation="relu")
         for pair, res in (("BN+ReLU", None), ("BN+add+ReLU", r)):
             for mode in ("forward", "forward+backward"):
                 xs = x.detach().clone().requires_grad_(mode != "forward")
@@ -404,7 +353,7 @@ def section_pairs(plan, report, wall, kernels):
         "## Fused BN + activation (eager)",
         "",
         "torch: BatchNorm2d, (+= residual), ReLU(inplace=True); fused: one "
-        "`batch_norm_act` layer. Microseconds per call.",
+        "`BatchNormAct2d(backend='triton')` layer. Microseconds per call.",
     ]
     report.table(
         [
@@ -459,12 +408,9 @@ def section_memory(plan, report, wall, kernels):
     models = {
         "torch (ReLU)": lambda: inception(plan, channels_last=True),
         "torch (LeakyReLU 0.01)": lambda: leaky(inception(plan, channels_last=True)),
-        "fused (ReLU)": lambda: swap_bn(inception(plan, channels_last=True), fuse=True),
-        "fused memory saving (LeakyReLU 0.01)": lambda: swap_bn(
-            inception(plan, channels_last=True),
-            fuse=True,
-            activation="leaky_relu",
-            memory_saving=True,
+        "fused (ReLU)": lambda: kernel_model(inception(plan, channels_last=True), fuse=True),
+        "fused memory saving (LeakyReLU 0.01)": lambda: kernel_model(
+            leaky(inception(plan, channels_last=True)), fuse=True, memory_saving=True
         ),
     }
     peaks = {}
@@ -499,10 +445,10 @@ def section_inception(plan, report, wall, kernels):
         builds = {
             "torch": lambda cl=channels_last: inception(plan, nn.BatchNorm2d, cl),
             "ours": lambda cl=channels_last: inception(plan, batchnorm.BatchNorm2d, cl),
-            "ours triton": lambda cl=channels_last: swap_bn(
+            "ours triton": lambda cl=channels_last: kernel_model(
                 inception(plan, channels_last=cl), fuse=False
             ),
-            "ours fused": lambda cl=channels_last: swap_bn(
+            "ours fused": lambda cl=channels_last: kernel_model(
                 inception(plan, channels_last=cl), fuse=True
             ),
         }
