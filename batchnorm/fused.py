@@ -305,6 +305,15 @@ def _targets() -> dict[type, type]:
     }
 
 
+def _unfused_origin(bn: nn.Module) -> type | None:
+    """The class a frozen layer was frozen from (`freeze` remembers it for `unfreeze`) when
+    that class has no fused form, else None."""
+    origin = getattr(bn, "_origin", None) if type(bn) is FrozenBatchNorm else None
+    if origin is None or origin.cls in _targets() and origin.cls is not FrozenBatchNorm:
+        return None
+    return origin.cls
+
+
 def _is_bn_like(m: nn.Module) -> bool:
     return isinstance(m, (_BatchNorm, FrozenBatchNorm))
 
@@ -385,6 +394,8 @@ def fuse_activations(
             )
         elif graph.times_called[id(bn)] > 1 or called_by_bn[id(bn)] > 1:
             why = "called more than once per forward"
+        elif _unfused_origin(bn) is not None:
+            why = f"frozen from {_unfused_origin(bn).__name__}, which has no fused form"
         elif site.call.touched:
             why = "the forward reads its tensors outside its call"
         consumer = site.consumer
@@ -419,9 +430,17 @@ def fuse_activations(
             continue
         kind, slope = act
         settings = {"activation": kind, "negative_slope": slope}
-        if target is not FrozenBatchNormAct:
-            settings["memory_saving"] = memory_saving and kind == "leaky_relu" and slope > 0
-        replace[id(bn)] = rebuild(bn, target, **settings)
+        saving = {"memory_saving": memory_saving and kind == "leaky_relu" and slope > 0}
+        if target is FrozenBatchNormAct:
+            new = rebuild(bn, target, **settings)
+            origin = getattr(bn, "_origin", None)
+            if origin is not None:  # unfreeze must bring back the fused trainable layer
+                new._origin = origin._replace(
+                    cls=targets[origin.cls], settings={**origin.settings, **settings, **saving}
+                )
+        else:
+            new = rebuild(bn, target, **settings, **saving)
+        replace[id(bn)] = new
         replace[id(consumer.module)] = nn.Identity()
         report.fused.append((name, consumer.name, kind))
     model = swap_modules(model, lambda m: replace.get(id(m)))

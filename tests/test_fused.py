@@ -215,3 +215,20 @@ def test_recalibrate_treats_a_fused_layer_as_its_bn():
     for a, b in zip(fused[1].buffers(), plain[1].buffers()):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(fused.eval()(batches[0]), plain.eval()(batches[0]))
+
+
+def test_fuse_activations_on_a_frozen_model_unfreezes_to_the_fused_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _randomize(nn.BatchNorm2d(4)), nn.ReLU())
+    renorm = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchRenorm2d(4), nn.ReLU())
+    x = torch.randn(2, 3, 5, 5)
+    expected = model.eval()(x)
+    model, report = fuse_activations(batchnorm.freeze(model))
+    assert type(model[1]) is FrozenBatchNormAct and report.fused == [("1", "2", "relu")]
+    torch.testing.assert_close(model.train()(x), expected)
+    model = batchnorm.unfreeze(model)
+    assert type(model[1]) is BatchNormAct2d and type(model[2]) is nn.Identity
+    torch.testing.assert_close(model.eval()(x), expected)
+    # A layer frozen from a class without a fused form is left: unfreeze would lose the ReLU.
+    _, report = fuse_activations(batchnorm.freeze(renorm))
+    assert report.fused == [] and "BatchRenorm2d" in report.skipped[0][1]
