@@ -20,7 +20,8 @@ With ``momentum=None`` one more ``_local_scalar_dense`` reads k back for 1/k (to
 too, in Python, without dispatching). The paper path dispatches the paper's equations as
 separate torch ops (statistics, normalize, the compact backward) plus the commit step's rule.
 
-Usage: python benchmarks/bench_bn.py [--quick] [--threads N] [--repeat R] [--device cpu|cuda]
+Usage: python benchmarks/bench_bn.py [--quick] [--threads N] [--repeat R] [--only LABEL]
+       [--clock wall|thread] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def extra_ops(ours: list[str], theirs: list[str]) -> str:
     return ", ".join(f"{n} x{k}" if k > 1 else n for n, k in sorted(extra.items())) or "-"
 
 
-def time_interleaved(fns: dict, large: bool, rounds: int, sync=lambda: None) -> dict:
+def time_interleaved(
+    fns: dict, large: bool, rounds: int, sync=lambda: None, clock=time.perf_counter
+) -> dict:
     """Time each fn in A B ... B A order: per round one call (large) or a batch of 20.
 
     Returns {name: list of per-call seconds, one per round}. ``sync`` waits for queued
@@ -112,11 +115,11 @@ def time_interleaved(fns: dict, large: bool, rounds: int, sync=lambda: None) -> 
         order = names if r % 2 == 0 else names[::-1]
         for k in order:
             fn = fns[k]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(calls):
                 fn()
             sync()
-            samples[k].append((time.perf_counter() - t0) / calls)
+            samples[k].append((clock() - t0) / calls)
     return samples
 
 
@@ -127,6 +130,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--repeat", type=int, default=1, help="whole measurements per case (min over all)"
+    )
+    parser.add_argument("--only", default="", help="run the cases whose label contains this")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall time, or this thread's CPU time (with --threads 1: immune to the waits of "
+        "a shared machine, where a 2-thread kernel waits for its second thread)",
     )
     args = parser.parse_args(argv)
     if args.threads:
@@ -142,6 +153,7 @@ def main(argv=None) -> int:
         f"python {platform.python_version()}"
     )
     print("# command: python " + " ".join(sys.argv))
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     header = (
         "| shape | pass | torch.nn (us) | ours native (us) | ratio (min) | ratio (median) "
         "| ours paper (us) | ratio (min) | copy floor (us) | torch / copy |"
@@ -150,9 +162,11 @@ def main(argv=None) -> int:
     print("|" + "---|" * (header.count("|") - 1))
     counts = []
     for label, shape, channels_last in CASES:
+        if args.only not in label:
+            continue
         # On a GPU every call is short: always time batches of calls.
         large = torch.Size(shape).numel() > 1 << 20 and device.type == "cpu"
-        rounds = (6 if args.quick else 24) if large else (15 if args.quick else 150)
+        rounds = (6 if args.quick else 24) if large else (15 if args.quick else 60)
         x = torch.randn(shape, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -165,7 +179,7 @@ def main(argv=None) -> int:
             fns["copy"] = step_fn(None, x, "copy")
             samples = {k: [] for k in fns}
             for _ in range(args.repeat):
-                for k, v in time_interleaved(fns, large, rounds, sync).items():
+                for k, v in time_interleaved(fns, large, rounds, sync, clock).items():
                     samples[k].extend(v)
             us = {k: min(v) * 1e6 for k, v in samples.items()}
             med = {k: statistics.median(v) * 1e6 for k, v in samples.items()}
