@@ -101,13 +101,16 @@ def goals(table: dict, contrast: dict) -> list[dict]:
         gap = target - r["max_accuracy"]
         out.append(_goal(
             f"BN-x5-Sigmoid within {100 * SIGMOID_POINTS:.0f} points of Inception's max",
-            f"max {_pct(r['max_accuracy'])} vs {_pct(target)} ({100 * gap:+.1f} points below)",
+            f"max {_pct(r['max_accuracy'])} vs {_pct(target)} ({100 * abs(gap):.1f} points "
+            f"{'below' if gap > 0 else 'above'})",
             gap <= SIGMOID_POINTS,
         ))  # fmt: skip
     for t in (table, contrast):
-        base = t.get("base")
-        bn = "bn_baseline" if base == "inception" else f"bn_baseline{base[len('inception'):]}"
-        if t.get("target") is not None and bn in t["rows"]:
+        if t.get("target") is None:
+            continue
+        base = t["base"]  # "inception" or "inception@<init>": BN-Baseline with the same init
+        bn = "bn_baseline" + base[len("inception"):]
+        if bn in t["rows"]:
             s = t["rows"][bn]["speedup"]
             out.append(_goal(
                 f"BN-Baseline vs {t['rows'][base]['name']} (reported either way)",
