@@ -14,6 +14,7 @@ commit forward, Algorithm 2's map in eval mode, and `freeze`, `fold`, `recalibra
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from batchnorm import dispatch as _dispatch
 from batchnorm import modules as M
 from batchnorm.inference.frozen import FrozenBatchNorm
-from batchnorm.inference.graph import capture, find_sites
+from batchnorm.inference.graph import _first_line, _LeafTracer, capture, find_sites
 from batchnorm.inference.swap import rebuild, restore, swap_modules
 
 __all__ = [
@@ -268,23 +269,34 @@ class FuseReport:
     Attributes:
         fused: (bn name, activation name, activation): the BN became a fused layer and the
             activation module became ``nn.Identity``.
+        residual: (bn name, activation call, activation) for every BN + add -> activation
+            fused into one call ``bn(x, residual)`` of the fused layer in a rewritten
+            ``torch.fx.GraphModule``.
         skipped: (bn name, reason) for every BN-like layer left as it was.
         graph: how the neighbours were found ("torch.export", "torch.fx", "nn.Sequential").
         trace_error: what failed while capturing the model, or None.
+        graph_module: the model was returned as a ``torch.fx.GraphModule`` (there were
+            residual fusions); else it is the model passed in, changed in place.
     """
 
     fused: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     graph: str = "torch.fx"
     trace_error: str | None = None
+    residual: list[tuple[str, str, str]] = field(default_factory=list)
+    graph_module: bool = False
 
     @property
     def traced(self) -> bool:
         return self.graph != "nn.Sequential"
 
     def __str__(self) -> str:
-        lines = [f"fused {len(self.fused)} BN layer(s), left {len(self.skipped)}"]
+        count = len(self.fused) + len(self.residual)
+        lines = [f"fused {count} BN layer(s), left {len(self.skipped)}"]
         lines += [f"  {bn} + {act} -> {kind}" for bn, act, kind in self.fused]
+        lines += [f"  {bn} + add + {act} -> {kind} (residual)" for bn, act, kind in self.residual]
+        if self.graph_module:
+            lines.append("  returned a torch.fx.GraphModule: the forward calls bn(x, residual)")
         lines += [f"  kept {bn}: {why}" for bn, why in self.skipped]
         if self.trace_error is not None:
             lines.append(f"  (neighbours from {self.graph}; {self.trace_error})")
@@ -326,6 +338,11 @@ def _activation_of(module: nn.Module | None) -> tuple[str, float] | None:
     return None
 
 
+def _may_activate(call) -> bool:
+    """A call that may apply a ReLU/LeakyReLU (a module, or a function named relu)."""
+    return _activation_of(call.module) is not None or (call.module is None and "relu" in call.name)
+
+
 def _describe(call) -> str:
     return call.name if call.module is None else f"{call.name} ({type(call.module).__name__})"
 
@@ -336,33 +353,49 @@ def fuse_activations(
     *,
     memory_saving: bool = False,
 ) -> tuple[nn.Module, FuseReport]:
-    """Replace every BN -> ReLU/LeakyReLU pair by one fused layer, in place.
+    """Replace every BN -> ReLU/LeakyReLU pair, and BN + add -> ReLU, by one fused layer.
 
     Each BN (``torch.nn.BatchNorm1d/2d/3d``, ours, or a `FrozenBatchNorm`) whose output is
     read only by an ``nn.ReLU`` or ``nn.LeakyReLU`` module (that reads nothing else) becomes
     the matching `BatchNormAct1d/2d/3d` (or `FrozenBatchNormAct`) sharing the very same
     parameter and buffer tensors, settings and train/eval mode (an optimizer keeps working);
     the activation module becomes ``nn.Identity``, so the model's forward code and state_dict
-    keys stay as they were and its outputs are unchanged.
+    keys stay as they were and its outputs are unchanged. This is done in place.
+
+    BN + add -> ReLU (ResNet's ``out = self.relu(self.bn2(x) + identity)``) needs the
+    residual passed to the fused layer, a change to the forward code. Where the graph shows
+    it, the model is traced with torch.fx (BN layers kept as calls) and the BN call, the add
+    and the activation become one call ``bn(x, residual)`` of the fused layer, if the BN's
+    output is read only by the add, the add is a plain ``a + b`` / ``torch.add(a, b)`` of two
+    tensors (no alpha) read only by an ``nn.ReLU``/``nn.LeakyReLU`` module called only there,
+    or by ``F.relu`` / ``torch.relu`` / ``.relu()``, and the residual has the BN output's
+    shape and dtype (checked on ``example_inputs`` with fake tensors, so these are needed).
+    The model is then returned as a ``torch.fx.GraphModule`` holding the same modules and
+    tensors under the same names (state_dict keys unchanged; `FuseReport.residual` lists
+    these BNs, ``FuseReport.graph_module`` is True); the model passed in keeps its forward and
+    shares every tensor with it. Without such a pattern the model passed in is returned.
 
     Left alone, with the reason in the report: a BN that is not followed by such a module (a
-    convolution, a function such as ``F.relu``, an add: BN + add -> ReLU needs the residual
-    passed to the fused layer, ``layer(x, residual)``, which is a change to the forward
-    code), a BN or activation called more than once per forward (torchvision's ResNet
-    blocks reuse one ``self.relu``), a LeakyReLU with a negative slope, and BN subclasses
-    (Batch Renorm, SyncBatchNorm).
+    convolution, a function such as ``F.relu``), an add that misses the conditions above (its
+    sum also read elsewhere, a broadcast residual, alpha) or a model fx cannot trace, a BN or
+    activation module called more than once per forward (torchvision's ResNet blocks reuse
+    one ``self.relu``), a LeakyReLU with a negative slope, and BN subclasses (Batch Renorm,
+    SyncBatchNorm).
 
     The neighbours come from `batchnorm.inference.graph.capture`, as for `fold`: torch.export
     with ``example_inputs``, else torch.fx, else ``nn.Sequential`` containers.
 
     Args:
         model: the model (changed in place).
-        example_inputs: positional inputs to capture the model with torch.export (not run).
+        example_inputs: positional inputs to capture the model with torch.export and to check
+            the residuals' shapes (run on fake tensors only).
         memory_saving: build the LeakyReLU pairs (negative_slope > 0) with In-Place ABN's
-            memory saving; ReLU pairs cannot use it (ReLU is not invertible).
+            memory saving; ReLU pairs cannot use it (ReLU is not invertible), nor layers
+            given a residual.
 
     Returns:
-        (model, `FuseReport`).
+        (model, `FuseReport`): ``model`` is a ``torch.fx.GraphModule`` when a BN + add ->
+        ReLU was fused, else the model passed in.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -376,6 +409,7 @@ def fuse_activations(
         report.trace_error = "could not capture the model: " + "; ".join(failures)
     targets = _targets()
     replace: dict[int, nn.Module] = {}
+    residual: dict[int, tuple] = {}  # BN + add candidates: id(bn) -> (name, bn, fused class)
     seen: set[int] = set()
     sites = find_sites(graph, _is_bn_like)
     called_by_bn = Counter(id(s.call.module) for s in sites)
@@ -402,15 +436,13 @@ def fuse_activations(
         act = _activation_of(consumer.module) if consumer is not None else None
         if why is None and act is None:
             users = site.call.users
-            if consumer is None and len(users) == 1 and users[0].module is None:
-                user = users[0]
-                nxt = user.users[0] if len(user.users) == 1 else None
-                if "add" in user.name and nxt is not None and _activation_of(nxt.module):
-                    why = (
-                        f"BN + add -> {_describe(nxt)}: pass the residual to a fused layer in "
-                        "the forward code instead, layer(x, residual)"
-                    )
-                elif user.name == "output":
+            user = users[0] if len(users) == 1 and users[0].module is None else None
+            nxt = user.users[0] if user is not None and len(user.users) == 1 else None
+            if user is not None and "add" in user.name and nxt is not None and _may_activate(nxt):
+                residual[id(bn)] = (name, bn, target)  # decided on the fx graph below
+                continue
+            if consumer is None and user is not None:
+                if user.name == "output":
                     why = "its output is the model's output"
                 else:
                     why = f"its output goes to {_describe(user)}, not to a ReLU/LeakyReLU module"
@@ -429,19 +461,175 @@ def fuse_activations(
             report.skipped.append((name, why))
             continue
         kind, slope = act
-        settings = {"activation": kind, "negative_slope": slope}
-        saving = {"memory_saving": memory_saving and kind == "leaky_relu" and slope > 0}
-        if target is FrozenBatchNormAct:
-            new = rebuild(bn, target, **settings)
-            origin = getattr(bn, "_origin", None)
-            if origin is not None:  # unfreeze must bring back the fused trainable layer
-                new._origin = origin._replace(
-                    cls=targets[origin.cls], settings={**origin.settings, **settings, **saving}
-                )
-        else:
-            new = rebuild(bn, target, **settings, **saving)
-        replace[id(bn)] = new
+        replace[id(bn)] = _fused_layer(bn, target, kind, slope, memory_saving)
         replace[id(consumer.module)] = nn.Identity()
         report.fused.append((name, consumer.name, kind))
     model = swap_modules(model, lambda m: replace.get(id(m)))
+    if residual:
+        model = _fuse_residuals(model, residual, example_inputs, report)
     return model, report
+
+
+def _fused_layer(
+    bn: nn.Module, target: type, kind: str, slope: float, memory_saving: bool
+) -> nn.Module:
+    """The fused layer of ``target`` built on ``bn``'s very tensors and settings."""
+    settings = {"activation": kind, "negative_slope": slope}
+    saving = {"memory_saving": memory_saving and kind == "leaky_relu" and slope > 0}
+    if target is FrozenBatchNormAct:
+        new = rebuild(bn, target, **settings)
+        origin = getattr(bn, "_origin", None)
+        if origin is not None:  # unfreeze must bring back the fused trainable layer
+            new._origin = origin._replace(
+                cls=_targets()[origin.cls], settings={**origin.settings, **settings, **saving}
+            )
+        return new
+    return rebuild(bn, target, **settings, **saving)
+
+
+_ADDS = (operator.add, torch.add)
+_RELUS = (torch.relu, TF.relu)
+
+
+def _node_activation(node, source, gm: nn.Module) -> tuple[str, float] | str:
+    """(activation, negative_slope) when fx ``node`` applies a ReLU/LeakyReLU to ``source``
+    alone, else why not."""
+    if node.op == "call_module":
+        act = _activation_of(gm.get_submodule(node.target))
+        if act is not None and node.args == (source,) and not node.kwargs:
+            return act
+    elif node.op == "call_function" and node.target in _RELUS:
+        if node.args == (source,) and set(node.kwargs) <= {"inplace"}:
+            return "relu", 0.01
+    elif node.op == "call_method" and node.target == "relu":
+        if node.args == (source,) and not node.kwargs:
+            return "relu", 0.01
+    return f"the sum goes to {node.name}, not to a ReLU/LeakyReLU"
+
+
+def _residual_site(node, gm: nn.Module, modules_called: Counter):
+    """(add node, activation node, residual node, (activation, slope)) when the fx call
+    ``node`` of a BN is the pattern act(bn(x) + residual), else why not."""
+    if len(node.args) != 1 or node.kwargs:
+        return "the BN is called with more than its input"
+    users = list(node.users)
+    if len(users) != 1:
+        return "its output is read by more than the add"
+    add = users[0]
+    plain = (
+        add.op == "call_function"
+        and add.target in _ADDS
+        and len(add.args) == 2
+        and not add.kwargs
+        and all(isinstance(a, torch.fx.Node) for a in add.args)
+        and add.args.count(node) == 1
+    )
+    if not plain:
+        return f"{add.name} is not a plain a + b of two tensors (alpha, a scalar, or x + x)"
+    if len(add.users) != 1:
+        return f"the sum {add.name} is also read elsewhere ({', '.join(u.name for u in add.users)})"
+    act_node = next(iter(add.users))
+    act = _node_activation(act_node, add, gm)
+    if isinstance(act, str):
+        return act
+    if act_node.op == "call_module" and modules_called[act_node.target] > 1:
+        return (
+            f"the activation {act_node.target} is called more than once per forward "
+            "(one module shared by several places)"
+        )
+    if act[0] == "leaky_relu" and act[1] < 0:
+        return f"LeakyReLU with negative_slope {act[1]} < 0 (the fused backward needs >= 0)"
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    mine, theirs = node.meta.get("tensor_meta"), other.meta.get("tensor_meta")
+    if mine is None or theirs is None:
+        return "the shapes of the BN output and the residual are unknown"
+    if (mine.shape, mine.dtype) != (theirs.shape, theirs.dtype):
+        return (
+            f"the residual {other.name} is {tuple(theirs.shape)} {theirs.dtype}, the BN output "
+            f"{tuple(mine.shape)} {mine.dtype} (the fused layer adds no broadcast)"
+        )
+    return add, act_node, other, act
+
+
+def _keep_state(model: nn.Module, gm: nn.Module) -> None:
+    """Register on ``gm`` every module, parameter and buffer of ``model`` that it lacks (a
+    GraphModule keeps only what the forward reads), so the state_dict keys stay the model's."""
+    for path, module in model.named_modules():
+        parent, _, attr = path.rpartition(".")
+        if path and not hasattr(gm.get_submodule(parent), attr):
+            gm.get_submodule(parent).add_module(attr, module)
+        mirror = gm.get_submodule(path)
+        if mirror is module:
+            continue
+        for key, value in module._parameters.items():
+            if value is not None and key not in mirror._parameters:
+                mirror.register_parameter(key, value)
+        for key, value in module._buffers.items():
+            if value is not None and key not in mirror._buffers:
+                persistent = key not in module._non_persistent_buffers_set
+                mirror.register_buffer(key, value, persistent=persistent)
+
+
+def _fuse_residuals(
+    model: nn.Module, candidates: dict, example_inputs, report: FuseReport
+) -> nn.Module:
+    """Rewrite act(bn(x) + residual) into one call bn(x, residual) of the fused layer on a
+    torch.fx GraphModule of ``model``; the GraphModule when any was fused, else ``model``."""
+    names = {name for name, _, _ in candidates.values()}
+    hint = "or pass the residual to a fused layer in the forward code, layer(x, residual)"
+
+    def leave(why: str) -> nn.Module:
+        report.skipped.extend((name, f"BN + add -> activation: {why}") for name in names)
+        return model
+
+    if example_inputs is None:
+        return leave(f"pass example_inputs to check the residual's shape, {hint}")
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    try:
+        gm = torch.fx.GraphModule(model, _LeafTracer(_is_bn_like).trace(model))
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        class Shapes(ShapeProp):  # a BN keeps its input's shape; ours read values (.item())
+            def call_module(self, target, args, kwargs):
+                if _is_bn_like(self.fetch_attr(target)):
+                    return torch.empty_like(args[0])
+                return super().call_module(target, args, kwargs)
+
+        Shapes(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    except Exception as err:  # noqa: BLE001 - any failure means: leave these BNs
+        return leave(f"torch.fx could not capture the model ({_first_line(err)}), {hint}")
+    modules_called = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and id(gm.get_submodule(node.target)) in candidates:
+            found.setdefault(id(gm.get_submodule(node.target)), []).append(node)
+    for key, (name, bn, target) in candidates.items():
+        nodes = found.get(key, [])
+        site = (
+            _residual_site(nodes[0], gm, modules_called)
+            if len(nodes) == 1
+            else f"torch.fx sees {len(nodes)} calls of it, not one"
+        )
+        if isinstance(site, str):
+            report.skipped.append((name, f"BN + add -> activation, no residual fusion: {site}"))
+            continue
+        node = nodes[0]
+        add, act_node, other, (kind, slope) = site
+        with gm.graph.inserting_before(act_node):
+            fused = gm.graph.call_module(node.target, (node.args[0], other))
+        act_node.replace_all_uses_with(fused)
+        label = act_node.target if act_node.op == "call_module" else act_node.name
+        for dead in (act_node, add, node):
+            gm.graph.erase_node(dead)
+        parent, _, attr = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent), attr, _fused_layer(bn, target, kind, slope, False))
+        report.residual.append((name, str(label), kind))
+    if not report.residual:
+        return model
+    gm.graph.lint()
+    gm.recompile()
+    _keep_state(model, gm)
+    report.graph_module = True
+    return gm

@@ -232,3 +232,102 @@ def test_fuse_activations_on_a_frozen_model_unfreezes_to_the_fused_layer():
     # A layer frozen from a class without a fused form is left: unfreeze would lose the ReLU.
     _, report = fuse_activations(batchnorm.freeze(renorm))
     assert report.fused == [] and "BatchRenorm2d" in report.skipped[0][1]
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block, conv-bn-relu-conv-bn + identity -> relu, and variants of its
+    residual add that must stay unfused."""
+
+    def __init__(self, variant="module"):
+        super().__init__()
+        self.variant = variant
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = batchnorm.BatchNorm2d(4)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.scale = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.variant == "shared_sum":  # the sum is read by the relu and the output
+            out = out + x
+            return self.relu2(out) + out
+        if self.variant == "broadcast":  # the residual has another shape
+            return self.relu2(out + self.scale)
+        if self.variant == "alpha":
+            return self.relu2(torch.add(out, x, alpha=2.0))
+        out = out + x
+        return TF.relu(out) if self.variant == "functional" else self.relu2(out)
+
+
+@pytest.mark.parametrize("variant", ["module", "functional"])
+def test_fuse_activations_fuses_bn_add_relu_into_a_graph_module(variant):
+    torch.manual_seed(0)
+    model = _BasicBlock(variant)
+    _randomize(model.bn1, 1)
+    _randomize(model.bn2, 2)
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 4, 5, 5)
+    fused, report = fuse_activations(model, (x,))
+    assert isinstance(fused, torch.fx.GraphModule) and report.graph_module
+    activation = "relu2" if variant == "module" else "relu"
+    assert report.fused == [("bn1", "relu1", "relu")]
+    assert report.residual == [("bn2", activation, "relu")] and report.skipped == []
+    assert f"bn2 + add + {activation} -> relu (residual)" in str(report)
+    assert "GraphModule" in str(report)
+    assert type(fused.bn2) is BatchNormAct2d and fused.bn2.weight is model.bn2.weight
+    # One call bn2(conv2, x) in place of bn2, the add and the relu.
+    calls = [n for n in fused.graph.nodes if n.op != "placeholder" and n.op != "output"]
+    assert [n.target for n in calls][-1] == "bn2" and len(calls[-1].args) == 2
+    assert not any(n.target in ("relu2", TF.relu) for n in calls)
+    # Train mode: outputs, gradients, then running statistics equal torch's unfused block.
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    ya, yb = fused.train()(xa), reference.train()(xb)
+    torch.testing.assert_close(ya, yb, atol=1e-6, rtol=0)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-6, rtol=0)
+    params = dict(reference.named_parameters())
+    named = dict(fused.named_parameters())
+    assert set(named) == set(params)
+    for name, p in named.items():
+        torch.testing.assert_close(p.grad, params[name].grad, atol=1e-6, rtol=0, msg=name)
+    state, expected = fused.state_dict(), reference.state_dict()
+    assert set(state) == set(expected)  # the same names: the fused layer keeps BN's keys
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), reference.eval()(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("variant", "reason"),
+    [
+        ("shared_sum", "also read elsewhere"),
+        ("broadcast", "no broadcast"),
+        ("alpha", "not a plain a + b"),
+    ],
+)
+def test_fuse_activations_leaves_bn_add_relu_the_graph_cannot_fuse(variant, reason):
+    torch.manual_seed(0)
+    model = _BasicBlock(variant)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4, 5, 5)
+    fused, report = fuse_activations(model, (x,))
+    assert fused is model and not report.graph_module and report.residual == []
+    assert report.fused == [("bn1", "relu1", "relu")]
+    ((name, why),) = report.skipped
+    assert name == "bn2" and reason in why, why
+    torch.testing.assert_close(fused(x), reference(x))
+
+
+def test_fuse_activations_needs_example_inputs_for_the_residual_shape():
+    model = _BasicBlock()
+    fused, report = fuse_activations(model)
+    assert fused is model and report.residual == [] and not report.graph_module
+    assert report.skipped[0][0] == "bn2" and "example_inputs" in report.skipped[0][1]
