@@ -4,7 +4,7 @@ Three variants of one network with the same weights and statistics, timed interl
 process (A B C C B A ... after a warm-up) so drifting load on a shared machine hits each
 alike: our BatchNorm2d in eval mode, torch.nn.BatchNorm2d in eval mode, and `fold`ed (every BN
 merged into the preceding conv). Reported per variant: the minimum of the single-forward times
-(noise only ever adds time, ../shared/BENCHMARKING.md) and the median, each with its ratio.
+(noise only ever adds time; method in docs/speed.md) and the median, each with its ratio.
 
 The net is ResNet-18's layout (BasicBlocks [2, 2, 2, 2], widths 64-512) with the CIFAR stem
 (one 3x3 conv, no max-pool), so 32x32 inputs are meaningful and a run stays short.
