@@ -1,5 +1,7 @@
 """On a CUDA device: our layers against torch.nn (outputs, gradients, running statistics),
-the non-finite guard without host synchronization, and half-precision input.
+the non-finite guard without host synchronization, and half-precision input, on both of our
+paths: ``backend="triton"`` (the Triton kernels, what ``"auto"`` picks for CUDA tensors) and
+``backend="torch"``; and BatchNormAct2d against torch.nn's BatchNorm2d + ReLU.
 
 CI has no GPU, so this is run by hand where one is available:
     PYTHONPATH=. python benchmarks/gpu_check.py
@@ -16,11 +18,15 @@ from torch import nn
 import batchnorm
 
 
-def parity(ours_cls, torch_cls, shape, dtype, backward, channels_last=False) -> float:
+def parity(
+    ours_cls, torch_cls, shape, dtype, backward, channels_last=False, backend="torch", act=None
+) -> float:
     torch.manual_seed(0)
     theirs = torch_cls(shape[1], device="cuda")
-    ours = ours_cls(shape[1], device="cuda", backward=backward)
+    ours = ours_cls(shape[1], device="cuda", backward=backward, backend=backend)
     ours.load_state_dict(theirs.state_dict())
+    if act is not None:  # ours is a BatchNormAct layer: compare with BN followed by act
+        theirs = nn.Sequential(theirs, act)
     worst = 0.0
     for _ in range(3):
         x = (torch.randn(shape, device="cuda") * 2 + 1).to(dtype)
@@ -33,7 +39,8 @@ def parity(ours_cls, torch_cls, shape, dtype, backward, channels_last=False) -> 
             layer.zero_grad()
             y = layer(xi)
             y.backward(g)
-            results.append([y.float(), xi.grad.float(), layer.weight.grad, layer.running_var])
+            bn = layer[0] if isinstance(layer, nn.Sequential) else layer
+            results.append([y.float(), xi.grad.float(), bn.weight.grad, bn.running_var])
         for a, b in zip(*results):
             worst = max(worst, ((a - b).abs().max() / (b.abs().max() + 1e-6)).item())
     return worst
@@ -52,17 +59,28 @@ def main() -> int:
     ]
     for ours_cls, torch_cls, shape, cl in cases:
         for dtype in (torch.float32, torch.bfloat16):
-            for backward in ("native", "paper"):
-                err = parity(ours_cls, torch_cls, shape, dtype, backward, cl)
+            paths = (("native", "triton"), ("native", "torch"), ("paper", "torch"))
+            for backward, backend in paths:
+                err = parity(ours_cls, torch_cls, shape, dtype, backward, cl, backend)
                 tol = 1e-4 if dtype == torch.float32 else 3e-2
                 ok = err < tol
                 failures += not ok
                 print(
                     f"{'ok ' if ok else 'BAD'} parity {ours_cls.__name__}{shape} "
-                    f"channels_last={cl} {dtype} {backward}: max rel err {err:.2e}"
+                    f"channels_last={cl} {dtype} {backward} backend={backend}: "
+                    f"max rel err {err:.2e}"
                 )
+    for cl in (False, True):
+        err = parity(
+            batchnorm.BatchNormAct2d, nn.BatchNorm2d, (32, 64, 28, 28), torch.float32, "native",
+            cl, "triton", nn.ReLU(),
+        )  # fmt: skip
+        ok = err < 1e-4
+        failures += not ok
+        mark = "ok " if ok else "BAD"
+        print(f"{mark} parity BatchNormAct2d (relu) channels_last={cl}: max rel err {err:.2e}")
     # The guard keeps statistics on the device: no synchronization, same result.
-    bn = batchnorm.BatchNorm2d(8, device="cuda")
+    bn = batchnorm.BatchNorm2d(8, device="cuda")  # backend="auto": the kernels on CUDA
     bn(torch.randn(4, 8, 5, 5, device="cuda"))
     before = bn.running_var.clone()
     x = torch.randn(4, 8, 5, 5, device="cuda")
