@@ -94,7 +94,28 @@ def _check_residual(layer: nn.Module, input: Tensor, residual: Tensor | None) ->
         )
 
 
-class _BatchNormActMixin:
+class _Activated:
+    """What a trainable and a frozen fused layer share: the residual add and the activation
+    after the normalization, the activation as a module, and its constructor settings."""
+
+    def _activate(self, output: Tensor, residual: Tensor | None) -> Tensor:
+        if residual is not None:
+            output = output + residual
+        return activate(output, self.activation, self.negative_slope)
+
+    def activation_module(self) -> nn.Module:
+        """The activation as a torch.nn module: what `fold` leaves in this layer's place."""
+        return activation_module(self.activation, self.negative_slope)
+
+    def _settings(self) -> dict:
+        return {
+            **super()._settings(),
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+        }
+
+
+class _BatchNormActMixin(_Activated):
     """act(BN(input) + residual) on top of a BN layer; see `BatchNormAct2d`."""
 
     def __init__(
@@ -125,22 +146,10 @@ class _BatchNormActMixin:
                     self, input, residual, self.activation, self.negative_slope,
                     self.memory_saving,
                 )  # fmt: skip
-        output = super().forward(input, mask)
-        if residual is not None:
-            output = output + residual
-        return activate(output, self.activation, self.negative_slope)
-
-    def activation_module(self) -> nn.Module:
-        """The activation as a torch.nn module: what `fold` leaves in this layer's place."""
-        return activation_module(self.activation, self.negative_slope)
+        return self._activate(super().forward(input, mask), residual)
 
     def _settings(self) -> dict:
-        return {
-            **super()._settings(),
-            "activation": self.activation,
-            "negative_slope": self.negative_slope,
-            "memory_saving": self.memory_saving,
-        }
+        return {**super()._settings(), "memory_saving": self.memory_saving}
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", activation={self.activation!r}"
@@ -203,7 +212,7 @@ class BatchNormAct(_BatchNormActMixin, M.BatchNorm):
     """act(BN(x) + residual) with the channel on any ``axis``; see `BatchNormAct2d`."""
 
 
-class FrozenBatchNormAct(FrozenBatchNorm):
+class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
     """act(FrozenBatchNorm(x) + residual): a frozen `BatchNormAct2d` (Algorithm 2's map, then
     the residual add and the activation), what `batchnorm.freeze` makes of a fused layer.
 
@@ -227,21 +236,7 @@ class FrozenBatchNormAct(FrozenBatchNorm):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         _check_residual(self, input, residual)
-        output = super().forward(input)
-        if residual is not None:
-            output = output + residual
-        return activate(output, self.activation, self.negative_slope)
-
-    def activation_module(self) -> nn.Module:
-        """The activation as a torch.nn module: what `fold` leaves in this layer's place."""
-        return activation_module(self.activation, self.negative_slope)
-
-    def _settings(self) -> dict:
-        return {
-            **super()._settings(),
-            "activation": self.activation,
-            "negative_slope": self.negative_slope,
-        }
+        return self._activate(super().forward(input), residual)
 
     def to_batchnorm(self) -> nn.Module:
         """The trainable fused layer this one was frozen from (`BatchNormAct` over the same
