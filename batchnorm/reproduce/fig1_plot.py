@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchnorm.reproduce.fig1_report import curve
+from batchnorm.reproduce.run_folder import save_figure
 
 if TYPE_CHECKING:
     from batchnorm.reproduce.fig1 import Fig1Config
@@ -64,6 +65,6 @@ def plot(summary: dict, config: Fig1Config, path: Path) -> None:
         ax.set_ylim(lo, hi)
     axes[2].legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(path, fig, dpi=120)
     plt.close(fig)
 

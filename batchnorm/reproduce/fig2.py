@@ -484,7 +484,7 @@ def _run(cfg: Fig2Config, out: Path, record: dict | None) -> dict:
     from batchnorm.reproduce import fig2_plot
 
     fig2_plot.plot(summary, out / "fig2.png")
-    (out / "report.md").write_text(fig2_report.report(cfg, summary))
+    run_folder.write_text(out / "report.md", fig2_report.report(cfg, summary))
     run_folder.finish(out)
     return summary
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from batchnorm.reproduce.run_folder import save_figure
+
 __all__ = ["plot"]
 
 
@@ -64,7 +66,5 @@ def plot(summary: dict, path: str | os.PathLike) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(path, fig, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -120,3 +120,33 @@ def test_resume_keeps_settings_except_those_allowed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse(["--resume", tmp_path / "nothing"])
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "summary.json"
+    run_folder.write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+
+    def fails_half_way(f):
+        f.write('{"a": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_folder.atomic_write(path, fails_half_way, text=True)
+    assert json.loads(path.read_text()) == {"a": 1}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path, umask):
+    import os
+
+    previous = os.umask(umask)
+    try:
+        run_folder.write_text(tmp_path / "report.md", "# report\n")
+        (tmp_path / "plain.md").write_text("# report\n")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "report.md").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "report.md").read_text() == "# report\n"
