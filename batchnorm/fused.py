@@ -26,7 +26,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from batchnorm import dispatch as _dispatch
 from batchnorm import modules as M
 from batchnorm.inference.frozen import FrozenBatchNorm
-from batchnorm.inference.graph import _first_line, _LeafTracer, capture, find_sites
+from batchnorm.inference.graph import (
+    GraphReport,
+    _first_line,
+    _LeafTracer,
+    capture,
+    find_sites,
+)
 from batchnorm.inference.swap import rebuild, restore, swap_modules
 
 __all__ = [
@@ -258,7 +264,7 @@ class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
 
 
 @dataclass
-class FuseReport:
+class FuseReport(GraphReport):
     """What `fuse_activations` did: the BN -> activation pairs fused, and the BNs left.
 
     Attributes:
@@ -267,35 +273,21 @@ class FuseReport:
         residual: (bn name, activation call, activation) for every BN + add -> activation
             fused into one call ``bn(x, residual)`` of the fused layer in a rewritten
             ``torch.fx.GraphModule``.
-        skipped: (bn name, reason) for every BN-like layer left as it was.
-        graph: how the neighbours were found ("torch.export", "torch.fx", "nn.Sequential").
-        trace_error: what failed while capturing the model, or None.
         graph_module: the model was returned as a ``torch.fx.GraphModule`` (there were
             residual fusions); else it is the model passed in, changed in place.
+        skipped, graph, traced, trace_error: as in `GraphReport`.
     """
 
     fused: list[tuple[str, str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    graph: str = "torch.fx"
-    trace_error: str | None = None
     residual: list[tuple[str, str, str]] = field(default_factory=list)
     graph_module: bool = False
 
-    @property
-    def traced(self) -> bool:
-        return self.graph != "nn.Sequential"
-
     def __str__(self) -> str:
-        count = len(self.fused) + len(self.residual)
-        lines = [f"fused {count} BN layer(s), left {len(self.skipped)}"]
-        lines += [f"  {bn} + {act} -> {kind}" for bn, act, kind in self.fused]
-        lines += [f"  {bn} + add + {act} -> {kind} (residual)" for bn, act, kind in self.residual]
+        changed = [f"  {bn} + {act} -> {kind}" for bn, act, kind in self.fused]
+        changed += [f"  {bn} + add + {act} -> {kind} (residual)" for bn, act, kind in self.residual]
         if self.graph_module:
-            lines.append("  returned a torch.fx.GraphModule: the forward calls bn(x, residual)")
-        lines += [f"  kept {bn}: {why}" for bn, why in self.skipped]
-        if self.trace_error is not None:
-            lines.append(f"  (neighbours from {self.graph}; {self.trace_error})")
-        return "\n".join(lines)
+            changed.append("  returned a torch.fx.GraphModule: the forward calls bn(x, residual)")
+        return self._lines(f"fused {len(self.fused) + len(self.residual)} BN layer(s)", changed)
 
 
 def _targets() -> dict[type, type]:
@@ -399,9 +391,7 @@ def fuse_activations(
         ([('1', '2', 'relu')], 'BatchNormAct2d', 'Identity')
     """
     graph, failures = capture(model, example_inputs, leaf=_is_bn_like)
-    report = FuseReport(graph=graph.source)
-    if failures:
-        report.trace_error = "could not capture the model: " + "; ".join(failures)
+    report = FuseReport.of_capture(graph, failures, example_inputs, "fuse_activations")
     targets = _targets()
     replace: dict[int, nn.Module] = {}
     residual: dict[int, tuple] = {}  # BN + add candidates: id(bn) -> (name, bn, fused class)

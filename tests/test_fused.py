@@ -331,3 +331,26 @@ def test_fuse_activations_needs_example_inputs_for_the_residual_shape():
     fused, report = fuse_activations(model)
     assert fused is model and report.residual == [] and not report.graph_module
     assert report.skipped[0][0] == "bn2" and "example_inputs" in report.skipped[0][1]
+
+
+class _Branching(nn.Module):
+    """fx cannot trace a branch on a shape; torch.export (with example inputs) can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        return y if x.shape[-1] > 1 else -y
+
+
+def test_a_failed_capture_says_that_example_inputs_would_help():
+    x = torch.randn(2, 3, 5, 5)
+    _, report = fuse_activations(_Branching())
+    assert not report.traced and report.fused == []
+    assert "torch.fx" in report.trace_error and "example_inputs" in report.trace_error
+    assert "could not capture" in str(report)
+    _, report = fuse_activations(_Branching(), example_inputs=(x,))
+    assert report.graph == "torch.export" and report.trace_error is None
+    assert report.fused == [("bn", "act", "relu")]

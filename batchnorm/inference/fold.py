@@ -19,45 +19,27 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from batchnorm import functional as F
 from batchnorm.inference.frozen import FrozenBatchNorm
-from batchnorm.inference.graph import capture, find_sites
+from batchnorm.inference.graph import GraphReport, capture, find_sites
 from batchnorm.inference.swap import channel_axis, swap_modules, tracks_running_stats
 
 __all__ = ["fold", "FoldReport"]
 
 
 @dataclass
-class FoldReport:
+class FoldReport(GraphReport):
     """What `fold` did: the BN layers folded, and those left alone with the reason.
 
     Attributes:
         folded: (bn name, layer name, "after" | "before"): the BN followed (or preceded) that
             Conv/ConvTranspose/Linear layer and was merged into it (it is now nn.Identity).
-        skipped: (bn name, reason) for every BN-like layer left in the model.
-        graph: how the neighbours were found: "torch.export" (with example inputs),
-            "torch.fx", or "nn.Sequential" (adjacent children only, when neither could
-            capture the model).
-        traced: whether a graph of the whole forward was captured (torch.export or
-            torch.fx); if not, ``trace_error`` says why.
-        trace_error: what failed, one line per tool, with a hint when example inputs would
-            help; None if nothing failed.
+        skipped, graph, traced, trace_error: as in `GraphReport`.
     """
 
     folded: list[tuple[str, str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    graph: str = "torch.fx"
-    trace_error: str | None = None
-
-    @property
-    def traced(self) -> bool:
-        return self.graph != "nn.Sequential"
 
     def __str__(self) -> str:
-        lines = [f"folded {len(self.folded)} BN layer(s), left {len(self.skipped)}"]
-        lines += [f"  {bn} -> {layer} ({where})" for bn, layer, where in self.folded]
-        lines += [f"  kept {bn}: {why}" for bn, why in self.skipped]
-        if self.trace_error is not None:
-            lines.append(f"  (neighbours from {self.graph}; {self.trace_error})")
-        return "\n".join(lines)
+        changed = [f"  {bn} -> {layer} ({where})" for bn, layer, where in self.folded]
+        return self._lines(f"folded {len(self.folded)} BN layer(s)", changed)
 
 
 def _is_bn_like(m: nn.Module) -> bool:
@@ -248,12 +230,7 @@ def fold(
     """
     model = copy.deepcopy(model)
     graph, failures = capture(model, example_inputs, leaf=_is_bn_like)
-    report = FoldReport(graph=graph.source)
-    if failures:
-        hint = ""
-        if example_inputs is None:
-            hint = "; pass example_inputs=(x,) so that fold can capture the model with torch.export"
-        report.trace_error = "could not capture the model: " + "; ".join(failures) + hint
+    report = FoldReport.of_capture(graph, failures, example_inputs, "fold")
     shared_counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = {i for i, c in shared_counts.items() if c > 1}
     seen = set()

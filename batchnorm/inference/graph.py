@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "CallGraph", "Site", "capture", "find_sites"]
+__all__ = ["Call", "CallGraph", "GraphReport", "Site", "capture", "find_sites"]
 
 
 @dataclass(eq=False)
@@ -254,6 +254,48 @@ def _first_line(err: Exception, limit: int = 300) -> str:
     text = str(err).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(err).__name__}: {line[:limit]}"
+
+
+@dataclass(kw_only=True)
+class GraphReport:
+    """What every graph pass (`fold`, `fuse_activations`) reports besides what it changed.
+
+    Attributes:
+        skipped: (bn name, reason) for every BN-like layer left as it was.
+        graph: how the neighbours were found: "torch.export" (with example inputs),
+            "torch.fx", or "nn.Sequential" (adjacent children only, when neither could
+            capture the model).
+        traced: whether a graph of the whole forward was captured (torch.export or
+            torch.fx); if not, ``trace_error`` says why.
+        trace_error: what failed, one line per tool, with a hint when example inputs would
+            help; None if nothing failed.
+    """
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    graph: str = "torch.fx"
+    trace_error: str | None = None
+
+    @classmethod
+    def of_capture(cls, graph: CallGraph, failures: list[str], example_inputs, action: str):
+        """An empty report of a pass named ``action`` over what `capture` returned."""
+        error = None
+        if failures:
+            error = "could not capture the model: " + "; ".join(failures)
+            if example_inputs is None:
+                error += f"; pass example_inputs=(x,) so that {action} can capture the model"
+                error += " with torch.export"
+        return cls(graph=graph.source, trace_error=error)
+
+    @property
+    def traced(self) -> bool:
+        return self.graph != "nn.Sequential"
+
+    def _lines(self, head: str, changed: list[str]) -> str:
+        lines = [f"{head}, left {len(self.skipped)}", *changed]
+        lines += [f"  kept {bn}: {why}" for bn, why in self.skipped]
+        if self.trace_error is not None:
+            lines.append(f"  (neighbours from {self.graph}; {self.trace_error})")
+        return "\n".join(lines)
 
 
 def capture(
