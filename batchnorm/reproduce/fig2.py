@@ -58,7 +58,9 @@ from batchnorm.reproduce.run_folder import Flag, RunFolderError, require
 from batchnorm.reproduce.train import (
     epoch_permutation,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     set_threads,
 )
 
@@ -334,12 +336,15 @@ def _train(cfg: Fig2Config, name: str, recipe: Recipe, init: str, *, steps: int,
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
+        if "rng" in saved:  # Dropout's masks go on as in an uninterrupted run
+            set_rng_state(saved["rng"])
 
     def checkpoint():
         save_checkpoint(
             ckpt_path,
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-        )
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+             "rng": rng_state()},
+        )  # fmt: skip
 
     n, bs = len(xtr), recipe.batch_size
     per_epoch = n // bs  # drop the last partial batch: BN sees exactly 32 examples every step

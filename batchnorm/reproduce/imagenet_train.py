@@ -49,7 +49,7 @@ from batchnorm.reproduce.imagenet import (
 from batchnorm.reproduce.models.inception import build_inception, parameter_count
 from batchnorm.reproduce.recipes import RECIPES
 from batchnorm.reproduce.run_folder import Flag, RunFolderError, require
-from batchnorm.reproduce.train import load_checkpoint, save_checkpoint
+from batchnorm.reproduce.train import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["TrainConfig", "main", "train", "evaluate_checkpoints"]
 
@@ -163,6 +163,22 @@ def _check_resume(out: Path, record: dict, cfg: TrainConfig) -> None:
     )  # fmt: skip
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    # A run killed between checkpoints logged steps it redoes from the checkpoint: keep the
+    # lines up to the checkpoint's step (and none torn by the kill), so metrics.jsonl holds
+    # each step once.
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    run_folder.write_text(path, "".join(kept))
+
+
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> dict:
     """Train ``cfg.recipe`` into the run folder ``out``; returns the last validation metrics.
 
@@ -204,8 +220,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> 
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         step = int(saved["step"])
+        if "rng" in saved and world == 1:  # Dropout's masks go on as uninterrupted (rank 0's)
+            set_rng_state(saved["rng"])
     if rank == 0 and resume:
         run_folder.record_resume(out, record, cfg)
+        _drop_metrics_after(out / "metrics.jsonl", step)
     elif rank == 0:
         run_folder.create(
             out, "imagenet_train", cfg, recipe=dataclasses.asdict(recipe), world_size=world,
@@ -216,7 +235,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> 
         if rank == 0:
             save_checkpoint(
                 ckpt,
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "rng": rng_state()},  # fmt: skip
             )
 
     def log(record):

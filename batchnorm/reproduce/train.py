@@ -11,7 +11,14 @@ import torch
 
 from batchnorm.reproduce.run_folder import atomic_write
 
-__all__ = ["epoch_permutation", "save_checkpoint", "load_checkpoint", "set_threads"]
+__all__ = [
+    "epoch_permutation",
+    "save_checkpoint",
+    "load_checkpoint",
+    "set_threads",
+    "rng_state",
+    "set_rng_state",
+]
 
 
 def epoch_permutation(seed: int, epoch: int, n: int, stream: int = 0) -> torch.Tensor:
@@ -34,6 +41,25 @@ def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's global random state (CPU, and every CUDA device when there is one).
+
+    What Dropout draws from: a checkpoint that holds it lets a resumed run draw the masks an
+    uninterrupted one would (`set_rng_state`), so resuming mid-run stays bit-identical.
+    """
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -167,7 +167,8 @@ def test_training_entry_runs_and_resumes(tmp_path, monkeypatch):
             "--eval-batch", "4", "--epochs", "2"]  # fmt: skip
     # 66 images = 2 steps of 32 per epoch; stop after 3 steps (mid-epoch 2), then resume
     assert imagenet_train.main(args + ["--max-steps", "3"]) == 0
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 3 and saved["rng"]["cpu"].dtype == torch.uint8  # Dropout's state
     # the run is finished at 3 steps; --resume with a larger --max-steps trains further
     assert imagenet_train.main(["--resume", str(out), "--max-steps", "4"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
@@ -209,3 +210,14 @@ def test_bn_layer_choice(torch_bn, sync_bn):
     else:
         expected = torch.nn.BatchNorm2d if torch_bn else batchnorm.BatchNorm2d
     assert kinds == {expected}
+
+
+def test_resume_keeps_each_metrics_step_once(tmp_path):
+    # Audit defect: a run killed between checkpoints had logged steps it redoes after
+    # --resume, so metrics.jsonl held them twice (and a line torn by the kill broke readers).
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.9}, {"step": 2, "top1": 0.5},
+             {"step": 3, "loss": 1.8}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')
+    imagenet_train._drop_metrics_after(path, 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:3]
