@@ -251,7 +251,7 @@ def run(
     out = Path(out)
     start_time = time.perf_counter()
     if resume:
-        record = run_folder.read_record(out)
+        record = run_folder.read_record(out, "fig1")
         state = _check_resume(out, record, config)
     else:
         run_folder.check_new(out)  # before loading the data
@@ -394,7 +394,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Check the flags (argparse errors), run, print the accuracy table; returns 0."""
     config, record = run_folder.settings_from_args(
-        parser, args, Fig1Config, FLAGS, may_change={"steps"}
+        parser, args, Fig1Config, FLAGS, may_change={"steps"}, experiment="fig1"
     )
     if record is not None:
         out = args.resume

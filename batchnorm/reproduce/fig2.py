@@ -439,7 +439,7 @@ def run(cfg: Fig2Config, out: str | os.PathLike, *, resume: bool = False) -> dic
     """
     out = Path(out)
     if resume:
-        record = run_folder.read_record(out)
+        record = run_folder.read_record(out, "fig2")
         run_folder.check_resume(out, record)
     else:
         run_folder.check_new(out)
@@ -545,7 +545,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    cfg, record = run_folder.settings_from_args(parser, args, Fig2Config, FLAGS)
+    cfg, record = run_folder.settings_from_args(
+        parser, args, Fig2Config, FLAGS, experiment="fig2"
+    )
     if record is not None:
         out = args.resume
         try:

@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> 
     out = Path(out)
     rank = int(os.environ.get("RANK", 0))
     if resume:
-        record = run_folder.read_record(out)
+        record = run_folder.read_record(out, "imagenet_train")
         _check_resume(out, record, cfg)
     elif rank == 0:
         run_folder.check_new(out)
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--eval-only needs --data and --checkpoints")
     else:
         cfg, record = run_folder.settings_from_args(
-            parser, args, TrainConfig, FLAGS, may_change=MAY_CHANGE
+            parser, args, TrainConfig, FLAGS, may_change=MAY_CHANGE,
+            experiment="imagenet_train",
         )
         if record is not None:
             try:

@@ -251,15 +251,33 @@ def create(out: str | os.PathLike, experiment: str, config: Any, **extra: Any) -
     return record
 
 
-def read_record(run_dir: str | os.PathLike) -> dict:
-    """The config.json of the run in ``run_dir``; RunFolderError if it holds none."""
+def read_record(run_dir: str | os.PathLike, experiment: str | None = None) -> dict:
+    """The config.json of the run in ``run_dir``, checked to be a run of ``experiment``.
+
+    Raises:
+        RunFolderError: no config.json, one that is not a run's record ({"experiment": name,
+            "config": {...}, ...}), or a run of another experiment than ``experiment``.
+    """
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise RunFolderError(f"{run_dir} is not a run folder: it has no {CONFIG}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunFolderError(f"{path} is not valid JSON ({error})") from error
+    if not (isinstance(record, dict) and isinstance(record.get("experiment"), str)
+            and isinstance(record.get("config"), dict)):  # fmt: skip
+        got = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise RunFolderError(
+            f"{path} is not a run's record: expected an object with \"experiment\" and "
+            f"\"config\", got {got}"
+        )
+    if experiment is not None and record["experiment"] != experiment:
+        raise RunFolderError(
+            f"{run_dir} holds a {record['experiment']} run, not {experiment}; resume it with "
+            f"the {record['experiment']} command"
+        )
+    return record
 
 
 def is_finished(run_dir: str | os.PathLike, record: dict) -> bool:
@@ -392,12 +410,14 @@ def settings_from_args(
     flags: dict[str, Flag],
     *,
     may_change: Iterable[str] = (),
+    experiment: str | None = None,
 ):
     """The config the flags ask for, and the recorded config.json when resuming (else None).
 
     A new run: the given flags over the config's defaults. A resumed run: the recorded
-    settings, with the given flags allowed to differ only for fields in ``may_change``.
-    Any `SettingError` becomes ``parser.error`` naming the flag (exit code 2).
+    settings (of a run of ``experiment``, when given), with the given flags allowed to differ
+    only for fields in ``may_change``. Any `SettingError` becomes ``parser.error`` naming the
+    flag (exit code 2).
     """
     given = {s.field: v for f, s in flags.items() if (v := getattr(args, _dest(f))) is not None}
     flag_of = {s.field: f for f, s in flags.items()}
@@ -412,8 +432,14 @@ def settings_from_args(
             if missing:
                 parser.error(f"a new run needs {', '.join(missing)}")
             return config_class(**given), None
-        record = read_record(args.resume)
-        recorded = config_class(**record["config"])
+        record = read_record(args.resume, experiment)
+        try:
+            recorded = config_class(**record["config"])
+        except TypeError as error:  # a field this version lacks, or lacks a required one
+            raise RunFolderError(
+                f"{args.resume}/{CONFIG}'s settings do not fit {config_class.__name__} of "
+                f"this version ({error})"
+            ) from None
         allowed = set(may_change)
         for field, value in given.items():
             if field not in allowed and value != getattr(recorded, field):
@@ -428,5 +454,5 @@ def settings_from_args(
         if error.field in flag_of:
             parser.error(f"argument {flag_of[error.field]}: {error.reason}")
         parser.error(str(error))
-    except (RunFolderError, TypeError) as error:
+    except RunFolderError as error:
         parser.error(f"argument --resume: {error}")

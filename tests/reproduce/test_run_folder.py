@@ -150,3 +150,24 @@ def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path, umask):
     mode = (tmp_path / "report.md").stat().st_mode & 0o777
     assert mode == (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "report.md").read_text() == "# report\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (json.dumps({"experiment": "other", "config": {"data": "d"}}), "holds a other run, not toy"),
+    ("[1, 2]", "not a run's record: expected an object"),
+    (json.dumps({"experiment": "toy"}), "not a run's record"),
+    ('{"experiment": "toy", "con', "not valid JSON"),
+    (json.dumps({"experiment": "toy", "config": {"data": "d", "depth": 3}}),
+     "do not fit Toy of this version"),
+])  # fmt: skip
+def test_resume_refuses_another_experiment_or_a_broken_record(tmp_path, capsys, text, message):
+    # Audit defect: `fig1 --resume <a fig2 run>` ended in "Fig1Config.__init__() got an
+    # unexpected keyword argument 'early_evals'", and a config.json that is JSON but not a
+    # record in a KeyError traceback; both now name the folder and what was expected.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing or just after
+        parser, args = _parse(["--resume", tmp_path / "run"])
+        run_folder.settings_from_args(parser, args, Toy, FLAGS, experiment="toy")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --resume" in err and message in err
