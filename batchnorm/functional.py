@@ -48,6 +48,7 @@ __all__ = [
     "BatchStats",
     "BatchNormOutput",
     "batch_stats",
+    "ghost_batch_stats",
     "merge_stats",
     "normalize",
     "inference_affine",
@@ -534,15 +535,11 @@ def _masked_transform(input, weight, bias, eps, axis, mask) -> tuple[Tensor, Bat
     return output, BatchStats(s.mean.detach(), s.var.detach(), s.count)
 
 
-def _ghost_transform(input, weight, bias, eps, axis, backward, v, stats):
-    """Ghost BN through the same transform: the G groups of v examples become G*C channels.
+def _ghost_groups(input: Tensor, axis: int, v: int) -> tuple[Tensor, int]:
+    """Ghost BN's view of a batch: (N, C, *S) with C at ``axis`` -> (v, G*C, *S), G = N / v.
 
-    (N, C, *S) -> (v, G*C, *S), normalized per (group, channel) with gamma and beta repeated
-    G times; the output is laid back. The statistics handed to the commit are the groups'
-    means of mu_B and sigma2_B with m the group's count: the moving average is linear, so
-    this is one step towards the mean of the groups' statistics (and a non-finite group
-    makes the whole update non-finite, hence skipped).
-    """
+    Channel j of group g lands on channel g*C + j, so per-channel statistics of the result
+    are the groups' statistics: (G*C,) viewed as (G, C)."""
     n = input.shape[0]
     if axis == 0:
         raise ValueError("virtual_batch_size splits axis 0, which cannot be the channel axis")
@@ -554,7 +551,35 @@ def _ghost_transform(input, weight, bias, eps, axis, backward, v, stats):
     g = n // v
     x = input.movedim(axis, 1)  # (N, C, *S)
     c, rest = x.shape[1], x.shape[2:]
-    grouped = x.reshape(g, v, c, *rest).transpose(0, 1).reshape(v, g * c, *rest)
+    return x.reshape(g, v, c, *rest).transpose(0, 1).reshape(v, g * c, *rest), g
+
+
+def ghost_batch_stats(input: Tensor, axis: int, virtual_batch_size: int) -> BatchStats:
+    """mu_B and the biased sigma2_B of each Ghost BN group (Hoffer et al. 2017), per channel.
+
+    The statistics each group of ``virtual_batch_size`` consecutive examples is normalized
+    with in training (see `batch_norm`): BatchStats(mean (G, C), var (G, C), m per group).
+    What `batchnorm.recalibrate` and `batchnorm.diagnose` record for a Ghost BN layer: each
+    group is one batch of Algorithm 2.
+    """
+    axis = _channel_axis(input, axis)
+    grouped, g = _ghost_groups(input, axis, virtual_batch_size)
+    s = batch_stats(grouped, 1)
+    return BatchStats(s.mean.view(g, -1), s.var.view(g, -1), s.count)
+
+
+def _ghost_transform(input, weight, bias, eps, axis, backward, v, stats):
+    """Ghost BN through the same transform: the G groups of v examples become G*C channels.
+
+    (N, C, *S) -> (v, G*C, *S) (`_ghost_groups`), normalized per (group, channel) with gamma
+    and beta repeated G times; the output is laid back. The statistics handed to the commit
+    are the groups' means of mu_B and sigma2_B with m the group's count: the moving average
+    is linear, so this is one step towards the mean of the groups' statistics (and a
+    non-finite group makes the whole update non-finite, hence skipped).
+    """
+    grouped, g = _ghost_groups(input, axis, v)
+    x = input.movedim(axis, 1)
+    c, rest = x.shape[1], x.shape[2:]
 
     def repeat(t):
         return None if t is None else t.repeat(g)

@@ -16,6 +16,7 @@ of `batchnorm.functional`.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator
@@ -97,6 +98,33 @@ class _TooFewValues(Exception):
         self.layer, self.count = layer, count
 
 
+def _mask_argument(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+    """The ``mask`` a layer's forward was called with (our layers take one), or None."""
+    if not kwargs and len(args) < 2:
+        return None
+    try:
+        bound = inspect.signature(layer.forward).bind(*args, **kwargs)
+    except TypeError:  # the forward itself will say what is wrong with the call
+        return None
+    mask = bound.arguments.get("mask")
+    return mask if isinstance(mask, Tensor) else None
+
+
+def _layer_batch_stats(layer: nn.Module, args: tuple, kwargs: dict, axis: int):
+    """The (mu_B, sigma2_B, m) a training-mode layer normalizes this call's input with.
+
+    The statistics of the layer's own transform: only the positions its ``mask`` selects,
+    and one entry per group for Ghost BN (``virtual_batch_size``; each group is one batch of
+    Algorithm 2, as the layer's running statistics treat it), else the whole input."""
+    x = args[0] if args else kwargs.get("input")
+    mask = _mask_argument(layer, args, kwargs)
+    v = getattr(layer, "virtual_batch_size", None)
+    if v is not None and mask is None and v != x.shape[0]:
+        s = F.ghost_batch_stats(x, axis, v)
+        return [F.BatchStats(mean, var, s.count) for mean, var in zip(s.mean, s.var)]
+    return [F.batch_stats(x, axis, mask)]
+
+
 SKIPPED = object()
 """What `StatisticsPass.record` returns for a batch it skipped."""
 
@@ -126,7 +154,9 @@ class StatisticsPass:
     SyncBatchNorm) is in training mode, so it normalizes with its batch statistics as in
     training, and every other module is in eval mode (dropout off, as at inference). A
     forward pre-hook on each layer of ``layers`` records the per-channel mu_B and sigma2_B of
-    its input (`F.batch_stats` on the layer's channel axis) and m; when the forward is done
+    its input (`F.batch_stats` on the layer's channel axis) and m, as the layer's transform
+    sees them: only the positions its ``mask`` argument selects, and each Ghost BN group
+    (``virtual_batch_size``) as a batch of its own; when the forward is done
     they go, in float64, to the layer's `PopulationStats` (k of them for a layer called k
     times). A batch in which some layer sees m < 2 values per channel is skipped as a whole:
     m/(m-1) is undefined there, a training-mode BN cannot normalize one value, and the layers
@@ -168,7 +198,7 @@ class StatisticsPass:
         try:
             for name, (layer, acc) in self.layers.items():
                 hook = self._hook(name, acc, channel_axis(layer))
-                self._hooks.append(layer.register_forward_pre_hook(hook))
+                self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         except BaseException:
             self.__exit__()
             raise
@@ -184,14 +214,14 @@ class StatisticsPass:
         self._restore_buffers()
 
     def _hook(self, name: str, acc: PopulationStats, axis: int):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             if not self._recording:
                 return
-            s = F.batch_stats(args[0], axis)
-            count = int(s.count)
-            if count < 2:
-                raise _TooFewValues(name, count)
-            self._pending.append((acc, s.mean.double(), s.var.double(), count))
+            for s in _layer_batch_stats(module, args, kwargs, axis):
+                count = int(s.count)
+                if count < 2:
+                    raise _TooFewValues(name, count)
+                self._pending.append((acc, s.mean.double(), s.var.double(), count))
 
         return hook
 

@@ -36,9 +36,12 @@ def recalibrate(
     normalizes with its batch statistics, as it did during training, and every other layer
     (dropout, ...) in eval mode, as at inference. A pre-forward hook records each BN input's
     per-channel mu_B and sigma2_B (`batchnorm.functional.batch_stats`, so our layers'
-    channel axis is respected); the totals are kept in float64. This is precise BN
-    (fvcore's ``update_bn_stats``) with a choice of estimator. The pass and the estimators
-    are those of `batchnorm.inference.population`, which `batchnorm.diagnose` shares.
+    channel axis is respected) of what the layer normalizes: only the positions its ``mask``
+    selects, and for Ghost BN each group of ``virtual_batch_size`` examples as one batch
+    (as the layer's own running statistics count them); the totals are kept in float64.
+    This is precise BN (fvcore's ``update_bn_stats``) with a choice of estimator. The pass
+    and the estimators are those of `batchnorm.inference.population`, which
+    `batchnorm.diagnose` shares.
 
     Covers every ``torch.nn.modules.batchnorm._BatchNorm`` with running statistics: ours,
     ``torch.nn.BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (whose statistics are recorded per

@@ -1,0 +1,81 @@
+"""Features combined: each test crosses two features whose seam once gave a silent wrong number."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import recalibrate
+
+
+def unbiased_stats(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased variance) per column of a (m, C) float64 tensor."""
+    return values.mean(0), values.var(0, unbiased=True)
+
+
+class Padded(nn.Module):
+    """A sequence model that keeps zero-padded steps out of its BN with a mask."""
+
+    def __init__(self, layer: nn.Module, by_keyword: bool) -> None:
+        super().__init__()
+        self.bn = layer
+        self.by_keyword = by_keyword
+
+    def forward(self, x):  # x: (N, L, C), padded steps all zero
+        mask = x.abs().sum(-1) != 0
+        if isinstance(self.bn, batchnorm.BatchNormAct):
+            return self.bn(x, None, mask) if not self.by_keyword else self.bn(x, mask=mask)
+        return self.bn(x, mask=mask) if self.by_keyword else self.bn(x, mask)
+
+
+@pytest.mark.parametrize("by_keyword", [True, False], ids=["keyword", "positional"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: batchnorm.BatchNorm(3, axis=-1),
+        lambda: batchnorm.BatchNormAct(3, axis=-1, activation="identity"),
+    ],
+    ids=["bn", "fused"],
+)
+def test_recalibrate_keeps_masked_positions_out(layer, by_keyword):
+    """recalibrate's hook read args[0] only: padding entered the population statistics
+    (mean 3.4 instead of 5.1 with a third of the steps padded)."""
+    torch.manual_seed(0)
+    batches = []
+    for lengths in ([6, 4, 2, 5], [3, 6, 6, 1]):
+        x = torch.randn(4, 6, 3, dtype=torch.float64) * 2 + 5
+        for i, n in enumerate(lengths):
+            x[i, n:] = 0
+        batches.append(x)
+    model = Padded(layer().double(), by_keyword)
+    recalibrate(model, batches, progress=False)
+    per_batch = [unbiased_stats(x[x.abs().sum(-1) != 0]) for x in batches]
+    mean = torch.stack([m for m, _ in per_batch]).mean(0)
+    var = torch.stack([v for _, v in per_batch]).mean(0)
+    torch.testing.assert_close(model.bn.running_mean, mean)
+    torch.testing.assert_close(model.bn.running_var, var)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_recalibrate_ghost_bn_uses_the_groups_statistics(axis):
+    """Ghost BN normalizes each group of virtual_batch_size examples with its own statistics
+    and its running statistics average the groups'; recalibrate recorded the whole batch's
+    variance instead, which adds the spread of the group means (3.4 instead of 0.9 here)."""
+    torch.manual_seed(0)
+    shift = torch.tensor([0.0, 0.0, 0.0, 0.0, 3.0, 3.0, 3.0, 3.0]).reshape(8, 1, 1)
+    batches = [torch.randn(8, 3, 5, dtype=torch.float64) + shift for _ in range(4)]
+    if axis == -1:
+        batches = [x.transpose(1, 2) for x in batches]  # (N, L, C)
+    bn = batchnorm.BatchNorm(3, axis=axis, virtual_batch_size=4, momentum=None).double()
+    for x in batches:
+        bn(x)  # the cumulative average of the groups' statistics
+    cumulative = bn.running_mean.clone(), bn.running_var.clone()
+    recalibrate(bn, batches, progress=False)
+    groups = [
+        unbiased_stats(g.movedim(axis, -1).reshape(-1, 3)) for x in batches for g in x.split(4)
+    ]
+    torch.testing.assert_close(bn.running_mean, torch.stack([m for m, _ in groups]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([v for _, v in groups]).mean(0))
+    torch.testing.assert_close((bn.running_mean, bn.running_var), cumulative)
