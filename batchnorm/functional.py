@@ -656,6 +656,8 @@ def batch_norm(
             group of this many examples along axis 0 is normalized with its own mu_B and
             sigma2_B; gamma, beta and the running statistics are shared, the running
             statistics moving towards the mean of the groups' statistics. Must divide N.
+            Outside training (without running statistics) the whole batch is normalized
+            with its own statistics, whatever N.
 
     Returns:
         BatchNormOutput(output, running_mean, running_var, updated): the running statistics
@@ -678,7 +680,7 @@ def batch_norm(
     tracking = training and running_mean is not None and running_var is not None
     output, stats = batch_norm_transform(
         input, weight, bias, eps, axis=axis, backward=backward, mask=mask,
-        virtual_batch_size=virtual_batch_size, stats=tracking,
+        virtual_batch_size=virtual_batch_size if training else None, stats=tracking,
     )  # fmt: skip
     if not tracking or stats is None:
         return _unchanged(running_mean, running_var, output, input)

@@ -202,7 +202,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         """
         return F.batch_norm_transform(
             input, self.weight, self.bias, self.eps, axis=self._axis, backward=self.backward,
-            mask=mask, virtual_batch_size=self.virtual_batch_size,
+            mask=mask, virtual_batch_size=self.virtual_batch_size if self.training else None,
             stats=self.training and self.track_running_stats,
         )  # fmt: skip
 

@@ -79,3 +79,17 @@ def test_recalibrate_ghost_bn_uses_the_groups_statistics(axis):
     torch.testing.assert_close(bn.running_mean, torch.stack([m for m, _ in groups]).mean(0))
     torch.testing.assert_close(bn.running_var, torch.stack([v for _, v in groups]).mean(0))
     torch.testing.assert_close((bn.running_mean, bn.running_var), cumulative)
+
+
+def test_ghost_bn_without_running_statistics_evaluates_the_whole_batch():
+    """Ghost BN is a training-time split: in eval mode a layer without running statistics
+    normalized each group of virtual_batch_size examples apart (other numbers than the
+    documented whole-batch normalization) and refused a last batch of 7 with groups of 4."""
+    torch.manual_seed(0)
+    bn = batchnorm.BatchNorm1d(3, virtual_batch_size=4, track_running_stats=False).eval()
+    plain = nn.BatchNorm1d(3, track_running_stats=False).eval()
+    for n in (8, 7):
+        x = torch.randn(n, 3, 5) + torch.arange(n).reshape(n, 1, 1)
+        torch.testing.assert_close(bn(x), plain(x))
+        out = batchnorm.functional.batch_norm(x, None, None, virtual_batch_size=4)
+        torch.testing.assert_close(out.output, plain(x))
