@@ -544,6 +544,13 @@ def _mode(bn: nn.Module) -> str:
     return "batch"
 
 
+def _num_features(bn: nn.Module) -> int:
+    """C: the layer's ``num_features``, else (torchvision's FrozenBatchNorm2d has none) the
+    size of its running statistics; a layer without running statistics always has the first."""
+    features = getattr(bn, "num_features", None)
+    return int(features if features is not None else bn.running_mean.numel())
+
+
 def _scalar(t) -> int | None:
     return int(t) if isinstance(t, Tensor) else None
 
@@ -686,7 +693,7 @@ def _measure(name: str, bn: nn.Module, acc: _LayerStats, limits: Thresholds) -> 
     d = LayerDiagnosis(
         name=name,
         type=type(bn).__name__,
-        num_features=int(getattr(bn, "num_features", bn.running_mean.numel())),
+        num_features=_num_features(bn),
         eps=float(bn.eps),
         momentum=getattr(bn, "momentum", None),
         mode=mode,

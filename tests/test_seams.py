@@ -93,3 +93,23 @@ def test_ghost_bn_without_running_statistics_evaluates_the_whole_batch():
         torch.testing.assert_close(bn(x), plain(x))
         out = batchnorm.functional.batch_norm(x, None, None, virtual_batch_size=4)
         torch.testing.assert_close(out.output, plain(x))
+
+
+def test_diagnose_a_model_with_a_layer_without_running_statistics():
+    """diagnose crashed with "AttributeError: 'NoneType' object has no attribute 'numel'" on
+    any model holding a track_running_stats=False layer (it read running_mean.numel() even
+    where num_features exists); such a layer is measured in mode "batch_always"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 3),
+        batchnorm.BatchNorm1d(3),
+    )  # fmt: skip
+    data = [torch.randn(16, 4) for _ in range(3)]
+    report = batchnorm.diagnose(model, data, progress=False)
+    layer = report.layers["1"]
+    assert (layer.mode, layer.num_features, layer.batches) == ("batch_always", 8, 3)
+    assert layer.running_mean is None and layer.stale_rms is None
+    # the population statistics are those of the layer's input, in float64
+    inputs = torch.stack([model[0](x).double() for x in data])
+    torch.testing.assert_close(layer.population_mean, inputs.mean(1).mean(0).cpu())
+    assert report.layers["3"].mode == "batch"
