@@ -213,15 +213,17 @@ def _new_history(config: Fig1Config) -> dict:
     }
 
 
-def _check_resume(out: Path, record: dict, config: Fig1Config) -> dict:
-    # The checkpoint to continue from, if the resume has work to do (train further, or
-    # finish the analysis of an interrupted run); RunFolderError otherwise.
-    if not (out / "checkpoint.pt").is_file():
-        raise RunFolderError(f"{out} has no checkpoint.pt to resume from")
-    state = load_checkpoint(out / "checkpoint.pt")
-    hint = f"; pass --steps N with N > {state['step']} to train it further"
-    run_folder.check_resume(out, record, done=state["step"], target=config.steps,
-                            extends=config.steps > state["step"], hint=hint)  # fmt: skip
+def _check_resume(out: Path, record: dict, config: Fig1Config) -> dict | None:
+    # The checkpoint to continue from (None: the run was stopped before its first one and
+    # starts again from step 0), if the resume has work to do (train further, or finish the
+    # analysis of an interrupted run); RunFolderError otherwise.
+    path = Path(out) / "checkpoint.pt"
+    state = load_checkpoint(path) if path.is_file() else None
+    done = state["step"] if state is not None else 0
+    trained = state["step"] if state is not None else record["config"]["steps"]
+    hint = f"; pass --steps N with N > {trained} to train it further"
+    run_folder.check_resume(out, record, done=done, target=config.steps,
+                            extends=config.steps > trained, hint=hint)  # fmt: skip
     return state
 
 
@@ -238,8 +240,9 @@ def run(
     Args:
         config: the settings; with ``resume``, the recorded ones (``steps`` may be larger).
         out: the run folder: new (refused if it holds anything) or, with ``resume``, the run.
-        resume: continue from ``out/checkpoint.pt`` with the folder's thread count; refused
-            when the run is finished and ``config.steps`` asks for no more steps.
+        resume: continue from ``out/checkpoint.pt`` (from step 0 when the run stopped before
+            its first checkpoint) with the folder's thread count; refused when the run is
+            finished and ``config.steps`` asks for no more steps.
         progress: show a tqdm bar on stderr.
         stop_after: stop right after the checkpoint at this step and return None (used to
             test that an interruption loses nothing).
@@ -262,6 +265,10 @@ def run(
     if resume:
         set_threads(record["machine"]["torch_threads"])
         run_folder.record_resume(out, record, config)
+    else:
+        set_threads(1 if config.parallel_nets else config.threads)
+        run_folder.create(out, "fig1", config, seeds=seeds, data=source)
+    if resume and state is not None:
         start, history = state["step"], state["history"]
         sessions = state.get("sessions", [])
         nets = {
@@ -270,9 +277,7 @@ def run(
             )
             for name in NETS
         }
-    else:
-        set_threads(1 if config.parallel_nets else config.threads)
-        run_folder.create(out, "fig1", config, seeds=seeds, data=source)
+    else:  # a new run, or one stopped before its first checkpoint: from the initial weights
         models = [initial_models(config, seed) for seed in seeds]
         nets = {name: StackedMLP.from_modules([m[name] for m in models]) for name in NETS}
         start, history, sessions = 0, _new_history(config), []

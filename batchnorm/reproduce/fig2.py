@@ -424,6 +424,13 @@ def _sweep(cfg: Fig2Config, data, out: Path, resume: bool) -> dict:
 # --- the run --------------------------------------------------------------------------------
 
 
+def _check_resume(out: Path, record: dict) -> None:
+    # Refuse a finished run, and a damaged checkpoint now rather than when its turn comes.
+    run_folder.check_resume(out, record)
+    for path in sorted((Path(out) / "checkpoints").glob("*.pt")):
+        load_checkpoint(path)
+
+
 def run(cfg: Fig2Config, out: str | os.PathLike, *, resume: bool = False) -> dict:
     """The sweep (unless ``cfg.eta0``), then every run of ``cfg.runs()``; the run folder.
 
@@ -440,7 +447,7 @@ def run(cfg: Fig2Config, out: str | os.PathLike, *, resume: bool = False) -> dic
     out = Path(out)
     if resume:
         record = run_folder.read_record(out, "fig2")
-        run_folder.check_resume(out, record)
+        _check_resume(out, record)
     else:
         run_folder.check_new(out)
     previous = torch.get_num_threads()
@@ -551,7 +558,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if record is not None:
         out = args.resume
         try:
-            run_folder.check_resume(out, record)
+            _check_resume(out, record)
         except RunFolderError as error:
             parser.error(f"argument --resume: {error}")
     else:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from batchnorm.reproduce.run_folder import atomic_write
+from batchnorm.reproduce.run_folder import RunFolderError, atomic_write
 
 __all__ = [
     "epoch_permutation",
@@ -74,6 +76,30 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+# What torch.load raises on a truncated or foreign file.
+_DAMAGED = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint`; never unpickles arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint written by `save_checkpoint`; never unpickles arbitrary objects.
+
+    Raises:
+        RunFolderError: the file is truncated, damaged or not such a checkpoint (the message
+            names it and the way out: delete it, and a resume redoes the training it held).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _DAMAGED as error:
+        raise RunFolderError(_unreadable(path, error)) from None
+    if not isinstance(state, dict):
+        raise RunFolderError(_unreadable(path, f"a {type(state).__name__}, not a dict"))
+    return state
+
+
+def _unreadable(path, why) -> str:
+    text = str(why).strip() or type(why).__name__
+    first = text.splitlines()[0].split(". ")[0]  # torch's messages go on with advice
+    return (
+        f"{path} is not a readable checkpoint ({first}); delete it, and --resume redoes the "
+        "training it held"
+    )

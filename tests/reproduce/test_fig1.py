@@ -333,3 +333,39 @@ def test_batch_size_above_the_training_set_on_disk(synthetic_mnist, tmp_path):
     with pytest.raises(run_folder.SettingError, match="batch_size must be at most the 600"):
         fig1.run(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_before_the_first_checkpoint_and_with_a_damaged_one(
+    synthetic_mnist, tmp_path, capsys, monkeypatch
+):
+    # Audit defect: a run killed before its first checkpoint (5,000 steps by default) left a
+    # folder that --resume refused ("no checkpoint.pt") and --out refused ("holds a run"):
+    # the run could only be deleted. It now starts again from step 0 and ends exactly as an
+    # uninterrupted run. A truncated checkpoint gave a torch traceback; now an argparse
+    # error naming the file and the way out, with nothing written.
+    reference = tmp_path / "reference"
+    assert _fig1("--steps", 40, *TINY, "--out", reference) == 0
+    killed = tmp_path / "killed"
+
+    def killed_while_saving(path, state):
+        raise KeyboardInterrupt
+
+    save = fig1.save_checkpoint
+    monkeypatch.setattr(fig1, "save_checkpoint", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        _fig1("--steps", 40, *TINY, "--out", killed)
+    monkeypatch.setattr(fig1, "save_checkpoint", save)
+    assert sorted(p.name for p in killed.iterdir()) == ["config.json"]
+    assert _fig1("--resume", killed, "--no-progress") == 0
+    again, expected = (json.loads((d / "summary.json").read_text()) for d in (killed, reference))
+    for name in fig1.NETS:
+        assert again[name] == expected[name]
+    # Finished, with its checkpoint gone: still nothing to resume without --steps.
+    (killed / "checkpoint.pt").unlink()
+    assert "finished" in _refused(capsys, "--resume", killed)
+    checkpoint = reference / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    before = _files(reference)
+    err = _refused(capsys, "--resume", reference, "--steps", 60)
+    assert f"{checkpoint} is not a readable checkpoint" in err and "delete it" in err
+    assert _files(reference) == before

@@ -337,3 +337,23 @@ def test_resume_mid_run_is_bit_identical_with_dropout(tmp_path, monkeypatch):
     again = fig2.run(cfg, tmp_path / "cut", resume=True)["variants"]["inception"]
     assert saved[-1] == 4 and again["steps_done"] == full["steps_done"] == 8
     assert again["curve"] == full["curve"] and again["final_loss"] == full["final_loss"]
+
+
+def test_a_damaged_checkpoint_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # Audit defect: a truncated checkpoint of a later run surfaced as a torch traceback only
+    # when its turn came, after the runs before it; now --resume names it up front.
+    cfg = fig2.Fig2Config(**{**TINY.__dict__, "eta0": 0.01, "variants": ("bn_x5",),
+                             "init_contrast": ()})  # fmt: skip
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig2_report, "summarize", stop)  # interrupted after training
+    with pytest.raises(KeyboardInterrupt):
+        fig2.run(cfg, tmp_path / "cut")
+    checkpoint = tmp_path / "cut" / "checkpoints" / "bn_x5.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+    before = _files(tmp_path / "cut")
+    err = _refused(capsys, "--resume", tmp_path / "cut")
+    assert f"{checkpoint} is not a readable checkpoint" in err and "delete it" in err
+    assert _files(tmp_path / "cut") == before
