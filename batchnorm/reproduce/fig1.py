@@ -39,7 +39,7 @@ import batchnorm
 from batchnorm.reproduce import fig1_plot, fig1_report, run_folder
 from batchnorm.reproduce.fig1_report import NETS
 from batchnorm.reproduce.models.mlp import MLP, SIZES, StackedMLP
-from batchnorm.reproduce.run_folder import Flag, RunFolderError, require
+from batchnorm.reproduce.run_folder import SEED_MAX, Flag, RunFolderError, finite, require
 from batchnorm.reproduce.train import (
     epoch_permutation,
     load_checkpoint,
@@ -74,12 +74,13 @@ class Fig1Config:
         for field in ("steps", "seeds", "eval_every", "checkpoint_every", "population_batches"):
             require(getattr(self, field) >= 1, field, "an integer >= 1", getattr(self, field))
         require(self.threads is None or self.threads >= 1, "threads", ">= 1", self.threads)
-        require(self.seed >= 0, "seed", ">= 0", self.seed)
+        require(0 <= self.seed <= SEED_MAX - self.seeds + 1, "seed",
+                f"in 0..{SEED_MAX - self.seeds + 1} (torch seeds end at 2**64 - 1)", self.seed)
         require(2 <= self.batch_size <= TRAIN_IMAGES, "batch_size",
                 f"between 2 and the {TRAIN_IMAGES:,} training images", self.batch_size)
-        require(self.lr > 0, "lr", "> 0", self.lr)
-        require(self.init_std > 0, "init_std", "> 0", self.init_std)
-        require(self.eps > 0, "eps", "> 0", self.eps)
+        for field in ("lr", "init_std", "eps"):
+            value = getattr(self, field)
+            require(finite(value) and value > 0, field, "a finite number > 0", value)
         require(0 < self.momentum <= 1, "momentum", "in (0, 1]", self.momentum)
         require(0 <= self.unit < SIZES[-2], "unit",
                 f"a unit of the last hidden layer (0..{SIZES[-2] - 1})", self.unit)  # fmt: skip

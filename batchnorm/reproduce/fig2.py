@@ -54,7 +54,7 @@ from tqdm import tqdm
 from batchnorm.reproduce import run_folder
 from batchnorm.reproduce.models.inception import INITS, build_inception, parameter_count
 from batchnorm.reproduce.recipes import RECIPES, Recipe
-from batchnorm.reproduce.run_folder import Flag, RunFolderError, require
+from batchnorm.reproduce.run_folder import SEED_MAX, Flag, RunFolderError, finite, require
 from batchnorm.reproduce.train import (
     epoch_permutation,
     load_checkpoint,
@@ -139,16 +139,19 @@ class Fig2Config:
         test_images = _DATASETS[self.dataset] or self.synthetic_size[1]
         require(self.eval_examples <= test_images, "eval_examples",
                 f"at most the {test_images:,} test images of {self.dataset}", self.eval_examples)
-        require(self.width > 0, "width", "> 0", self.width)
+        require(finite(self.width) and self.width > 0, "width", "a finite number > 0",
+                self.width)
         require(self.small_stem_stride in (1, 2), "small_stem_stride", "1 or 2",
                 self.small_stem_stride)
-        require(self.horizon_epochs > 0, "horizon_epochs", "> 0", self.horizon_epochs)
-        require(len(self.sweep_lrs) >= 1 and all(r > 0 for r in self.sweep_lrs)
+        require(finite(self.horizon_epochs) and self.horizon_epochs > 0, "horizon_epochs",
+                "a finite number > 0", self.horizon_epochs)
+        require(len(self.sweep_lrs) >= 1 and all(finite(r) and r > 0 for r in self.sweep_lrs)
                 and list(self.sweep_lrs) == sorted(set(self.sweep_lrs)), "sweep_lrs",
-                "increasing rates > 0, comma-separated", self.sweep_lrs)  # fmt: skip
-        require(self.eta0 is None or self.eta0 > 0, "eta0", "> 0 (or unset: sweep)", self.eta0)
+                "increasing finite rates > 0, comma-separated", self.sweep_lrs)  # fmt: skip
+        require(self.eta0 is None or (finite(self.eta0) and self.eta0 > 0), "eta0",
+                "a finite number > 0 (or unset: sweep)", self.eta0)
         require(self.divergence_factor > 1, "divergence_factor", "> 1", self.divergence_factor)
-        require(self.seed >= 0, "seed", ">= 0", self.seed)
+        require(0 <= self.seed <= SEED_MAX, "seed", f"in 0..{SEED_MAX}", self.seed)
         require(self.threads is None or self.threads >= 1, "threads", ">= 1", self.threads)
         require(len(self.synthetic_size) == 2 and min(self.synthetic_size) >= 32,
                 "synthetic_size", "(train, test) images, each >= 32", self.synthetic_size)

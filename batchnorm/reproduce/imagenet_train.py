@@ -48,7 +48,7 @@ from batchnorm.reproduce.imagenet import (
 )
 from batchnorm.reproduce.models.inception import build_inception, parameter_count
 from batchnorm.reproduce.recipes import RECIPES
-from batchnorm.reproduce.run_folder import Flag, RunFolderError, require
+from batchnorm.reproduce.run_folder import SEED_MAX, Flag, RunFolderError, finite, require
 from batchnorm.reproduce.train import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["TrainConfig", "main", "train", "evaluate_checkpoints"]
@@ -78,16 +78,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(self.recipe in RECIPES, "recipe", f"one of {', '.join(RECIPES)}", self.recipe)
-        require(self.epochs > 0, "epochs", "> 0", self.epochs)
+        require(finite(self.epochs) and self.epochs > 0, "epochs", "a finite number > 0",
+                self.epochs)
         require(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1",
                 self.max_steps)
         for field in ("image_size", "checkpoint_every", "log_every", "eval_batch"):
             require(getattr(self, field) >= 1, field, "an integer >= 1", getattr(self, field))
-        require(self.width > 0, "width", "> 0", self.width)
+        require(finite(self.width) and self.width > 0, "width", "a finite number > 0",
+                self.width)
         require(self.lr_scaling in ("linear", "none"), "lr_scaling", "linear or none",
                 self.lr_scaling)
         require(self.workers >= 0, "workers", ">= 0", self.workers)
-        require(self.seed >= 0, "seed", ">= 0", self.seed)
+        require(0 <= self.seed <= SEED_MAX, "seed", f"in 0..{SEED_MAX}", self.seed)
 
     def longer_than(self, other: TrainConfig) -> bool:
         """Whether these settings train further than ``other`` (a resume with work to do)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -40,6 +41,8 @@ __all__ = [
     "RunFolderError",
     "SettingError",
     "require",
+    "finite",
+    "SEED_MAX",
     "provenance",
     "git_state",
     "command_line",
@@ -74,6 +77,14 @@ class SettingError(ValueError):
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field} {reason}")
         self.field, self.reason = field, reason
+
+
+SEED_MAX = 2**64 - 1  # torch.manual_seed's largest seed
+
+
+def finite(x: float) -> bool:
+    """Whether ``x`` is a number other than nan and +-inf (for `require`)."""
+    return math.isfinite(x)
 
 
 def require(ok: bool, field: str, expected: str, got: Any) -> None:

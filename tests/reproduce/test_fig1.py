@@ -304,6 +304,9 @@ def no_work(monkeypatch):
     ("--population-batches", 0), ("--checkpoint-every", 0), ("--batch-size", 70000),
     ("--batch-size", 1), ("--steps", -5), ("--threads", -1), ("--eval-every", 0),
     ("--seeds", 0), ("--seed", -1), ("--unit", 100), ("--lr", 0), ("--init-std", -0.1),
+    # Audit: --lr inf trained to NaN and crashed in Algorithm 2, leaving an unfinished run
+    # folder; --seed 2**64 crashed in torch.manual_seed after the folder was made.
+    ("--lr", "inf"), ("--init-std", "inf"), ("--seed", 2**64),
 ])  # fmt: skip
 def test_bad_flags_are_argparse_errors_before_any_work(no_work, tmp_path, capsys, flag, value):
     # Defect 12: these crashed after training (--population-batches 0), raised

@@ -219,6 +219,10 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
     ("--eta0", -1, "-1.0"), ("--init", "orthogonal", "orthogonal"),
     ("--early-evals", "50,25", "(50, 25)"), ("--init-contrast", "vgg", "vgg"),
     ("--divergence-factor", 1, "1.0"), ("--stall-window", 0, "0"),
+    # Audit: --eta0 inf and --horizon-epochs inf (lr 0 after step 0) ran to a "finished"
+    # report of nonsense; --width inf and --seed 2**64 crashed after the folder was made.
+    ("--eta0", "inf", "inf"), ("--horizon-epochs", "inf", "inf"), ("--width", "inf", "inf"),
+    ("--sweep-lrs", "0.01,inf", "(0.01, inf)"), ("--seed", 2**64, str(2**64)),
 ])  # fmt: skip
 def test_bad_flags_are_argparse_errors_before_any_work(
     tmp_path, monkeypatch, capsys, flag, value, got
