@@ -366,8 +366,9 @@ def fuse_activations(
     convolution, a function such as ``F.relu``), an add that misses the conditions above (its
     sum also read elsewhere, a broadcast residual, alpha) or a model fx cannot trace, a BN or
     activation module called more than once per forward (torchvision's ResNet blocks reuse
-    one ``self.relu``), a LeakyReLU with a negative slope, and BN subclasses (Batch Renorm,
-    SyncBatchNorm).
+    one ``self.relu``), a BN called with more than its input (``bn(x, mask)``: the fused
+    layer's second argument is the residual), a LeakyReLU with a negative slope, and BN
+    subclasses (Batch Renorm, SyncBatchNorm).
 
     The neighbours come from `batchnorm.inference.graph.capture`, as for `fold`: torch.export
     with ``example_inputs``, else torch.fx, else ``nn.Sequential`` containers.
@@ -417,6 +418,11 @@ def fuse_activations(
             why = f"frozen from {_unfused_origin(bn).__name__}, which has no fused form"
         elif site.call.touched:
             why = "the forward reads its tensors outside its call"
+        elif len(site.call.inputs) > 1:
+            why = (
+                "called with more than its input (a mask?): the fused layer's second argument "
+                "is the residual, so the call would change meaning"
+            )
         consumer = site.consumer
         act = _activation_of(consumer.module) if consumer is not None else None
         if why is None and act is None:

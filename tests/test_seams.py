@@ -113,3 +113,32 @@ def test_diagnose_a_model_with_a_layer_without_running_statistics():
     inputs = torch.stack([model[0](x).double() for x in data])
     torch.testing.assert_close(layer.population_mean, inputs.mean(1).mean(0).cpu())
     assert report.layers["3"].mode == "batch"
+
+
+class MaskedThenReLU(nn.Module):
+    """BN called with a mask, positionally or by keyword, then a ReLU module."""
+
+    def __init__(self, by_keyword: bool) -> None:
+        super().__init__()
+        self.bn = batchnorm.BatchNorm(3, axis=-1)
+        self.act = nn.ReLU()
+        self.by_keyword = by_keyword
+
+    def forward(self, x):
+        mask = x[..., 0] != 0
+        return self.act(self.bn(x, mask=mask) if self.by_keyword else self.bn(x, mask))
+
+
+@pytest.mark.parametrize("by_keyword", [True, False], ids=["keyword", "positional"])
+def test_fuse_activations_leaves_a_bn_called_with_a_mask(by_keyword):
+    """fuse_activations turned bn(x, mask) -> ReLU into a fused layer whose second argument
+    is the residual: the model then failed ("expected a residual of the input's shape")."""
+    torch.manual_seed(0)
+    model = MaskedThenReLU(by_keyword)
+    x = torch.randn(4, 6, 3)
+    x[:, 4:] = 0
+    expected = MaskedThenReLU(by_keyword)(x)  # a fresh copy: the same (default) state
+    fused, report = batchnorm.fuse_activations(model)
+    assert report.fused == [] and [name for name, _ in report.skipped] == ["bn"]
+    assert "more than its input" in report.skipped[0][1]
+    torch.testing.assert_close(fused(x), expected)
