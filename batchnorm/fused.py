@@ -240,9 +240,12 @@ class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
         self.activation = activation
         self.negative_slope = negative_slope
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """act(FrozenBatchNorm(input) + residual); ``mask`` checked and ignored, as there."""
         _check_residual(self, input, residual)
-        return self._activate(super().forward(input), residual)
+        return self._activate(super().forward(input, mask), residual)
 
     def to_batchnorm(self) -> nn.Module:
         """The trainable fused layer this one was frozen from (`BatchNormAct` over the same

@@ -142,3 +142,32 @@ def test_fuse_activations_leaves_a_bn_called_with_a_mask(by_keyword):
     assert report.fused == [] and [name for name, _ in report.skipped] == ["bn"]
     assert "more than its input" in report.skipped[0][1]
     torch.testing.assert_close(fused(x), expected)
+
+
+@pytest.mark.parametrize("by_keyword", [True, False], ids=["keyword", "positional"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: batchnorm.BatchNorm(3, axis=-1),
+        lambda: batchnorm.BatchNormAct(3, axis=-1, activation="leaky_relu"),
+    ],
+    ids=["bn", "fused"],
+)
+def test_freeze_keeps_a_model_that_passes_a_mask_working(layer, by_keyword):
+    """A BN ignores its mask in eval mode, but FrozenBatchNorm(Act).forward took none: freeze
+    turned a working masked model into a TypeError (or read the mask as the residual)."""
+    torch.manual_seed(0)
+    model = Padded(layer(), by_keyword)
+    x = torch.randn(4, 6, 3) * 2 + 1
+    x[:, 4:] = 0
+    model(x)  # moves the running statistics
+    expected = model.eval()(x)
+    frozen = batchnorm.freeze(model)
+    assert isinstance(frozen.bn, batchnorm.FrozenBatchNorm)
+    call = frozen.bn.forward
+    mask = x.abs().sum(-1) != 0
+    args = (x, None, mask) if isinstance(frozen.bn, batchnorm.FrozenBatchNormAct) else (x, mask)
+    got = call(x, mask=mask) if by_keyword else call(*args)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="mask must have the input's shape"):
+        call(x, mask=mask[:, :3])
