@@ -26,6 +26,10 @@ import torch
 from batchnorm.reproduce.run_folder import atomic_write
 
 
+class DataUnavailable(RuntimeError):
+    """A data set could not be found, fetched or verified (the message says how to fix it)."""
+
+
 @dataclass(frozen=True)
 class ImageDataset:
     """A 28x28 grey-scale classification data set, split as the paper uses it.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 import batchnorm
 from batchnorm.reproduce import fig1_plot, fig1_report, run_folder
+from batchnorm.reproduce.data import DataUnavailable
 from batchnorm.reproduce.fig1_report import NETS
 from batchnorm.reproduce.models.mlp import MLP, SIZES, StackedMLP
 from batchnorm.reproduce.run_folder import SEED_MAX, Flag, RunFolderError, finite, require
@@ -93,7 +95,10 @@ class Fig1Config:
 def _load_data(config: Fig1Config):
     from batchnorm.reproduce import data  # looked up here so that tests can patch it
 
-    dataset = data.load_mnist(config.data_dir)
+    try:
+        dataset = data.load_mnist(config.data_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:  # missing, or fails a check
+        raise DataUnavailable(str(error)) from error
     flat = dataset.train_images.reshape(len(dataset.train_images), -1)
     x_train = flat.float().div_(255)  # (60000, 784) grey levels in [0, 1]
     onehot = torch.nn.functional.one_hot(dataset.train_labels, SIZES[-1]).float()
@@ -251,6 +256,7 @@ def run(
     Raises:
         RunFolderError: ``out`` cannot start or continue a run (see `run_folder`).
         SettingError: ``batch_size`` exceeds the training set found on disk.
+        DataUnavailable: MNIST is missing or fails a check (nothing is written).
     """
     out = Path(out)
     start_time = time.perf_counter()
@@ -386,7 +392,7 @@ FLAGS = {
     "--population-batches": Flag("population_batches", int, "batches for Algorithm 2"),
     "--threads": Flag("threads", int, "torch threads without --parallel-nets"),
     "--parallel-nets": Flag("parallel_nets", bool, "the two nets in two threads"),
-    "--data-dir": Flag("data_dir", str, "folder with the MNIST IDX files"),
+    "--data-dir": Flag("data_dir", run_folder.existing_folder, "folder with the MNIST IDX files"),
 }
 
 
@@ -410,7 +416,11 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"argument --resume: {error}")
     else:
         out = args.out or run_folder.default_out("fig1")
-    summary = run(config, out, resume=record is not None, progress=not args.no_progress)
+    try:
+        summary = run(config, out, resume=record is not None, progress=not args.no_progress)
+    except DataUnavailable as error:  # before the run folder is made: nothing written
+        print(f"batchnorm reproduce fig1: {error}", file=sys.stderr)
+        return 1
     print(fig1_report.accuracy_table(summary, config))
     for text, ok in fig1_report.checks(summary, config):
         print(f"{'PASS' if ok else 'FAIL'}: {text}")

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from batchnorm.reproduce import run_folder
+from batchnorm.reproduce.data import DataUnavailable
 from batchnorm.reproduce.models.inception import INITS, build_inception, parameter_count
 from batchnorm.reproduce.recipes import RECIPES, Recipe
 from batchnorm.reproduce.run_folder import SEED_MAX, Flag, RunFolderError, finite, require
@@ -166,10 +167,6 @@ class Fig2Config:
 
 
 _DATASETS = {"fashion-mnist": 10_000, "mnist": 10_000, "synthetic": None}  # -> test images
-
-
-class DataUnavailable(RuntimeError):
-    """The data set could not be found, fetched or verified (the message says how to fix it)."""
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -532,7 +529,7 @@ FLAGS = {
     "--contrast-init": Flag("contrast_init", str, "the other initialization"),
     "--init-contrast": Flag("init_contrast", _names, "recipes trained again with it"),
     "--dataset": Flag("dataset", str, f"one of {', '.join(_DATASETS)}"),
-    "--data-dir": Flag("data_dir", str, "folder with the four IDX files"),
+    "--data-dir": Flag("data_dir", run_folder.existing_folder, "folder with the four IDX files"),
     "--width": Flag("width", float, "channel multiplier of every conv"),
     "--stem-stride": Flag("small_stem_stride", int, "stride of the small stem's first conv"),
     "--horizon-epochs": Flag("horizon_epochs", float, "paper epochs the lr decay spans"),

@@ -60,6 +60,7 @@ __all__ = [
     "default_out",
     "Flag",
     "add_flags",
+    "existing_folder",
     "settings_from_args",
 ]
 
@@ -408,6 +409,18 @@ def add_flags(
         "--resume", metavar="RUN_DIR", type=_run_folder, default=None,
         help="continue the run in RUN_DIR with the settings in its config.json",
     )  # fmt: skip
+
+
+def existing_folder(text: str) -> str:
+    """Flag type of a folder the user names (``--data-dir``): it must exist.
+
+    A mistyped folder would otherwise be passed over by the data search, and the run would
+    silently use data from elsewhere.
+    """
+    if not Path(text).expanduser().is_dir():
+        what = "a file" if Path(text).expanduser().exists() else "no such folder"
+        raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r} ({what})")
+    return text
 
 
 def _dest(flag: str) -> str:

@@ -372,3 +372,22 @@ def test_resume_before_the_first_checkpoint_and_with_a_damaged_one(
     err = _refused(capsys, "--resume", reference, "--steps", 60)
     assert f"{checkpoint} is not a readable checkpoint" in err and "delete it" in err
     assert _files(reference) == before
+
+
+def test_bad_data_dir_is_a_clear_error_before_any_work(no_work, tmp_path, capsys):
+    # Audit defects: `--data-dir <typo>` was passed over by the data search and the run used
+    # MNIST from elsewhere; IDX files that fail a check ended in a ValueError traceback.
+    err = _refused(capsys, *TINY, "--data-dir", tmp_path / "typo", "--out", tmp_path / "run")
+    assert "argument --data-dir: expected an existing folder" in err and "typo" in err
+
+
+def test_data_that_fails_a_check_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):  # fmt: skip
+        (bad / name).write_bytes(b"\x54\x14" * 50)
+    assert _fig1(*TINY, "--data-dir", bad, "--out", tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("batchnorm reproduce fig1: ") and "not an IDX file" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()

@@ -361,3 +361,10 @@ def test_a_damaged_checkpoint_is_refused_before_any_work(tmp_path, monkeypatch, 
     err = _refused(capsys, "--resume", tmp_path / "cut")
     assert f"{checkpoint} is not a readable checkpoint" in err and "delete it" in err
     assert _files(tmp_path / "cut") == before
+
+
+def test_a_mistyped_data_dir_is_refused(tmp_path, capsys):
+    # Audit defect: a --data-dir that does not exist was passed over by the data search.
+    err = _refused(capsys, *TINY_FLAGS, "--data-dir", tmp_path / "typo", "--out", tmp_path / "r")
+    assert "argument --data-dir: expected an existing folder" in err
+    assert not (tmp_path / "r").exists()
