@@ -171,3 +171,32 @@ def test_freeze_keeps_a_model_that_passes_a_mask_working(layer, by_keyword):
     torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="mask must have the input's shape"):
         call(x, mask=mask[:, :3])
+
+
+class MaskedBeforeLinear(nn.Module):
+    """(N, L, C) sequence: Linear -> BN(axis=-1, mask) -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.bn, self.post = (
+            nn.Linear(3, 3),
+            batchnorm.BatchNorm(3, axis=-1),
+            nn.Linear(3, 2),
+        )
+
+    def forward(self, x):
+        return self.post(self.bn(self.pre(x), mask=x[..., 0] != 0))
+
+
+def test_fold_leaves_a_bn_called_with_a_mask():
+    """fold replaced bn(x, mask=...) -> Linear by nn.Identity, whose forward takes no mask:
+    the folded model raised TypeError on its first call."""
+    torch.manual_seed(0)
+    model = MaskedBeforeLinear()
+    x = torch.randn(4, 6, 3)
+    x[:, 4:] = 0
+    model(x)
+    model.eval()
+    folded, report = batchnorm.fold(model)
+    assert report.folded == [] and "more than its input" in dict(report.skipped)["bn"]
+    torch.testing.assert_close(folded(x), model(x))

@@ -204,8 +204,9 @@ def fold(
     class and forward code. Folding is
     computed in float64 and cast back, so a float32 model's outputs match within about 1e-6
     relative error (the tests demand 1e-5). A BN is folded into a layer only if the BN is the
-    sole user of that layer's output (or the layer is the sole user of the BN's output) and
-    both are called once per forward; everything else is left alone and reported.
+    sole user of that layer's output (or the layer is the sole user of the BN's output), both
+    are called once per forward, and the BN's call reads nothing but its input (``bn(x,
+    mask)`` or a fused ``bn(x, residual)`` stays); everything else is left alone and reported.
 
     The neighbours come from `batchnorm.inference.graph.capture`: with ``example_inputs``
     the model is captured with ``torch.export`` (Python control flow on shapes is fine, and
@@ -244,6 +245,11 @@ def fold(
             why = "called more than once per forward"
         if why is None and site.call.touched:
             why = "the forward reads its tensors outside its call"
+        if why is None and len(site.call.inputs) > 1:
+            why = (
+                "called with more than its input (a mask, a residual): the module left in its "
+                "place takes the input alone"
+            )
         if why is not None:
             report.skipped.append((name, why))
             continue
