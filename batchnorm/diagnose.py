@@ -38,6 +38,7 @@ from batchnorm.inference.population import (
     SKIPPED,
     PopulationStats,
     StatisticsPass,
+    _mask_argument,
     check_estimator,
 )
 from batchnorm.inference.swap import channel_axis
@@ -1008,19 +1009,24 @@ class Monitor:
         self._current = None
 
     def _hook_for(self, name: str, axis: int):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             if self._current is None or name in self._seen or not args:
                 return
             x = args[0]
             if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
                 return
+            mask = _mask_argument(module, args, kwargs) if x.dim() >= 2 else None
+            if mask is not None:
+                a = axis % x.dim()
+                if mask.shape != x.shape[:a] + x.shape[a + 1 :] or not mask.any():
+                    return  # the layer itself refuses this mask (or this batch)
             self._seen.add(name)
             with torch.no_grad():
-                self.history[name].append(self._record(x.detach(), axis))
+                self.history[name].append(self._record(x.detach(), axis, mask))
 
         return hook
 
-    def _record(self, x: Tensor, axis: int) -> dict:
+    def _record(self, x: Tensor, axis: int, mask: Tensor | None = None) -> dict:
         q = torch.tensor(self.percentiles, dtype=torch.float32, device=x.device) / 100
         if x.dim() < 2:
             x, axis = x.reshape(-1, 1), 1
@@ -1028,14 +1034,20 @@ class Monitor:
         n, c = y.shape[0], y.shape[1]
         y = y.reshape(n, c, -1)  # (N, C, S): a view for contiguous and channels-last input
         s = y.shape[2]
-        if n * s > self.max_values:
+        # A mask (the input's shape without the channel axis, so (N, S) in y's order) keeps
+        # padding out, as it keeps it out of the layer's statistics.
+        where = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+        total = n * s if where is None else where.numel()
+        if total > self.max_values:
             # The same random positions for every channel, drawn with the monitor's own
             # generator so that training's random stream is left untouched.
-            idx = torch.randint(n * s, (self.max_values,), generator=self._generator(x.device),
+            idx = torch.randint(total, (self.max_values,), generator=self._generator(x.device),
                                 device=x.device)
+            idx = idx if where is None else where[idx]
             sample = y[idx // s, :, idx % s]  # (max_values, C)
         else:
             sample = y.transpose(1, 2).reshape(-1, c)  # (N * S, C)
+            sample = sample if where is None else sample[where]
         sample = sample.float()
         # All channels together: at most POOLED_VALUES values (whole rows, already random).
         rows = max(1, -(-POOLED_VALUES // c)) if c else 1
@@ -1058,7 +1070,9 @@ class Monitor:
             self._handles.append(self.model.register_forward_hook(self._after_model))
             for name, m in self._modules.items():
                 self._handles.append(
-                    m.register_forward_pre_hook(self._hook_for(name, channel_axis(m)))
+                    m.register_forward_pre_hook(
+                        self._hook_for(name, channel_axis(m)), with_kwargs=True
+                    )
                 )
         except BaseException:
             self.close()
@@ -1176,10 +1190,12 @@ def monitor(
     when the block raises. Every training-mode forward pass of ``model`` counts one step
     (0, 1, 2, ...); at steps divisible by ``every`` each watched layer's input (its first call
     in that pass) is summarized by the given percentiles over all its channels together, and
-    per channel. Eval-mode passes are neither counted nor recorded. Inputs with more than
-    ``max_values`` values per channel are sampled at ``max_values`` random positions (the
-    monitor's own random generator, so training's random stream is untouched), and the
-    all-channel percentiles use at most 2048 of the sampled values; the percentiles are then
+    per channel; a layer called with a ``mask`` (ours) is summarized over the positions it
+    selects, as its statistics are. Eval-mode passes are neither counted nor recorded. Inputs
+    with more than ``max_values`` values per channel are sampled at ``max_values`` random
+    positions (the monitor's own random generator, so training's random stream is
+    untouched), and the all-channel percentiles use at most 2048 of the sampled values; the
+    percentiles are then
     estimates (the standard error of a median is about 1.25 std / sqrt(n): 5.5% of a std per
     channel at 512 values, 2.8% for all channels at 2048). The cost is measured in
     docs/diagnose.md; it is one sort of C x max_values values per watched layer and record.

@@ -200,3 +200,24 @@ def test_fold_leaves_a_bn_called_with_a_mask():
     folded, report = batchnorm.fold(model)
     assert report.folded == [] and "more than its input" in dict(report.skipped)["bn"]
     torch.testing.assert_close(folded(x), model(x))
+
+
+@pytest.mark.parametrize("by_keyword", [True, False], ids=["keyword", "positional"])
+@pytest.mark.parametrize("length", [6, 400], ids=["all_values", "sampled"])
+def test_monitor_keeps_masked_positions_out(by_keyword, length):
+    """monitor summarized every position of a masked BN's input: with half the steps padded
+    by zeros, the recorded median of inputs around 10 was 0 instead of about 10."""
+    torch.manual_seed(0)
+    model = Padded(batchnorm.BatchNorm(3, axis=-1), by_keyword)
+    x = torch.randn(4, length, 3) + 10
+    x[:, length // 2 :] = 0
+    with batchnorm.monitor(model, percentiles=(0, 50, 100), max_values=64) as mon:
+        model(x)
+    record = mon.history["bn"][0]
+    valid = x[:, : length // 2].reshape(-1, 3)
+    q = torch.tensor([0.0, 0.5, 1.0])
+    if length == 6:  # every valid value enters: the exact percentiles
+        torch.testing.assert_close(record["per_channel"], torch.quantile(valid, q, dim=0))
+    per_channel = record["per_channel"]
+    assert (per_channel[0] >= valid.min(0).values).all()  # no padding among the values
+    assert (per_channel[1] - valid.median(0).values).abs().max() < 0.5
