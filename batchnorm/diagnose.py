@@ -1195,10 +1195,10 @@ def monitor(
     with more than ``max_values`` values per channel are sampled at ``max_values`` random
     positions (the monitor's own random generator, so training's random stream is
     untouched), and the all-channel percentiles use at most 2048 of the sampled values; the
-    percentiles are then
-    estimates (the standard error of a median is about 1.25 std / sqrt(n): 5.5% of a std per
-    channel at 512 values, 2.8% for all channels at 2048). The cost is measured in
-    docs/diagnose.md; it is one sort of C x max_values values per watched layer and record.
+    percentiles are then estimates (the standard error of a median is about 1.25 std /
+    sqrt(n): 5.5% of a std per channel at 512 values, 2.8% for all channels at 2048). The
+    cost is measured in docs/diagnose.md; it is one sort of C x max_values values per watched
+    layer and record.
 
     Args:
         model: the model being trained.
