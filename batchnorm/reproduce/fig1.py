@@ -63,7 +63,7 @@ class Fig1Config:
     seeds: int = 1  # number of seeds trained (seed, seed+1, ...), all in one batched stack
     seed: int = 0  # first seed: initial weights and batch order
     eval_every: int = 500  # test evaluation interval in steps (paper: about 500)
-    checkpoint_every: int = 5000  # steps between atomic checkpoints
+    checkpoint_every: int = 5000  # steps between atomic checkpoints (at the next evaluation)
     unit: int = 7  # which sigmoid of the last hidden layer panels (b, c) follow; fixed up front
     eps: float = 1e-5  # BN's eps inside the square root (paper: not stated; torch's default)
     momentum: float = 0.1  # weight of the new batch in BN's moving averages (torch convention)
@@ -325,12 +325,14 @@ def run(
             for job in [pool.submit(_train_steps, net, x_train, onehot, idx, s, config.lr)
                         for net in nets.values()]:
                 job.result()
+        crossed = until // config.checkpoint_every > step // config.checkpoint_every
         step = until
         train_time += time.perf_counter() - tick
         bar.update(step - bar.n)
         acc = _evaluate(nets, x_test, y_test, config.unit, step, history)
         bar.set_postfix_str(f"acc baseline {acc['baseline']:.4f}  bn {acc['bn']:.4f}")
-        if step % config.checkpoint_every == 0 or step in (stop_after, config.steps):
+        # checkpoints go with evaluations: the first one at or after each multiple
+        if crossed or step in (stop_after, config.steps):
             session = {"from_step": start, "to_step": step, "train_seconds": round(train_time, 3)}
             save_checkpoint(
                 out / "checkpoint.pt",
