@@ -421,7 +421,7 @@ def fuse_activations(
             why = f"frozen from {_unfused_origin(bn).__name__}, which has no fused form"
         elif site.call.touched:
             why = "the forward reads its tensors outside its call"
-        elif len(site.call.inputs) > 1:
+        elif site.call.extra or len(site.call.inputs) > 1:
             why = (
                 "called with more than its input (a mask?): the fused layer's second argument "
                 "is the residual, so the call would change meaning"

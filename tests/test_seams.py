@@ -129,16 +129,18 @@ class MaskedThenReLU(nn.Module):
         return self.act(self.bn(x, mask=mask) if self.by_keyword else self.bn(x, mask))
 
 
+@pytest.mark.parametrize("example", [False, True], ids=["fx", "export"])
 @pytest.mark.parametrize("by_keyword", [True, False], ids=["keyword", "positional"])
-def test_fuse_activations_leaves_a_bn_called_with_a_mask(by_keyword):
+def test_fuse_activations_leaves_a_bn_called_with_a_mask(by_keyword, example):
     """fuse_activations turned bn(x, mask) -> ReLU into a fused layer whose second argument
     is the residual: the model then failed ("expected a residual of the input's shape")."""
     torch.manual_seed(0)
     model = MaskedThenReLU(by_keyword)
     x = torch.randn(4, 6, 3)
     x[:, 4:] = 0
-    expected = MaskedThenReLU(by_keyword)(x)  # a fresh copy: the same (default) state
-    fused, report = batchnorm.fuse_activations(model)
+    model.eval()  # eval mode: the BN does not read its mask, export's graph does not show it
+    expected = model(x)
+    fused, report = batchnorm.fuse_activations(model, (x,) if example else None)
     assert report.fused == [] and [name for name, _ in report.skipped] == ["bn"]
     assert "more than its input" in report.skipped[0][1]
     torch.testing.assert_close(fused(x), expected)
@@ -188,16 +190,19 @@ class MaskedBeforeLinear(nn.Module):
         return self.post(self.bn(self.pre(x), mask=x[..., 0] != 0))
 
 
-def test_fold_leaves_a_bn_called_with_a_mask():
+@pytest.mark.parametrize("example", [False, True], ids=["fx", "export"])
+def test_fold_leaves_a_bn_called_with_a_mask(example):
     """fold replaced bn(x, mask=...) -> Linear by nn.Identity, whose forward takes no mask:
-    the folded model raised TypeError on its first call."""
+    the folded model raised TypeError on its first call. Under torch.export an eval-mode BN
+    never reads its mask, so the graph alone did not show the argument."""
     torch.manual_seed(0)
     model = MaskedBeforeLinear()
     x = torch.randn(4, 6, 3)
     x[:, 4:] = 0
     model(x)
     model.eval()
-    folded, report = batchnorm.fold(model)
+    folded, report = batchnorm.fold(model, (x,) if example else None)
+    assert report.traced
     assert report.folded == [] and "more than its input" in dict(report.skipped)["bn"]
     torch.testing.assert_close(folded(x), model(x))
 

@@ -245,7 +245,7 @@ def fold(
             why = "called more than once per forward"
         if why is None and site.call.touched:
             why = "the forward reads its tensors outside its call"
-        if why is None and len(site.call.inputs) > 1:
+        if why is None and (site.call.extra or len(site.call.inputs) > 1):
             why = (
                 "called with more than its input (a mask, a residual): the module left in its "
                 "place takes the input alone"

@@ -40,6 +40,9 @@ class Call:
         outputs: how many distinct values of this call others read.
         rank: the rank of the first input, when shapes are known.
         touched: the forward reads this module's parameters or buffers outside its call.
+        extra: the module is called with more than its input: another argument that is not
+            None (a mask, a residual), even one its forward never reads (a BN in eval mode
+            ignores its mask), so that a module taking only the input cannot replace it.
     """
 
     name: str
@@ -49,6 +52,7 @@ class Call:
     outputs: int = 1
     rank: int | None = None
     touched: bool = False
+    extra: bool = False
 
     def __repr__(self) -> str:
         return f"Call({self.name!r})"
@@ -127,8 +131,28 @@ def _rank(node) -> int | None:
     return value.dim() if isinstance(value, Tensor) else None
 
 
+def _has_extra(args: tuple, kwargs: dict) -> bool:
+    """Whether a call passes more than its input: another argument that is not None."""
+    return any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values())
+
+
 def _from_export(model: nn.Module, example_inputs: tuple, leaf: Callable) -> CallGraph:
-    program = torch.export.export(model, tuple(example_inputs))
+    # The graph shows only the values a call reads; forward pre-hooks (run by the
+    # non-strict export's tracing) see the arguments themselves.
+    extra: set[int] = set()
+
+    def note(module, args, kwargs):
+        if _has_extra(args, kwargs):
+            extra.add(id(module))
+
+    hooks = [
+        m.register_forward_pre_hook(note, with_kwargs=True) for m in model.modules() if leaf(m)
+    ]
+    try:
+        program = torch.export.export(model, tuple(example_inputs), strict=False)
+    finally:
+        for h in hooks:
+            h.remove()
     modules = dict(model.named_modules(remove_duplicate=False))
     # Placeholders that are parameters, buffers or constants: reads of a module's state.
     owner = {
@@ -180,6 +204,7 @@ def _from_export(model: nn.Module, example_inputs: tuple, leaf: Callable) -> Cal
     for call in calls:
         call.outputs = max(1, len(given.get(id(call), ())))
         call.touched = call.module is not None and id(call.module) in touched
+        call.extra = call.module is not None and id(call.module) in extra
     _link(calls)
     times = Counter(id(call.module) for call in groups.values())
     return CallGraph(calls, "torch.export", times)
@@ -211,7 +236,12 @@ def _from_fx(model: nn.Module, leaf: Callable) -> CallGraph:
             continue
         if node.op == "call_module":
             module = modules[node.target]
-            call = Call(node.target, module, touched=id(module) in touched)
+            call = Call(
+                node.target,
+                module,
+                touched=id(module) in touched,
+                extra=_has_extra(node.args, node.kwargs),
+            )
         else:
             call = Call("output" if node.op == "output" else str(node.target))
         of_node[node] = call
