@@ -140,6 +140,9 @@ def _loader(dataset, indices_or_sampler, batch, workers, drop_last):
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=False,
+        # the workers' base seed from the loader's own generator, not torch's global one:
+        # that one is Dropout's alone, so a checkpoint's random state resumes it exactly
+        generator=torch.Generator().manual_seed(0),
     )
 
 
