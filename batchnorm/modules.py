@@ -143,7 +143,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
                 input, running_mean, buffers["running_var"], self.weight, self.bias, self.eps,
                 axis=self._axis, backward=self.backward,
             )  # fmt: skip
-        commit = training and self.track_running_stats
+        commit = training and self.track_running_stats and running_mean is not None
         if (
             commit
             and mask is None

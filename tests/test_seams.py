@@ -226,3 +226,19 @@ def test_monitor_keeps_masked_positions_out(by_keyword, length):
     per_channel = record["per_channel"]
     assert (per_channel[0] >= valid.min(0).values).all()  # no padding among the values
     assert (per_channel[1] - valid.median(0).values).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("cls", [batchnorm.BatchNorm1d, batchnorm.BatchNormAct1d])
+def test_track_running_stats_switched_on_without_buffers_is_torchs_batch_norm(cls):
+    """torch.nn's BN built with track_running_stats=False and switched to True later keeps
+    normalizing with batch statistics (it has no buffers to update); ours raised
+    AttributeError ('NoneType' object has no attribute 'is_cpu') in the commit step."""
+    torch.manual_seed(0)
+    ours, theirs = cls(3, track_running_stats=False), nn.BatchNorm1d(3, track_running_stats=False)
+    ours.track_running_stats = theirs.track_running_stats = True
+    x = torch.randn(6, 3, 4)
+    expected = theirs(x)
+    if cls is batchnorm.BatchNormAct1d:
+        expected = torch.relu(expected)
+    torch.testing.assert_close(ours(x), expected)
+    assert ours.running_mean is None and ours.running_var is None
