@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 # What the command line needs beyond the library: the `reproduce` extra of pyproject.toml.
 _EXTRA = {"numpy": "numpy", "matplotlib": "matplotlib", "PIL": "pillow"}
@@ -65,9 +66,18 @@ def _absent(module: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; 0 success, 1 data unavailable, 2 usage error, 130 interrupted."""
     _check_extra()
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: say where the run is and how to go on, no traceback
+        run_dir = getattr(args, "run_dir", None)
+        go_on = ""
+        if run_dir is not None and (Path(run_dir) / "config.json").is_file():
+            go_on = f"; continue it with `batchnorm reproduce {args.experiment} --resume {run_dir}`"
+        print(f"batchnorm: interrupted{go_on}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

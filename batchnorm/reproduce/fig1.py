@@ -418,6 +418,7 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"argument --resume: {error}")
     else:
         out = args.out or run_folder.default_out("fig1")
+    args.run_dir = out  # named by the command line if the run is interrupted
     try:
         summary = run(config, out, resume=record is not None, progress=not args.no_progress)
     except DataUnavailable as error:  # before the run folder is made: nothing written

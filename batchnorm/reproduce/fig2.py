@@ -563,6 +563,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"argument --resume: {error}")
     else:
         out = args.out or run_folder.default_out("fig2")
+    args.run_dir = out  # named by the command line if the run is interrupted
     try:
         summary = run(cfg, out, resume=record is not None)
     except DataUnavailable as error:

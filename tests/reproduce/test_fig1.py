@@ -355,8 +355,7 @@ def test_resume_before_the_first_checkpoint_and_with_a_damaged_one(
 
     save = fig1.save_checkpoint
     monkeypatch.setattr(fig1, "save_checkpoint", killed_while_saving)
-    with pytest.raises(KeyboardInterrupt):
-        _fig1("--steps", 40, *TINY, "--out", killed)
+    assert _fig1("--steps", 40, *TINY, "--out", killed) == 130  # interrupted
     monkeypatch.setattr(fig1, "save_checkpoint", save)
     assert sorted(p.name for p in killed.iterdir()) == ["config.json"]
     assert _fig1("--resume", killed, "--no-progress") == 0
@@ -410,3 +409,16 @@ def test_checkpoints_follow_checkpoint_every_whatever_eval_every(synthetic_mnist
                              population_batches=4, threads=1, parallel_nets=False)  # fmt: skip
     fig1.run(config, tmp_path / "run", progress=False)
     assert steps == [40, 60, 100]
+
+
+def test_ctrl_c_names_the_way_to_go_on(synthetic_mnist, tmp_path, capsys, monkeypatch):
+    # Audit: Ctrl-C ended in a KeyboardInterrupt traceback that did not say the run folder
+    # can be resumed; now exit code 130 and the --resume command.
+    def interrupted(path, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig1, "save_checkpoint", interrupted)
+    assert _fig1("--steps", 40, *TINY, "--out", tmp_path / "run") == 130
+    err = capsys.readouterr().err
+    assert f"batchnorm reproduce fig1 --resume {tmp_path / 'run'}" in err
+    assert "Traceback" not in err
