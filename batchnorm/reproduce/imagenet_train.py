@@ -327,7 +327,8 @@ def evaluate_checkpoints(
 
 
 FLAGS = {
-    "--data": Flag("data", str, "folder with train/<class>/*.JPEG and val/<class>/*.JPEG"),
+    "--data": Flag("data", run_folder.existing_folder,
+                   "folder with train/<class>/*.JPEG and val/<class>/*.JPEG"),
     "--recipe": Flag("recipe", str, f"one of {', '.join(RECIPES)}"),
     "--epochs": Flag("epochs", float, "training length in epochs"),
     "--max-steps": Flag("max_steps", int, "stop after this many steps"),

@@ -247,3 +247,12 @@ def test_resume_mid_epoch_with_dropout_is_bit_identical(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 3
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_a_missing_data_folder_is_an_argparse_error(tmp_path, capsys):
+    # Audit: `--data <typo>` was a FileNotFoundError traceback; now exit code 2 naming it.
+    with pytest.raises(SystemExit) as exit_info:
+        imagenet_train.main(["--data", str(tmp_path / "typo"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --data: expected an existing folder" in err
+    assert not (tmp_path / "run").exists()
