@@ -323,7 +323,13 @@ def check_resume(
 
 
 def record_resume(run_dir: str | os.PathLike, record: dict, config: Any) -> dict:
-    """Note a resume in config.json: the new settings, the command, the time; unfinished."""
+    """Note a resume in config.json: the new settings, the command, the time; unfinished.
+
+    Also removes the temporaries a killed `atomic_write` left (``.<name>.*.tmp``): the
+    files they were meant to replace are whole, old or new.
+    """
+    for leftover in Path(run_dir).rglob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
     new = json.loads(json.dumps(dataclasses.asdict(config)))  # as config.json holds it
     changes = {k: v for k, v in new.items() if record["config"].get(k) != v}
     record = {**record, "config": new, "finished": None}

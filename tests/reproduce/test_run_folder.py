@@ -171,3 +171,16 @@ def test_resume_refuses_another_experiment_or_a_broken_record(tmp_path, capsys, 
         run_folder.settings_from_args(parser, args, Toy, FLAGS, experiment="toy")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "argument --resume" in err and message in err
+
+
+def test_resume_removes_what_a_killed_write_left(tmp_path):
+    # Audit: `kill -9` inside atomic_write left .checkpoint.pt.<random>.tmp files in the
+    # run folder for good; a resume now clears them (and keeps every other file).
+    out = tmp_path / "run"
+    record = run_folder.create(out, "toy", Toy(data="d"))
+    (out / "checkpoints").mkdir()
+    for name in (".checkpoint.pt.abc123.tmp", "checkpoints/.x.pt.def456.tmp", "notes.tmp"):
+        (out / name).write_text("partial")
+    run_folder.record_resume(out, record, Toy(data="d"))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "checkpoints", "config.json", "notes.tmp"]
