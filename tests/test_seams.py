@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import batchnorm
@@ -242,3 +244,81 @@ def test_track_running_stats_switched_on_without_buffers_is_torchs_batch_norm(cl
         expected = torch.relu(expected)
     torch.testing.assert_close(ours(x), expected)
     assert ours.running_mean is None and ours.running_var is None
+
+
+def layer_oracle(x, weight, bias, axis, mask, v, eps=1e-5):
+    """float64 BN of a layer: per Ghost group (all of N without one), statistics of the
+    positions the mask selects; y for every position, and the groups' mean of mu_B and of
+    the unbiased variance (what the running statistics move towards)."""
+    ax = axis % x.dim()
+    xm = x.double().movedim(ax, -1)  # (..., C)
+    keep = torch.ones(xm.shape[:-1], dtype=torch.bool) if mask is None else mask
+    ys, means, variances = [], [], []
+    for start in range(0, x.shape[0], v or x.shape[0]):
+        group = slice(start, start + (v or x.shape[0]))
+        values = xm[group][keep[group]]  # (K, C)
+        mean, var = values.mean(0), values.var(0, correction=0)
+        ys.append((xm[group] - mean) / torch.sqrt(var + eps))
+        means.append(mean)
+        variances.append(values.var(0, correction=1))
+    y = torch.cat(ys) * weight.double() + bias.double()
+    return y.movedim(-1, ax), torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.sampled_from([4, 6, 8]),
+    spatial=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    c=st.integers(1, 3),
+    channels_last=st.booleans(),
+    extra=st.sampled_from(["none", "mask", "ghost"]),
+    backward=st.sampled_from(["native", "paper"]),
+    momentum=st.sampled_from([0.3, None]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_layer_matches_float64_oracle_across_features(
+    n, spatial, c, channels_last, extra, backward, momentum, seed
+):
+    """BatchNorm(axis) with a mask or Ghost BN, either backward, momentum or the cumulative
+    average, channels first or last: output, gradients, running statistics and the eval map
+    against a float64 oracle."""
+    g = torch.Generator().manual_seed(seed)
+    axis = -1 if channels_last and spatial else 1
+    shape = [n, *spatial, c] if axis == -1 else [n, c, *spatial]
+    x = torch.randn(shape, generator=g) * 3 + 2
+    mask_shape = [n, *spatial]
+    mask = torch.rand(mask_shape, generator=g) > 0.3 if extra == "mask" else None
+    v = 2 if extra == "ghost" else None
+    per_group = (v or n) * x[0, ...].numel() // c
+    if per_group < 2 or (mask is not None and int(mask.sum()) < 2):
+        return  # training needs two values per channel (tested elsewhere)
+    bn = batchnorm.BatchNorm(
+        c, axis=axis, backward=backward, momentum=momentum, virtual_batch_size=v
+    )
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0, generator=g)
+        bn.bias.uniform_(-1.0, 1.0, generator=g)
+    xr = x.clone().requires_grad_()
+    y = bn(xr, mask)
+    expected, mean, var = layer_oracle(x, bn.weight.detach(), bn.bias.detach(), axis, mask, v)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if mask is not None:
+        keep = mask.unsqueeze(axis % x.dim()).expand_as(x)
+    torch.testing.assert_close(y.double()[keep], expected[keep], rtol=1e-4, atol=1e-4)
+    step = 1.0 if momentum is None else momentum
+    torch.testing.assert_close(bn.running_mean.double(), step * mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), 1 - step + step * var, rtol=1e-5, atol=1e-5)
+    # gradients of a loss over the positions in the statistics, against autograd in float64
+    dy = torch.randn(y.shape, generator=g) * keep
+    got = torch.autograd.grad(y, (xr, bn.weight, bn.bias), dy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, bn.weight, bn.bias))
+    ref = layer_oracle(x64, w64, b64, axis, mask, v)[0]
+    want = torch.autograd.grad(ref, (x64, w64, b64), dy.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-3, atol=2e-3)
+    bn.eval()
+    shift = (x.double().movedim(axis % x.dim(), -1) - bn.running_mean.double()) / torch.sqrt(
+        bn.running_var.double() + bn.eps
+    )
+    eval_map = (shift * bn.weight.double() + bn.bias.double()).movedim(-1, axis % x.dim())
+    torch.testing.assert_close(bn(x, mask).double(), eval_map, rtol=1e-5, atol=1e-5)
