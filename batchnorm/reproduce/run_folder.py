@@ -423,8 +423,9 @@ def existing_folder(text: str) -> str:
     A mistyped folder would otherwise be passed over by the data search, and the run would
     silently use data from elsewhere.
     """
-    if not Path(text).expanduser().is_dir():
-        what = "a file" if Path(text).expanduser().exists() else "no such folder"
+    if not text.strip() or not Path(text).expanduser().is_dir():  # "" would be the cwd
+        what = ("empty" if not text.strip() else "a file" if Path(text).expanduser().exists()
+                else "no such folder")  # fmt: skip
         raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r} ({what})")
     return text
 

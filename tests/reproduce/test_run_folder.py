@@ -184,3 +184,13 @@ def test_resume_removes_what_a_killed_write_left(tmp_path):
     run_folder.record_resume(out, record, Toy(data="d"))
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         "checkpoints", "config.json", "notes.tmp"]
+
+
+@pytest.mark.parametrize("name,why", [("", "empty"), ("nowhere", "no such folder"),
+                                      ("file", "a file")])  # fmt: skip
+def test_existing_folder_flag_type(tmp_path, monkeypatch, name, why):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(argparse.ArgumentTypeError, match=f"expected an existing folder.*{why}"):
+        run_folder.existing_folder(name)
+    assert run_folder.existing_folder(str(tmp_path)) == str(tmp_path)
