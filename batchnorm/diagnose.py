@@ -1187,18 +1187,19 @@ def monitor(
     """Record the percentiles of BN layer inputs during training: Figure 1(b, c) for any model.
 
     Use as a context manager; forward hooks are registered on entry and removed on exit, also
-    when the block raises. Every training-mode forward pass of ``model`` counts one step
-    (0, 1, 2, ...); at steps divisible by ``every`` each watched layer's input (its first call
-    in that pass) is summarized by the given percentiles over all its channels together, and
-    per channel; a layer called with a ``mask`` (ours) is summarized over the positions it
-    selects, as its statistics are. Eval-mode passes are neither counted nor recorded. Inputs
-    with more than ``max_values`` values per channel are sampled at ``max_values`` random
-    positions (the monitor's own random generator, so training's random stream is
-    untouched), and the all-channel percentiles use at most 2048 of the sampled values; the
-    percentiles are then estimates (the standard error of a median is about 1.25 std /
-    sqrt(n): 5.5% of a std per channel at 512 values, 2.8% for all channels at 2048). The
-    cost is measured in docs/diagnose.md; it is one sort of C x max_values values per watched
-    layer and record.
+    when the block raises. Every training-mode forward pass of ``model`` counts one step (0, 1,
+    2, ...); at steps divisible by ``every`` each watched layer's input (its first call in that
+    pass) is summarized by the given percentiles over all its channels together, and per
+    channel; a layer called with a ``mask`` (ours) is summarized over the positions it selects,
+    as its statistics are (finding them reads the mask back: one host synchronization per record
+    on accelerators, as the masked layer itself has). Eval-mode passes are neither counted nor
+    recorded. Inputs with more than ``max_values`` values per channel are sampled at
+    ``max_values`` random positions (the monitor's own random generator, so training's random
+    stream is untouched), and the all-channel percentiles use at most 2048 of the sampled
+    values; the percentiles are then estimates (the standard error of a median is about 1.25 std
+    / sqrt(n): 5.5% of a std per channel at 512 values, 2.8% for all channels at 2048). The cost
+    is measured in docs/diagnose.md; it is one sort of C x max_values values per watched layer
+    and record.
 
     Args:
         model: the model being trained.
