@@ -1,4 +1,4 @@
-"""Features combined: each test crosses two features whose seam once gave a silent wrong number."""
+"""Features combined: each test crosses features whose seam failed (a wrong number, a crash)."""
 
 from __future__ import annotations
 
