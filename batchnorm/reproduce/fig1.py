@@ -414,6 +414,7 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         out = args.resume
         try:
             _check_resume(out, record, config)
+            run_folder.hold(out)  # before any work: refused while another process runs it
         except RunFolderError as error:
             parser.error(f"argument --resume: {error}")
     else:

@@ -559,6 +559,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         out = args.resume
         try:
             _check_resume(out, record)
+            run_folder.hold(out)  # before any work: refused while another process runs it
         except RunFolderError as error:
             parser.error(f"argument --resume: {error}")
     else:

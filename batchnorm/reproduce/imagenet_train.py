@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         if record is not None:
             try:
                 _check_resume(args.resume, record, cfg)
+                if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes the folder
+                    run_folder.hold(args.resume)
             except RunFolderError as error:
                 parser.error(f"argument --resume: {error}")
     try:

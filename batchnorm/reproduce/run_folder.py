@@ -9,6 +9,9 @@ One convention for every experiment (`fig1`, `fig2`, `imagenet_train`):
   ``config.json``. A flag given with ``--resume`` must repeat the recorded value, except the
   few an experiment declares changeable (Figure 1: ``--steps``, to train further). A
   finished run that nothing extends is refused: resuming it would only redo the report.
+- One process at a time runs a folder: `create` and `record_resume` take an advisory lock
+  (``RUN_DIR/.lock``) that the system drops when the process ends, however it ends; a second
+  ``--resume`` of a run still going is refused naming the process that holds it.
 - Every setting is checked once, in the experiment's frozen config (`require`); the command
   line reports a bad value as an argparse error naming the flag (exit code 2).
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -51,6 +55,7 @@ __all__ = [
     "read_record",
     "record_resume",
     "finish",
+    "hold",
     "is_finished",
     "check_resume",
     "atomic_write",
@@ -65,6 +70,8 @@ __all__ = [
 ]
 
 CONFIG = "config.json"
+LOCK = ".lock"
+_held: dict[Path, io.TextIOWrapper] = {}  # run folders this process holds: path -> lock file
 _PACKAGE = Path(__file__).resolve().parents[1]  # batchnorm/
 
 
@@ -243,6 +250,48 @@ def check_new(out: str | os.PathLike) -> Path:
     return out
 
 
+def hold(run_dir: str | os.PathLike) -> None:
+    """Hold ``run_dir`` for this process until it ends or `finish` is called.
+
+    Two processes running one folder (two ``--resume`` at once) would write each other's
+    checkpoints and records. The hold is an advisory ``flock`` on ``RUN_DIR/.lock``, which the
+    system drops when the process ends, a kill included, so no stale lock is ever left; in the
+    holding process a second call does nothing. (No-op where ``fcntl`` is missing: Windows.)
+
+    Raises:
+        RunFolderError: another process holds the folder (named by the pid it wrote).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    path = Path(run_dir).resolve()
+    if path in _held:
+        return
+    lock = open(path / LOCK, "a+")  # noqa: SIM115 - stays open while the folder is held
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunFolderError(
+            f"{run_dir} is in use by {holder}: one process at a time may run a folder; "
+            "wait for it to end or stop it, then --resume"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {platform.node()}\n")
+    lock.flush()
+    _held[path] = lock
+
+
+def _release(run_dir: str | os.PathLike) -> None:
+    lock = _held.pop(Path(run_dir).resolve(), None)
+    if lock is not None:
+        lock.close()  # closing drops the flock; the file stays (removing it would race)
+
+
 def create(out: str | os.PathLike, experiment: str, config: Any, **extra: Any) -> dict:
     """Make the new run folder ``out`` and write its config.json; refuses as `check_new`.
 
@@ -251,6 +300,7 @@ def create(out: str | os.PathLike, experiment: str, config: Any, **extra: Any) -
     """
     out = check_new(out)
     out.mkdir(parents=True, exist_ok=True)
+    hold(out)
     record = {
         "experiment": experiment,
         "config": dataclasses.asdict(config),
@@ -325,9 +375,11 @@ def check_resume(
 def record_resume(run_dir: str | os.PathLike, record: dict, config: Any) -> dict:
     """Note a resume in config.json: the new settings, the command, the time; unfinished.
 
-    Also removes the temporaries a killed `atomic_write` left (``.<name>.*.tmp``): the
-    files they were meant to replace are whole, old or new.
+    Holds the folder first (`hold`; RunFolderError if another process runs it), then
+    removes the temporaries a killed `atomic_write` left (``.<name>.*.tmp``): the files they
+    were meant to replace are whole, old or new.
     """
+    hold(run_dir)
     for leftover in Path(run_dir).rglob(".*.tmp"):
         leftover.unlink(missing_ok=True)
     new = json.loads(json.dumps(dataclasses.asdict(config)))  # as config.json holds it
@@ -346,6 +398,7 @@ def finish(run_dir: str | os.PathLike) -> None:
     record = read_record(run_dir)
     record["finished"] = _now()
     write_json(Path(run_dir) / CONFIG, record)
+    _release(run_dir)
 
 
 # --------------------------------------------------------------------------------------------

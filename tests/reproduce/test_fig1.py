@@ -357,7 +357,7 @@ def test_resume_before_the_first_checkpoint_and_with_a_damaged_one(
     monkeypatch.setattr(fig1, "save_checkpoint", killed_while_saving)
     assert _fig1("--steps", 40, *TINY, "--out", killed) == 130  # interrupted
     monkeypatch.setattr(fig1, "save_checkpoint", save)
-    assert sorted(p.name for p in killed.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in killed.iterdir()) == [".lock", "config.json"]
     assert _fig1("--resume", killed, "--no-progress") == 0
     again, expected = (json.loads((d / "summary.json").read_text()) for d in (killed, reference))
     for name in fig1.NETS:

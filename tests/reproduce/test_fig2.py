@@ -368,3 +368,20 @@ def test_a_mistyped_data_dir_is_refused(tmp_path, capsys):
     err = _refused(capsys, *TINY_FLAGS, "--data-dir", tmp_path / "typo", "--out", tmp_path / "r")
     assert "argument --data-dir: expected an existing folder" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_another_process_is_running_is_refused_before_any_work(
+    tmp_path, capsys, held_by_another_process
+):
+    out = tmp_path / "run"
+    run_folder.create(out, "fig2", TINY)  # an unfinished run
+    run_folder._release(out)  # as if this test were not the process that made it
+    child = held_by_another_process(out)
+    before = _files(out)
+    try:
+        err = _refused(capsys, "--resume", out)
+    finally:
+        child.kill()
+        child.wait()
+    assert f"in use by process {child.pid}" in err and "argument --resume" in err
+    assert _files(out) == before

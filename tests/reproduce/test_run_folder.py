@@ -183,7 +183,7 @@ def test_resume_removes_what_a_killed_write_left(tmp_path):
         (out / name).write_text("partial")
     run_folder.record_resume(out, record, Toy(data="d"))
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
-        "checkpoints", "config.json", "notes.tmp"]
+        ".lock", "checkpoints", "config.json", "notes.tmp"]
 
 
 @pytest.mark.parametrize("name,why", [("", "empty"), ("nowhere", "no such folder"),
@@ -194,3 +194,22 @@ def test_existing_folder_flag_type(tmp_path, monkeypatch, name, why):
     with pytest.raises(argparse.ArgumentTypeError, match=f"expected an existing folder.*{why}"):
         run_folder.existing_folder(name)
     assert run_folder.existing_folder(str(tmp_path)) == str(tmp_path)
+
+
+
+def test_one_process_at_a_time_runs_a_folder(tmp_path, held_by_another_process):
+    out = tmp_path / "run"
+    record = run_folder.create(out, "toy", Toy(data="d"))
+    run_folder.hold(out)  # again in the holding process: nothing happens
+    run_folder.finish(out)  # releases it ...
+    child = held_by_another_process(out)  # ... so another process can take it
+    try:
+        with pytest.raises(RunFolderError, match=f"in use by process {child.pid} "):
+            run_folder.record_resume(out, record, Toy(data="d", steps=20))
+        assert run_folder.read_record(out)["config"]["steps"] == 10  # nothing written
+    finally:
+        child.kill()
+        child.wait()
+    record = run_folder.record_resume(out, record, Toy(data="d", steps=20))  # a kill frees it
+    assert record["config"]["steps"] == 20 and run_folder.read_record(out) == record
+    run_folder.finish(out)
