@@ -15,16 +15,6 @@ from batchnorm import FrozenBatchNormAct, fuse_activations
 from batchnorm.fused import BatchNormAct2d
 
 
-def _randomize(layer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
-        layer.bias.copy_(torch.randn(layer.num_features, generator=g))
-        layer.running_mean.copy_(torch.randn(layer.num_features, generator=g))
-        layer.running_var.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
-    return layer
-
-
 @pytest.mark.parametrize(
     ("cls", "ref_cls", "shape"),
     [
@@ -34,8 +24,10 @@ def _randomize(layer, seed=0):
     ],
 )
 @pytest.mark.parametrize(("activation", "residual"), [("relu", True), ("leaky_relu", False)])
-def test_torch_path_matches_torch_nn_bn_add_act(cls, ref_cls, shape, activation, residual):
-    layer = _randomize(cls(4, activation=activation, negative_slope=0.3))
+def test_torch_path_matches_torch_nn_bn_add_act(
+    cls, ref_cls, shape, activation, residual, randomize
+):
+    layer = randomize(cls(4, activation=activation, negative_slope=0.3))
     ref = ref_cls(4)
     ref.load_state_dict(layer.state_dict())
     torch.manual_seed(0)
@@ -61,8 +53,8 @@ def test_torch_path_matches_torch_nn_bn_add_act(cls, ref_cls, shape, activation,
     torch.testing.assert_close(layer(x, r), expected(ref))
 
 
-def test_state_dict_is_interchangeable_with_nn_batchnorm2d():
-    fused = _randomize(BatchNormAct2d(5, activation="leaky_relu", memory_saving=True))
+def test_state_dict_is_interchangeable_with_nn_batchnorm2d(randomize):
+    fused = randomize(BatchNormAct2d(5, activation="leaky_relu", memory_saving=True))
     plain = nn.BatchNorm2d(5)
     assert fused.state_dict().keys() == plain.state_dict().keys()
     plain.load_state_dict(fused.state_dict())
@@ -131,8 +123,8 @@ def test_freeze_unfreeze_convert_fold_on_a_fused_model():
     torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_fold_never_folds_a_fused_layer_into_the_next_layer():
-    model = nn.Sequential(nn.Flatten(), _randomize(batchnorm.BatchNormAct1d(4)), nn.Linear(4, 2))
+def test_fold_never_folds_a_fused_layer_into_the_next_layer(randomize):
+    model = nn.Sequential(nn.Flatten(), randomize(batchnorm.BatchNormAct1d(4)), nn.Linear(4, 2))
     model.eval()
     x = torch.randn(5, 4)
     folded, report = batchnorm.fold(model, x)
@@ -217,9 +209,9 @@ def test_recalibrate_treats_a_fused_layer_as_its_bn():
     torch.testing.assert_close(fused.eval()(batches[0]), plain.eval()(batches[0]))
 
 
-def test_fuse_activations_on_a_frozen_model_unfreezes_to_the_fused_layer():
+def test_fuse_activations_on_a_frozen_model_unfreezes_to_the_fused_layer(randomize):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), _randomize(nn.BatchNorm2d(4)), nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4)), nn.ReLU())
     renorm = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchRenorm2d(4), nn.ReLU())
     x = torch.randn(2, 3, 5, 5)
     expected = model.eval()(x)
@@ -264,11 +256,11 @@ class _BasicBlock(nn.Module):
 
 
 @pytest.mark.parametrize("variant", ["module", "functional"])
-def test_fuse_activations_fuses_bn_add_relu_into_a_graph_module(variant):
+def test_fuse_activations_fuses_bn_add_relu_into_a_graph_module(variant, randomize):
     torch.manual_seed(0)
     model = _BasicBlock(variant)
-    _randomize(model.bn1, 1)
-    _randomize(model.bn2, 2)
+    randomize(model.bn1, 1)
+    randomize(model.bn2, 2)
     reference = copy.deepcopy(model)
     x = torch.randn(3, 4, 5, 5)
     fused, report = fuse_activations(model, (x,))

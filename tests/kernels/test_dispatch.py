@@ -27,16 +27,6 @@ def spy(monkeypatch):
     return calls
 
 
-def _randomize(layer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
-        layer.bias.copy_(torch.randn(layer.num_features, generator=g))
-        layer.running_mean.copy_(torch.randn(layer.num_features, generator=g))
-        layer.running_var.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
-    return layer
-
-
 def _act(y, activation, slope=0.01):
     if activation == "relu":
         return torch.relu(y)
@@ -80,9 +70,9 @@ def test_triton_falls_back_under_torch_compile(spy):
     assert spy == ["relu"]
 
 
-def test_triton_falls_back_under_torch_func(spy):
-    layer = _randomize(batchnorm.BatchNorm2d(3, backend="triton")).eval()
-    ref = _randomize(nn.BatchNorm2d(3)).eval()
+def test_triton_falls_back_under_torch_func(spy, randomize):
+    layer = randomize(batchnorm.BatchNorm2d(3, backend="triton")).eval()
+    ref = randomize(nn.BatchNorm2d(3)).eval()
     x = torch.randn(4, 3, 5, 5)
     g = torch.func.grad(lambda t: layer(t).pow(2).sum())(x)
     torch.testing.assert_close(g, torch.func.grad(lambda t: ref(t).pow(2).sum())(x))
@@ -123,14 +113,14 @@ def test_triton_refuses_calls_the_kernels_cannot_take():
     ],
 )
 def test_fused_layer_on_the_kernels_matches_torch_nn(
-    spy, shape, channels_last, activation, residual
+    spy, shape, channels_last, activation, residual, randomize
 ):
     rank = len(shape)
     ours_cls = {2: batchnorm.BatchNormAct1d, 3: batchnorm.BatchNormAct1d}.get(
         rank, batchnorm.BatchNormAct2d if rank == 4 else batchnorm.BatchNormAct3d
     )
     ref_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
-    layer = _randomize(ours_cls(6, activation=activation, negative_slope=0.2, backend="triton"))
+    layer = randomize(ours_cls(6, activation=activation, negative_slope=0.2, backend="triton"))
     ref = ref_cls(6)
     ref.load_state_dict(layer.state_dict())
     torch.manual_seed(1)
@@ -180,11 +170,11 @@ def test_plain_layers_on_the_kernels_leave_the_torch_paths_state(spy):
     assert len(spy) == 4
 
 
-def test_memory_saving_gradients_equal_the_standard_ones_and_free_the_input():
-    standard = _randomize(
+def test_memory_saving_gradients_equal_the_standard_ones_and_free_the_input(randomize):
+    standard = randomize(
         batchnorm.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.1, backend="triton")
     )
-    saving = _randomize(
+    saving = randomize(
         batchnorm.BatchNormAct2d(
             4, activation="leaky_relu", negative_slope=0.1, memory_saving=True, backend="triton"
         )
