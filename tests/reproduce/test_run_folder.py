@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,3 +215,45 @@ def test_one_process_at_a_time_runs_a_folder(tmp_path, held_by_another_process):
     record = run_folder.record_resume(out, record, Toy(data="d", steps=20))  # a kill frees it
     assert record["config"]["steps"] == 20 and run_folder.read_record(out) == record
     run_folder.finish(out)
+
+
+def test_a_run_checks_its_folder_once(tmp_path, monkeypatch):
+    # Issue 18: a new fig2 run checked its folder three times (--out's type, fig2.run,
+    # run_folder.create) and a resume ran the experiment's check twice. Now the command
+    # opens the folder once and the run takes it as it is; a library call checks once too.
+    calls = collections.Counter()
+    real_check_new = run_folder.check_new
+
+    def check_new(out):
+        calls["check_new"] += 1
+        return real_check_new(out)
+
+    def check(path, record, config):  # an experiment's resume check
+        calls["check"] += 1
+        return {"step": record["config"]["steps"]}
+
+    monkeypatch.setattr(run_folder, "check_new", check_new)
+    monkeypatch.setattr(flags, "check_new", check_new)
+    parser, args = _parse(["--data", "d", "--out", tmp_path / "r"])
+    config, folder = flags.open_from_args(parser, args, Toy, FLAGS, "toy", check=check)
+    assert run_folder.open_run(folder, "toy", config, check=check) is folder
+    assert args.run_dir == folder.path == tmp_path / "r" and not folder.path.exists()
+    folder.start(config)
+    folder.finish()
+    assert calls == {"check_new": 1}
+
+    parser, args = _parse(["--resume", tmp_path / "r", "--steps", 20])
+    config, folder = flags.open_from_args(parser, args, Toy, FLAGS, "toy", may_change={"steps"},
+                                          check=check)  # fmt: skip
+    assert folder.resuming and folder.state == {"step": 10}
+    assert run_folder.open_run(folder, "toy", config, resume=True, check=check) is folder
+    assert folder.start(config)["resumed"][0]["changes"] == {"steps": 20}
+    folder.finish()
+    assert calls == {"check_new": 1, "check": 1}
+    with pytest.raises(ValueError, match="expected a folder opened for a new toy run"):
+        run_folder.open_run(folder, "toy", config, check=check)
+
+    folder = run_folder.open_run(tmp_path / "lib", "toy", Toy(data="d"))  # a library call
+    folder.start(Toy(data="d"))
+    assert calls["check_new"] == 2 and run_folder.read_record(folder)["config"]["data"] == "d"
+    folder.finish()
