@@ -67,3 +67,63 @@ def import_timm():
 def torchvision_has_ops():
     """Whether torchvision's C ops (nms, roi_align, ...) loaded on this machine."""
     return import_torchvision().extension._has_ops()
+
+
+# The real models of tests/test_real_models.py and scripts/real_models.py, declared once:
+# name -> builder (random init, nothing downloaded). torchvision's and timm's own classes,
+# as users build them; timm's efficientnet_b0, mobilenetv3_small_100 and regnetx_002 hold
+# timm's BatchNormAct2d (an nn.BatchNorm2d subclass with its activation inside), the others
+# torch's BatchNorm2d; convnext_atto has no BN at all (the negative control).
+MODELS = {
+    "tv_resnet18": lambda: import_torchvision().models.resnet18(weights=None),
+    "tv_resnet50": lambda: import_torchvision().models.resnet50(weights=None),
+    "tv_mobilenet_v3_small": lambda: import_torchvision().models.mobilenet_v3_small(weights=None),
+    "tv_efficientnet_b0": lambda: import_torchvision().models.efficientnet_b0(weights=None),
+    "tv_densenet121": lambda: import_torchvision().models.densenet121(weights=None),
+    "tv_regnet_y_400mf": lambda: import_torchvision().models.regnet_y_400mf(weights=None),
+    "tv_shufflenet_v2_x0_5": lambda: import_torchvision().models.shufflenet_v2_x0_5(weights=None),
+    "timm_resnet18": lambda: import_timm().create_model("resnet18", pretrained=False),
+    "timm_resnet26d": lambda: import_timm().create_model("resnet26d", pretrained=False),
+    "timm_efficientnet_b0": lambda: import_timm().create_model("efficientnet_b0", pretrained=False),
+    "timm_mobilenetv3_small_100": lambda: import_timm().create_model(
+        "mobilenetv3_small_100", pretrained=False
+    ),
+    "timm_regnetx_002": lambda: import_timm().create_model("regnetx_002", pretrained=False),
+    "timm_convnext_atto": lambda: import_timm().create_model("convnext_atto", pretrained=False),
+}
+
+
+def bn_layers(model):
+    """(name, layer) of every torch BN layer (``_BatchNorm``: torch's, ours, timm's)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def build(name, seed=0):
+    """``MODELS[name]`` in eval mode, with BN statistics a trained model could have.
+
+    Random init leaves gamma = 1, beta = 0, mean 0 and variance 1, under which BN is nearly
+    the identity in eval mode and a wrong fold or freeze could pass unseen. So gamma and beta
+    are drawn at random, and the running statistics are those of one training-mode batch of
+    8 random images, computed by the model's own BN layers (``momentum=None``, torch's
+    cumulative average), so every layer's input is normalized as in training.
+    """
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for _, m in bn_layers(model)]
+    momenta = [m.momentum for m in layers]
+    with torch.no_grad():
+        for m in layers:
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        model(torch.randn(8, 3, 32, 32, generator=g))
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    return model.eval()
