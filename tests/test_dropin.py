@@ -330,3 +330,18 @@ def test_fully_masked_batch_moves_nothing(backward, kwargs, randomize):
     if layer.affine:
         assert torch.equal(layer.weight.grad, torch.zeros(3))
         assert torch.equal(layer.bias.grad, torch.zeros(3))
+
+
+def test_empty_batch_is_no_batch_for_the_cumulative_average():
+    # momentum=None: batches of mean 1 and 3 around an empty one average to 2 (Algorithm 2's
+    # E_B over the real batches). torch 2.13 counts the empty batch in num_batches_tracked, so
+    # it weighs them 2/3 and 1/3 (docs/library.md states this difference).
+    a = torch.tensor([[1.0], [1.0], [2.0], [0.0]])
+    ours, theirs = batchnorm.BatchNorm1d(1, momentum=None), nn.BatchNorm1d(1, momentum=None)
+    for layer in (ours, theirs):
+        for x in (a, torch.empty(0, 1), a + 2):
+            layer(x)
+    assert ours.num_batches_tracked.item() == 2
+    torch.testing.assert_close(ours.running_mean, torch.tensor([2.0]))
+    assert theirs.num_batches_tracked.item() == 3
+    torch.testing.assert_close(theirs.running_mean, torch.tensor([1.0 * 2 / 3 + 3.0 / 3]))
