@@ -2,9 +2,11 @@
 Batch Renormalization; one forward for all of them (validate -> transform -> commit).
 
 The layers own gamma/beta and the running buffers; every statistical convention is stated
-once, in `batchnorm.functional`'s docstring. They subclass torch's `_BatchNorm`, so names,
-defaults, state_dict keys, checkpoint migration and ``isinstance`` checks of torch's tooling
-carry over unchanged.
+once, in `batchnorm.functional`'s docstring. They subclass torch's `_BatchNorm`, and
+BatchNorm1d/2d/3d torch's class of the same name, so names, defaults, state_dict keys,
+checkpoint migration and ``isinstance`` checks of torch's tooling and of model code (weight
+init, weight decay, precise BN) carry over unchanged; torch.fx traces each as one call
+(`_fx_leaf`) and torch's ``fuse_modules`` folds them (`_register_torch_fusers`).
 """
 
 from __future__ import annotations
@@ -405,7 +407,8 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
 class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
     """BN over (N, C) or (N, C, L): per activation, or per channel over N and L (Sec. 3, 3.2).
 
-    Drop-in for ``torch.nn.BatchNorm1d`` (same arguments, defaults, parameters and buffers).
+    Drop-in for ``torch.nn.BatchNorm1d``, and a subclass of it (same arguments, defaults,
+    parameters and buffers).
 
     Shape: input (N, C) or (N, C, L); output the same.
 
@@ -421,7 +424,8 @@ class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
 class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
     """BN per feature map of (N, C, H, W), over N, H and W: m' = m*p*q values each (Sec. 3.2).
 
-    Drop-in for ``torch.nn.BatchNorm2d``; channels_last input is handled without copies.
+    Drop-in for ``torch.nn.BatchNorm2d``, and a subclass of it; channels_last input is handled
+    without copies.
 
     Example:
         >>> bn = BatchNorm2d(64)
@@ -435,7 +439,7 @@ class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
 class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
     """BN per feature map of (N, C, D, H, W), over N, D, H and W (Sec. 3.2).
 
-    Drop-in for ``torch.nn.BatchNorm3d``.
+    Drop-in for ``torch.nn.BatchNorm3d``, and a subclass of it.
     """
 
     _ranks = (5,)
