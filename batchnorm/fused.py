@@ -19,12 +19,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import dispatch as _dispatch
 from batchnorm import modules as M
+from batchnorm.activations import ACTIVATIONS, check_activation, of_call, of_module
 from batchnorm.inference.frozen import FrozenBatchNorm
 from batchnorm.inference.graph import (
     GraphReport,
@@ -45,43 +45,15 @@ __all__ = [
     "fuse_activations",
 ]
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu")
-
-
-def _check_activation(activation: str, negative_slope: float, memory_saving: bool) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if activation == "leaky_relu" and not negative_slope >= 0:
-        raise ValueError(
-            "the fused leaky_relu needs negative_slope >= 0 (its backward reads the sign off "
-            f"the output, like torch's in-place leaky_relu), got {negative_slope}"
-        )
-    if memory_saving and (
-        activation == "relu" or (activation == "leaky_relu" and negative_slope == 0)
-    ):
-        raise ValueError(
-            "memory_saving rebuilds the input from the output and needs an invertible "
-            f"activation (identity, or leaky_relu with negative_slope > 0), got {activation!r} "
-            f"with negative_slope={negative_slope}"
-        )
-
 
 def activate(input: Tensor, activation: str, negative_slope: float = 0.01) -> Tensor:
-    """The torch path's activation: identity, relu or leaky_relu."""
-    if activation == "relu":
-        return torch.relu(input)
-    if activation == "leaky_relu":
-        return TF.leaky_relu(input, negative_slope)
-    return input
+    """The torch path's activation: the registry's torch function (`batchnorm.activations`)."""
+    return ACTIVATIONS[activation].function(input, negative_slope)
 
 
 def activation_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
     """The torch.nn module of an activation (what stays in place when a BN is folded away)."""
-    if activation == "relu":
-        return nn.ReLU()
-    if activation == "leaky_relu":
-        return nn.LeakyReLU(negative_slope)
-    return nn.Identity()
+    return ACTIVATIONS[activation].make_module(negative_slope)
 
 
 def _check_residual(layer: nn.Module, input: Tensor, residual: Tensor | None) -> None:
@@ -133,11 +105,12 @@ class _BatchNormActMixin(_Activated):
         memory_saving: bool = False,
         **kwargs,
     ) -> None:
-        _check_activation(activation, negative_slope, memory_saving)
+        check_activation(activation, negative_slope, memory_saving)
         super().__init__(num_features, *args, **kwargs)
         self.activation = activation
         self.negative_slope = negative_slope
         self.memory_saving = memory_saving
+        _dispatch.check_backend(self, self.backend)  # again, now that the activation is set
 
     def forward(
         self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
@@ -179,7 +152,8 @@ class BatchNormAct2d(_BatchNormActMixin, M.BatchNorm2d):
     activation and an optional residual add.
 
     ``forward(input, residual=None)`` returns act(BN(input) + residual), with
-    act = identity, relu or leaky_relu(negative_slope). Parameters, buffers, state_dict keys,
+    act one of `batchnorm.activations.ACTIVATIONS` (identity, relu, leaky_relu(negative_slope),
+    silu, hardswish, relu6, gelu, gelu_tanh). Parameters, buffers, state_dict keys,
     the running-statistics update and the eval-mode map are `batchnorm.BatchNorm2d`'s, so a
     checkpoint of ``nn.BatchNorm2d`` loads into it and back.
 
@@ -191,7 +165,10 @@ class BatchNormAct2d(_BatchNormActMixin, M.BatchNorm2d):
     Args:
         num_features, eps, momentum, affine, track_running_stats, bias, backward,
             virtual_batch_size, backend: as for `batchnorm.BatchNorm2d`.
-        activation: "relu" (default), "leaky_relu" or "identity".
+        activation: "relu" (default), or another name of `batchnorm.activations.ACTIVATIONS`
+            ("identity", "leaky_relu", "silu", "hardswish", "relu6", "gelu", "gelu_tanh");
+            the kernels implement identity, relu and leaky_relu, and ``backend="auto"`` runs
+            the others on the torch path (``backend="triton"`` refuses them).
         negative_slope: leaky_relu's slope for negative inputs (>= 0).
         memory_saving: In-Place ABN (Rota Bulo et al. 2018): on the kernels, keep only the
             output for the backward pass and rebuild xhat = (act^-1(z) - beta) / gamma there,
@@ -235,7 +212,7 @@ class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
         negative_slope: float = 0.01,
         **kwargs,
     ) -> None:
-        _check_activation(activation, negative_slope, False)
+        check_activation(activation, negative_slope, False)
         super().__init__(num_features, eps, **kwargs)
         self.activation = activation
         self.negative_slope = negative_slope
@@ -320,17 +297,12 @@ def _is_bn_like(m: nn.Module) -> bool:
     return isinstance(m, (_BatchNorm, FrozenBatchNorm))
 
 
-def _activation_of(module: nn.Module | None) -> tuple[str, float] | None:
-    if type(module) is nn.ReLU:
-        return "relu", 0.01
-    if type(module) is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    return None
-
-
 def _may_activate(call) -> bool:
-    """A call that may apply a ReLU/LeakyReLU (a module, or a function named relu)."""
-    return _activation_of(call.module) is not None or (call.module is None and "relu" in call.name)
+    """A call that may apply an activation of the registry (a module, or a function whose
+    name says so; the torch.fx graph decides)."""
+    if call.module is not None:
+        return of_module(call.module) is not None
+    return any(name in call.name for name in ACTIVATIONS if name != "identity")
 
 
 def _describe(call) -> str:
@@ -343,7 +315,7 @@ def fuse_activations(
     *,
     memory_saving: bool = False,
 ) -> tuple[nn.Module, FuseReport]:
-    """Replace every BN -> ReLU/LeakyReLU pair, and BN + add -> ReLU, by one fused layer.
+    """Replace every BN -> activation pair, and BN + add -> activation, by one fused layer.
 
     Each BN (``torch.nn.BatchNorm1d/2d/3d``, ours, or a `FrozenBatchNorm`) whose output is
     read only by an ``nn.ReLU`` or ``nn.LeakyReLU`` module (that reads nothing else) becomes
@@ -427,7 +399,7 @@ def fuse_activations(
                 "is the residual, so the call would change meaning"
             )
         consumer = site.consumer
-        act = _activation_of(consumer.module) if consumer is not None else None
+        act = of_module(consumer.module) if consumer is not None else None
         if why is None and act is None:
             users = site.call.users
             user = users[0] if len(users) == 1 and users[0].module is None else None
@@ -439,11 +411,11 @@ def fuse_activations(
                 if user.name == "output":
                     why = "its output is the model's output"
                 else:
-                    why = f"its output goes to {_describe(user)}, not to a ReLU/LeakyReLU module"
+                    why = f"its output goes to {_describe(user)}, not to an activation module"
             elif consumer is None:
                 why = "its output is read by several calls, or by one that reads other values too"
             else:
-                why = f"its output goes to {_describe(consumer)}, not to a ReLU/LeakyReLU module"
+                why = f"its output goes to {_describe(consumer)}, not to an activation module"
         if why is None and graph.times_called[id(consumer.module)] > 1:
             why = (
                 f"the activation {consumer.name} is called more than once per forward "
@@ -469,7 +441,7 @@ def _fused_layer(
 ) -> nn.Module:
     """The fused layer of ``target`` built on ``bn``'s very tensors and settings."""
     settings = {"activation": kind, "negative_slope": slope}
-    saving = {"memory_saving": memory_saving and kind == "leaky_relu" and slope > 0}
+    saving = {"memory_saving": memory_saving and ACTIVATIONS[kind].invertible(slope)}
     if target is FrozenBatchNormAct:
         new = rebuild(bn, target, **settings)
         origin = getattr(bn, "_origin", None)
@@ -482,23 +454,20 @@ def _fused_layer(
 
 
 _ADDS = (operator.add, torch.add)
-_RELUS = (torch.relu, TF.relu)
 
 
 def _node_activation(node, source, gm: nn.Module) -> tuple[str, float] | str:
-    """(activation, negative_slope) when fx ``node`` applies a ReLU/LeakyReLU to ``source``
+    """(activation, negative_slope) when fx ``node`` applies an activation to ``source``
     alone, else why not."""
     if node.op == "call_module":
-        act = _activation_of(gm.get_submodule(node.target))
+        act = of_module(gm.get_submodule(node.target))
         if act is not None and node.args == (source,) and not node.kwargs:
             return act
-    elif node.op == "call_function" and node.target in _RELUS:
-        if node.args == (source,) and set(node.kwargs) <= {"inplace"}:
-            return "relu", 0.01
-    elif node.op == "call_method" and node.target == "relu":
-        if node.args == (source,) and not node.kwargs:
-            return "relu", 0.01
-    return f"the sum goes to {node.name}, not to a ReLU/LeakyReLU"
+    elif node.op in ("call_function", "call_method") and node.args[:1] == (source,):
+        act = of_call(node.target, node.args[1:], node.kwargs)
+        if act is not None:
+            return act
+    return f"the sum goes to {node.name}, not to an activation of batchnorm.activations"
 
 
 def _residual_site(node, gm: nn.Module, modules_called: Counter):

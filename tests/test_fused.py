@@ -12,6 +12,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import FrozenBatchNormAct, fuse_activations
+from batchnorm.activations import ACTIVATIONS, of_module
 from batchnorm.fused import BatchNormAct2d
 
 
@@ -53,6 +54,69 @@ def test_torch_path_matches_torch_nn_bn_add_act(
     torch.testing.assert_close(layer(x, r), expected(ref))
 
 
+# Each activation of the registry and the torch.nn module it stands for: the oracle.
+_MODULES = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "silu": nn.SiLU,
+    "hardswish": nn.Hardswish,
+    "relu6": nn.ReLU6,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
+def test_the_registry_lists_every_activation_tested_here():
+    assert set(ACTIVATIONS) == set(_MODULES)
+    for name, make in _MODULES.items():
+        module = make()
+        expected = None if name == "identity" else (name, 0.2 if name == "leaky_relu" else 0.01)
+        assert of_module(module) == expected
+        assert type(ACTIVATIONS[name].make_module(0.2)) is type(module)
+    assert of_module(nn.GELU(approximate="tanh")) == ("gelu_tanh", 0.01)
+
+
+@pytest.mark.parametrize("activation", list(_MODULES))
+@pytest.mark.parametrize("residual", [False, True])
+def test_every_activation_matches_torch_nn_act_of_bn_in_float64(activation, residual, randomize):
+    layer = randomize(BatchNormAct2d(4, activation=activation, negative_slope=0.2)).double()
+    ref = nn.BatchNorm2d(4).double()
+    ref.load_state_dict(layer.state_dict())
+    act = _MODULES[activation]()
+    torch.manual_seed(0)
+    x = (3 * torch.randn(3, 4, 5, 5, dtype=torch.float64)).requires_grad_(True)
+    r = torch.randn_like(x, requires_grad=True) if residual else None
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        ref.train(mode == "train")
+        y = layer(x, r)
+        y_ref = act(ref(x) if r is None else ref(x) + r)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(y)
+        inputs = [x, layer.weight, layer.bias] + ([r] if residual else [])
+        inputs_ref = [x, ref.weight, ref.bias] + ([r] if residual else [])
+        got = torch.autograd.grad(y, inputs, grad)
+        want = torch.autograd.grad(y_ref, inputs_ref, grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=0)
+    frozen = batchnorm.freeze(layer)
+    assert frozen.activation == activation
+    torch.testing.assert_close(frozen(x, r), layer(x, r), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["silu", "hardswish", "relu6", "gelu", "gelu_tanh"])
+def test_the_kernels_refuse_an_activation_they_do_not_implement(activation):
+    with pytest.raises(ValueError, match=f"not '{activation}'"):
+        BatchNormAct2d(3, activation=activation, backend="triton")
+    layer = BatchNormAct2d(3, activation=activation)  # auto: the torch path takes it
+    why = batchnorm.dispatch.kernel_refusal(layer, torch.randn(2, 3, 4, 4))
+    assert f"not '{activation}'" in why and "backend='torch'" in why
+    other = batchnorm.dispatch.kernel_refusal(BatchNormAct2d(3), torch.randn(2, 3, 4, 4))
+    assert "activations" not in (other or "")  # relu: refused for the device, if at all
+
+
 def test_state_dict_is_interchangeable_with_nn_batchnorm2d(randomize):
     fused = randomize(BatchNormAct2d(5, activation="leaky_relu", memory_saving=True))
     plain = nn.BatchNorm2d(5)
@@ -68,7 +132,9 @@ def test_bad_settings_and_calls_are_refused():
     with pytest.raises(ValueError, match="invertible"):
         BatchNormAct2d(3, activation="relu", memory_saving=True)
     with pytest.raises(ValueError, match="activation must be"):
-        BatchNormAct2d(3, activation="gelu")
+        BatchNormAct2d(3, activation="mish")
+    with pytest.raises(ValueError, match="invertible"):
+        BatchNormAct2d(3, activation="silu", memory_saving=True)
     with pytest.raises(ValueError, match="negative_slope"):
         BatchNormAct2d(3, activation="leaky_relu", negative_slope=-0.1)
     with pytest.raises(ValueError, match="backend"):
@@ -323,6 +389,51 @@ def test_fuse_activations_needs_example_inputs_for_the_residual_shape():
     fused, report = fuse_activations(model)
     assert fused is model and report.residual == [] and not report.graph_module
     assert report.skipped[0][0] == "bn2" and "example_inputs" in report.skipped[0][1]
+
+
+_FUNCTIONS = {
+    "relu": TF.relu,
+    "silu": TF.silu,
+    "hardswish": TF.hardswish,
+    "relu6": TF.relu6,
+    "gelu": TF.gelu,
+    "gelu_tanh": lambda t: TF.gelu(t, approximate="tanh"),
+}
+
+
+class _ActBlock(nn.Module):
+    """conv-bn-act then conv-bn + x -> act, with the activation as modules or as functions."""
+
+    def __init__(self, activation, functional):
+        super().__init__()
+        self.function = _FUNCTIONS[activation] if functional else None
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.act1, self.act2 = _MODULES[activation](), _MODULES[activation]()
+
+    def forward(self, x):
+        if self.function is not None:
+            return self.function(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + x)
+        return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + x)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("activation", list(_FUNCTIONS))
+def test_fuse_activations_recognises_each_activation_module_and_function(
+    activation, functional, randomize
+):
+    model = _ActBlock(activation, functional)
+    randomize(model.bn1, 1)
+    randomize(model.bn2, 2)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4, 5, 5)
+    fused, report = fuse_activations(model, (x,))
+    assert report.fused == [("bn1", "act1", activation)] and report.skipped == []
+    ((bn, _, kind),) = report.residual
+    assert (bn, kind) == ("bn2", activation)
+    assert fused.bn1.activation == fused.bn2.activation == activation
+    for mode in (True, False):
+        torch.testing.assert_close(fused.train(mode)(x), reference.train(mode)(x))
 
 
 class _Branching(nn.Module):
