@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import dispatch as _dispatch
 from batchnorm import modules as M
 from batchnorm.activations import ACTIVATIONS, check_activation, of_call, of_module
+from batchnorm.distributed import SyncBatchNorm
 from batchnorm.inference.frozen import FrozenBatchNorm
 from batchnorm.inference.graph import (
     GraphReport,
@@ -33,7 +33,14 @@ from batchnorm.inference.graph import (
     capture,
     find_sites,
 )
-from batchnorm.inference.swap import rebuild, restore, swap_modules
+from batchnorm.inference.swap import (
+    bn_kind,
+    foreign_reason,
+    is_bn_like,
+    rebuild,
+    restore,
+    swap_modules,
+)
 
 __all__ = [
     "BatchNormAct",
@@ -41,6 +48,7 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "FrozenBatchNormAct",
+    "SyncBatchNormAct",
     "FuseReport",
     "fuse_activations",
 ]
@@ -195,6 +203,19 @@ class BatchNormAct(_BatchNormActMixin, M.BatchNorm):
     """act(BN(x) + residual) with the channel on any ``axis``; see `BatchNormAct2d`."""
 
 
+class SyncBatchNormAct(_BatchNormActMixin, SyncBatchNorm):
+    """act(SyncBatchNorm(x) + residual): what `SyncBatchNorm.convert_sync_batchnorm` makes of a
+    fused layer (and of timm's ``BatchNormAct2d``), so that the activation is kept;
+    `SyncBatchNorm.revert_sync_batchnorm` brings the original layer back. The torch path
+    always (the kernels do not synchronize)."""
+
+
+def fused_class(cls: type) -> type | None:
+    """Our fused layer for our BN class ``cls`` (BatchNorm2d -> BatchNormAct2d, SyncBatchNorm
+    -> SyncBatchNormAct, FrozenBatchNorm -> FrozenBatchNormAct), or None."""
+    return {**_targets(), SyncBatchNorm: SyncBatchNormAct}.get(cls)
+
+
 class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
     """act(FrozenBatchNorm(x) + residual): a frozen `BatchNormAct2d` (Algorithm 2's map, then
     the residual add and the activation), what `batchnorm.freeze` makes of a fused layer.
@@ -293,10 +314,6 @@ def _unfused_origin(bn: nn.Module) -> type | None:
     return origin.cls
 
 
-def _is_bn_like(m: nn.Module) -> bool:
-    return isinstance(m, (_BatchNorm, FrozenBatchNorm))
-
-
 def _may_activate(call) -> bool:
     """A call that may apply an activation of the registry (a module, or a function whose
     name says so; the torch.fx graph decides)."""
@@ -366,13 +383,13 @@ def fuse_activations(
         >>> report.fused, type(net[1]).__name__, type(net[2]).__name__
         ([('1', '2', 'relu')], 'BatchNormAct2d', 'Identity')
     """
-    graph, failures = capture(model, example_inputs, leaf=_is_bn_like)
+    graph, failures = capture(model, example_inputs, leaf=is_bn_like)
     report = FuseReport.of_capture(graph, failures, example_inputs, "fuse_activations")
     targets = _targets()
     replace: dict[int, nn.Module] = {}
     residual: dict[int, tuple] = {}  # BN + add candidates: id(bn) -> (name, bn, fused class)
     seen: set[int] = set()
-    sites = find_sites(graph, _is_bn_like)
+    sites = find_sites(graph, is_bn_like)
     called_by_bn = Counter(id(s.call.module) for s in sites)
     for site in sites:
         bn, name = site.call.module, site.call.name
@@ -382,11 +399,18 @@ def fuse_activations(
         target = targets.get(type(bn))
         why = None
         if target is None:
-            why = (
-                "already fused"
-                if isinstance(bn, (_BatchNormActMixin, FrozenBatchNormAct))
-                else f"{type(bn).__name__} has no fused form (only plain BN layers are fused)"
-            )
+            if isinstance(bn, (_BatchNormActMixin, FrozenBatchNormAct)):
+                why = "already fused"
+            elif bn_kind(bn) == "norm_act":
+                act = bn._modules.get("act")
+                why = (
+                    f"{type(bn).__name__} applies its own activation (its act child, "
+                    f"{type(act).__name__}); batchnorm.convert makes it a BatchNormAct2d"
+                )
+            elif bn_kind(bn) == "foreign":
+                why = foreign_reason(bn)
+            else:
+                why = f"{type(bn).__name__} has no fused form (only plain BN layers are fused)"
         elif graph.times_called[id(bn)] > 1 or called_by_bn[id(bn)] > 1:
             why = "called more than once per forward"
         elif _unfused_origin(bn) is not None:
@@ -550,13 +574,13 @@ def _fuse_residuals(
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     try:
-        gm = torch.fx.GraphModule(model, _LeafTracer(_is_bn_like).trace(model))
+        gm = torch.fx.GraphModule(model, _LeafTracer(is_bn_like).trace(model))
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.passes.shape_prop import ShapeProp
 
         class Shapes(ShapeProp):  # a BN keeps its input's shape; ours read values (.item())
             def call_module(self, target, args, kwargs):
-                if _is_bn_like(self.fetch_attr(target)):
+                if is_bn_like(self.fetch_attr(target)):
                     return torch.empty_like(args[0])
                 return super().call_module(target, args, kwargs)
 

@@ -172,8 +172,10 @@ def _from_export(model: nn.Module, example_inputs: tuple, leaf: Callable) -> Cal
             continue
         call = None
         if node.op == "call_function":
+            # The outermost leaf on the stack: a BN with child modules (timm's BatchNormAct2d
+            # and its act) is one call, its children's operations included.
             stack = node.meta.get("nn_module_stack") or {}
-            for key, (path, _) in reversed(stack.items()):
+            for key, (path, _) in stack.items():
                 module = modules.get(path)
                 if module is not None and leaf(module):
                     call = groups.get(key)
@@ -343,7 +345,9 @@ def capture(
     Args:
         model: the model.
         example_inputs: positional inputs for ``torch.export`` (a single tensor is fine).
-        leaf: modules fx must keep as calls rather than trace through (torch.nn's are).
+        leaf: modules kept as one call each, their child modules included, rather than
+            traced through (torch.nn's are leaves for fx; for torch.export every module
+            without children is one too).
 
     Returns:
         (graph, failures): ``failures`` holds one "<tool>: <error>" line per failed capture.
@@ -352,7 +356,7 @@ def capture(
         example_inputs = (example_inputs,)
 
     def is_leaf(m: nn.Module) -> bool:
-        return not m._modules
+        return leaf(m) or not m._modules
 
     attempts = []
     if example_inputs is not None:
