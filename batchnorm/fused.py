@@ -404,8 +404,8 @@ def fuse_activations(
             elif bn_kind(bn) == "norm_act":
                 act = bn._modules.get("act")
                 why = (
-                    f"{type(bn).__name__} applies its own activation (its act child, "
-                    f"{type(act).__name__}); batchnorm.convert makes it a BatchNormAct2d"
+                    f"{type(bn).__name__} is another library's BN + activation layer (its act "
+                    f"child: {type(act).__name__}); batchnorm.convert makes it our fused layer"
                 )
             elif bn_kind(bn) == "foreign":
                 why = foreign_reason(bn)

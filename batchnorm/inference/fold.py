@@ -49,7 +49,8 @@ class FoldReport(GraphReport):
 
 
 def _name(residue: nn.Module) -> str:
-    inner = [type(m).__name__ for m in residue.children()] or [type(residue).__name__]
+    inner = [type(m).__name__ for m in residue.children() if type(m) is not nn.Identity]
+    inner = inner or [type(residue).__name__]
     return ", ".join(inner)
 
 
@@ -85,9 +86,9 @@ def _residue(bn: nn.Module) -> nn.Module:
     if hasattr(bn, "activation_module"):
         return bn.activation_module()
     if bn_kind(bn) == "norm_act":
-        return nn.Sequential(
-            OrderedDict((k, m) for k in ("drop", "act") if (m := bn._modules.get(k)) is not None)
-        )
+        kept = [(k, m) for k in ("drop", "act") if (m := bn._modules.get(k)) is not None]
+        if any(type(m) is not nn.Identity for _, m in kept):
+            return nn.Sequential(OrderedDict(kept))
     return nn.Identity()
 
 
