@@ -447,6 +447,8 @@ def fuse_activations(
             )
         if why is None and act[0] == "leaky_relu" and act[1] < 0:
             why = f"LeakyReLU with negative_slope {act[1]} < 0 (the fused backward needs >= 0)"
+        if why is None:
+            why = _in_place_problem(model, graph, site.call, consumer)
         if why is not None:
             report.skipped.append((name, why))
             continue
@@ -458,6 +460,69 @@ def fuse_activations(
     if residual:
         model = _fuse_residuals(model, residual, example_inputs, report)
     return model, report
+
+
+def _in_place_problem(model: nn.Module, graph, bn_call, act_call) -> str | None:
+    """Why fusing a BN and its activation in place (the BN becomes the fused layer, the
+    activation ``nn.Identity``) might change a path of the forward the capture did not take;
+    None when the BN's output goes to the activation alone on every path.
+
+    torch.fx refuses Python control flow on the forward's inputs, so a graph it captured shows
+    every path, and an ``nn.Sequential`` has one. torch.export follows the one path the
+    example inputs take (a flag such as ``return_preact=True`` may return the BN's output
+    too), so the forward that calls the BN and its activation is traced again with torch.fx.
+    """
+    if graph.source != "torch.export":
+        return None
+    where = bn_call.caller or "the model"
+    if bn_call.caller != act_call.caller:
+        return (
+            f"the BN is called by the forward of {where}, its activation {act_call.name} by "
+            f"that of {act_call.caller or 'the model'}: torch.export saw one path, and another "
+            "may use the BN's output without the activation"
+        )
+    caller = model.get_submodule(bn_call.caller)
+    if type(caller).forward is nn.Sequential.forward:
+        return None
+    try:
+        traced = _LeafTracer(is_bn_like).trace(caller)
+    except Exception as err:  # noqa: BLE001 - any failure means: the other paths are unseen
+        return (
+            f"torch.export saw one path through the forward of {where} "
+            f"({type(caller).__name__}) and torch.fx cannot trace it to see the others "
+            f"({_first_line(err, 120)}): another path (a flag such as return_preact=True) may "
+            "use the BN's output without the activation"
+        )
+    prefix = f"{bn_call.caller}." if bn_call.caller else ""
+    calls = [n for n in traced.nodes if n.op == "call_module"]
+    bn_nodes = [n for n in calls if prefix + n.target == bn_call.name]
+    act_nodes = [n for n in calls if prefix + n.target == act_call.name]
+    if len(bn_nodes) != 1 or len(act_nodes) != 1:
+        return (
+            f"torch.fx sees {len(bn_nodes)} call(s) of the BN and {len(act_nodes)} of "
+            f"{act_call.name} in the forward of {where}, not one each"
+        )
+    (bn_node,), (act_node,) = bn_nodes, act_nodes
+    source = bn_node  # torch.export drops an nn.Identity (timm's drop_block); fx keeps it
+    while len(source.users) == 1 and _is_identity(next(iter(source.users)), source, caller):
+        source = next(iter(source.users))
+    if list(source.users) != [act_node] or act_node.args != (source,) or act_node.kwargs:
+        readers = ", ".join(u.name for u in source.users)
+        return (
+            f"in the forward of {where} the BN's output is read by {readers}, not by "
+            f"{act_call.name} alone"
+        )
+    return None
+
+
+def _is_identity(node, source, root: nn.Module) -> bool:
+    """Whether fx ``node`` calls an ``nn.Identity`` module on ``source`` alone."""
+    return (
+        node.op == "call_module"
+        and type(root.get_submodule(node.target)) is nn.Identity
+        and node.args == (source,)
+        and not node.kwargs
+    )
 
 
 def _fused_layer(

@@ -437,15 +437,24 @@ def test_fuse_activations_recognises_each_activation_module_and_function(
         torch.testing.assert_close(fused.train(mode)(x), reference.train(mode)(x))
 
 
-class _Branching(nn.Module):
-    """fx cannot trace a branch on a shape; torch.export (with example inputs) can."""
-
+class _ConvBnAct(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
 
     def forward(self, x):
-        y = self.act(self.bn(self.conv(x)))
+        return self.act(self.bn(self.conv(x)))
+
+
+class _Branching(nn.Module):
+    """fx cannot trace a branch on a shape; torch.export (with example inputs) can."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _ConvBnAct()
+
+    def forward(self, x):
+        y = self.block(x)
         return y if x.shape[-1] > 1 else -y
 
 
@@ -457,4 +466,83 @@ def test_a_failed_capture_says_that_example_inputs_would_help():
     assert "could not capture" in str(report)
     _, report = fuse_activations(_Branching(), example_inputs=(x,))
     assert report.graph == "torch.export" and report.trace_error is None
-    assert report.fused == [("bn", "act", "relu")]
+    assert report.fused == [("block.bn", "block.act", "relu")]
+
+
+class _Preact(nn.Module):
+    """A forward with a flag: ``return_preact=True`` also returns the BN's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x, return_preact=False):
+        pre = self.bn(self.conv(x))
+        out = self.act(pre)
+        return (out, pre) if return_preact else out
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_fuse_activations_never_fuses_in_place_from_one_path_of_the_forward(nested):
+    class Outer(nn.Module):  # the flag passed down to the block that branches on it
+        def __init__(self):
+            super().__init__()
+            self.inner = _Preact()
+
+        def forward(self, x, return_preact=False):
+            return self.inner(x, return_preact)
+
+    model = Outer() if nested else _Preact()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 5)
+    fused, report = fuse_activations(model, (x,))  # export takes return_preact=False
+    name = "inner.bn" if nested else "bn"
+    assert report.graph == "torch.export" and report.fused == []
+    ((skipped, why),) = report.skipped
+    assert skipped == name and "one path" in why and "torch.fx cannot trace it" in why
+    for flag in (False, True):
+        torch.testing.assert_close(fused(x, return_preact=flag), reference(x, return_preact=flag))
+    # Without example inputs torch.fx cannot trace the flag at all: nothing is fused either.
+    _, report = fuse_activations(copy.deepcopy(reference))
+    assert report.fused == [] and not report.traced
+
+
+def test_fuse_activations_refuses_a_pair_whose_own_forward_branches():
+    # _Branching branches above its block, and is fused; here the block itself branches.
+    class Tap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm2d(3), nn.ReLU()
+
+        def forward(self, x):
+            pre = self.bn(x)
+            return self.act(pre) if x.shape[-1] > 1 else (self.act(pre), pre)
+
+    class Root(nn.Module):  # export sees Tap's first path only
+        def __init__(self):
+            super().__init__()
+            self.tap = Tap()
+
+        def forward(self, x):
+            return self.tap(x)
+
+    _, report = fuse_activations(Root(), (torch.randn(2, 3, 5, 5),))
+    ((name, why),) = report.skipped
+    assert report.fused == [] and name == "tap.bn" and "forward of tap (Tap)" in why
+
+
+def test_fuse_activations_in_place_across_an_identity_module():
+    class Block(nn.Module):  # timm's blocks: bn1 -> drop_block (nn.Identity) -> act1
+        def __init__(self):
+            super().__init__()
+            self.bn, self.drop, self.act = nn.BatchNorm2d(3), nn.Identity(), nn.SiLU()
+
+        def forward(self, x):
+            return self.act(self.drop(self.bn(x)))
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Block())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 5)
+    fused, report = fuse_activations(model, (x,))
+    assert report.fused == [("1.bn", "1.act", "silu")]
+    torch.testing.assert_close(fused(x), reference(x))

@@ -43,6 +43,8 @@ class Call:
         extra: the module is called with more than its input: another argument that is not
             None (a mask, a residual), even one its forward never reads (a BN in eval mode
             ignores its mask), so that a module taking only the input cannot replace it.
+        caller: the path of the module whose forward made this call ("" for the model's
+            own), where the capture knows it (torch.export); else None.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Call:
     rank: int | None = None
     touched: bool = False
     extra: bool = False
+    caller: str | None = None
 
     def __repr__(self) -> str:
         return f"Call({self.name!r})"
@@ -175,14 +178,16 @@ def _from_export(model: nn.Module, example_inputs: tuple, leaf: Callable) -> Cal
             # The outermost leaf on the stack: a BN with child modules (timm's BatchNormAct2d
             # and its act) is one call, its children's operations included.
             stack = node.meta.get("nn_module_stack") or {}
+            outer = None
             for key, (path, _) in stack.items():
                 module = modules.get(path)
                 if module is not None and leaf(module):
                     call = groups.get(key)
                     if call is None:
-                        call = groups[key] = Call(path, module)
+                        call = groups[key] = Call(path, module, caller=outer)
                         calls.append(call)
                     break
+                outer = path
         if call is None:
             call = Call("output" if node.op == "output" else str(node.target))
             calls.append(call)
