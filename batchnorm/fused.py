@@ -559,7 +559,7 @@ def _node_activation(node, source, gm: nn.Module) -> tuple[str, float] | str:
     return f"the sum goes to {node.name}, not to an activation of batchnorm.activations"
 
 
-def _residual_site(node, gm: nn.Module, modules_called: Counter):
+def _residual_site(node, gm: nn.Module, modules_called: Counter, residual_of: dict):
     """(add node, activation node, residual node, (activation, slope)) when the fx call
     ``node`` of a BN is the pattern act(bn(x) + residual), else why not."""
     if len(node.args) != 1 or node.kwargs:
@@ -568,6 +568,8 @@ def _residual_site(node, gm: nn.Module, modules_called: Counter):
     if len(users) != 1:
         return "its output is read by more than the add"
     add = users[0]
+    if add in residual_of:  # bn2(x) + downsample(x): one add, one BN fused
+        return f"its output is the residual of {residual_of[add]}, fused with that add"
     plain = (
         add.op == "call_function"
         and add.target in _ADDS
@@ -653,14 +655,21 @@ def _fuse_residuals(
     except Exception as err:  # noqa: BLE001 - any failure means: leave these BNs
         return leave(f"torch.fx could not capture the model ({_first_line(err)}), {hint}")
     modules_called = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    residual_of: dict = {}  # fused call node -> the BN's name
     found = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and id(gm.get_submodule(node.target)) in candidates:
             found.setdefault(id(gm.get_submodule(node.target)), []).append(node)
-    for key, (name, bn, target) in candidates.items():
+
+    def second_operand(item) -> bool:  # x + shortcut: where both are BNs, x's is fused
+        nodes = found.get(item[0], [])
+        users = list(nodes[0].users) if len(nodes) == 1 else []
+        return len(users) == 1 and users[0].args[:1] != (nodes[0],)
+
+    for key, (name, bn, target) in sorted(candidates.items(), key=second_operand):
         nodes = found.get(key, [])
         site = (
-            _residual_site(nodes[0], gm, modules_called)
+            _residual_site(nodes[0], gm, modules_called, residual_of)
             if len(nodes) == 1
             else f"torch.fx sees {len(nodes)} calls of it, not one"
         )
@@ -671,6 +680,9 @@ def _fuse_residuals(
         add, act_node, other, (kind, slope) = site
         with gm.graph.inserting_before(act_node):
             fused = gm.graph.call_module(node.target, (node.args[0], other))
+        # act(bn(x) + r) has the BN output's shape: a later residual that reads it needs it.
+        fused.meta["tensor_meta"] = act_node.meta.get("tensor_meta")
+        residual_of[fused] = name
         act_node.replace_all_uses_with(fused)
         label = act_node.target if act_node.op == "call_module" else act_node.name
         for dead in (act_node, add, node):

@@ -74,15 +74,19 @@ class MirrorBatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(x))
 
 
+def _timm():
+    try:
+        import timm
+    except Exception as err:  # noqa: BLE001 - e.g. a torchvision build torch cannot load
+        pytest.skip(f"timm does not import here ({type(err).__name__}: {err})")
+    return timm
+
+
 @pytest.fixture(params=["mirror", "timm"])
 def norm_act(request, monkeypatch):
     """The BN + act class under test: the mirror (registered as timm's is) or timm's own."""
     if request.param == "timm":
-        try:
-            from timm.layers.norm_act import BatchNormAct2d as timm_class
-        except Exception as err:  # noqa: BLE001 - e.g. a torchvision build torch cannot load
-            pytest.skip(f"timm does not import here ({type(err).__name__}: {err})")
-        return timm_class
+        return _timm().layers.norm_act.BatchNormAct2d
     name = f"{MirrorBatchNormAct2d.__module__}.{MirrorBatchNormAct2d.__qualname__}"
     monkeypatch.setattr(swap, "NORM_ACT_CLASSES", swap.NORM_ACT_CLASSES | {name})
     return MirrorBatchNormAct2d
@@ -271,3 +275,41 @@ def test_our_fused_layer_syncs_and_reverts_too():
     assert type(synced) is SyncBatchNormAct and synced.activation == "hardswish"
     back = batchnorm.SyncBatchNorm.revert_sync_batchnorm(synced)
     assert type(back) is BatchNormAct2d and (back.activation, back.momentum) == ("hardswish", 0.3)
+
+
+def test_timm_efficientnet_b0_through_every_pass():
+    timm = _timm()
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        for example in (None, (x,)):
+            folded, report = fold(model, example)
+            assert len(report.folded) == 49 and report.skipped == []
+            torch.testing.assert_close(
+                folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max()
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            frozen = freeze(copy.deepcopy(model))
+            torch.testing.assert_close(frozen(x), expected)
+            torch.testing.assert_close(unfreeze(frozen)(x), expected)
+            converted = batchnorm.convert(copy.deepcopy(model))
+            assert sum(type(m) is BatchNormAct2d for m in converted.modules()) == 49
+            torch.testing.assert_close(converted(x), expected)
+            sync = batchnorm.SyncBatchNorm
+            back = sync.revert_sync_batchnorm(sync.convert_sync_batchnorm(copy.deepcopy(model)))
+            torch.testing.assert_close(back(x), expected)
+
+
+def test_timm_resnet18_fuses_all_8_residuals():
+    timm = _timm()
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    fused, report = fuse_activations(model, (x,))
+    assert len(report.residual) == 8 and len(report.fused) == 9
+    for mode in (True, False):
+        torch.testing.assert_close(fused.train(mode)(x), reference.train(mode)(x))

@@ -546,3 +546,58 @@ def test_fuse_activations_in_place_across_an_identity_module():
     fused, report = fuse_activations(model, (x,))
     assert report.fused == [("1.bn", "1.act", "silu")]
     torch.testing.assert_close(fused(x), reference(x))
+
+
+class _Block(nn.Module):
+    """A residual basic block (timm's layout: its own act1 and act2), with a conv + BN
+    downsample where the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1, self.act1 = nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += shortcut
+        return self.act2(out)
+
+
+def test_fuse_activations_fuses_every_residual_of_a_resnet_like_model(randomize):
+    torch.manual_seed(0)
+    widths = [(4, 4, 1), (4, 4, 1), (4, 6, 2), (6, 6, 1), (6, 8, 2), (8, 8, 1), (8, 8, 2)]
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        *[_Block(cin, cout, stride) for cin, cout, stride in widths + [(8, 8, 1)]],
+    )
+    for k, m in enumerate(model.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            randomize(m, k)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16, 16)
+    fused, report = fuse_activations(model, (x,))
+    # 8 blocks: each bn2 + shortcut -> act2 is one call, the shortcut of the next block
+    # included; a downsample BN is the residual of its block's fused bn2.
+    assert {bn for bn, _, _ in report.residual} == {f"{k}.bn2" for k in range(3, 11)}
+    assert len(report.fused) == 9  # the stem and every bn1
+    assert {why.split(": ", 1)[1] for _, why in report.skipped} == {
+        f"its output is the residual of {k}.bn2, fused with that add" for k in (5, 7, 9)
+    }
+    for mode in (True, False):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = fused.train(mode)(xa), reference.train(mode)(xb)
+        torch.testing.assert_close(ya, yb)
+        ya.sum().backward()
+        yb.sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
