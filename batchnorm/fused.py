@@ -335,32 +335,46 @@ def fuse_activations(
     """Replace every BN -> activation pair, and BN + add -> activation, by one fused layer.
 
     Each BN (``torch.nn.BatchNorm1d/2d/3d``, ours, or a `FrozenBatchNorm`) whose output is
-    read only by an ``nn.ReLU`` or ``nn.LeakyReLU`` module (that reads nothing else) becomes
-    the matching `BatchNormAct1d/2d/3d` (or `FrozenBatchNormAct`) sharing the very same
-    parameter and buffer tensors, settings and train/eval mode (an optimizer keeps working);
-    the activation module becomes ``nn.Identity``, so the model's forward code and state_dict
-    keys stay as they were and its outputs are unchanged. This is done in place.
+    read only by an activation module of `batchnorm.activations` (``nn.ReLU``,
+    ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.ReLU6``, ``nn.GELU``; exact classes)
+    that reads nothing else becomes the matching `BatchNormAct1d/2d/3d` (or
+    `FrozenBatchNormAct`) sharing the very same parameter and buffer tensors, settings and
+    train/eval mode (an optimizer keeps working); the activation module becomes
+    ``nn.Identity``, so the model's forward code and state_dict keys stay as they were and its
+    outputs are unchanged. This is done in place, so it must hold on every path of the
+    forward, not only the one captured: with ``example_inputs`` (torch.export follows one
+    path), the forward of the module that calls the BN and its activation is traced again with
+    torch.fx, which sees every path, and the pair is fused only if there too the BN's output
+    goes to the activation alone (``nn.Identity`` modules between are fine). A forward that
+    branches on a flag (``return_preact=True`` also returning the BN's output) is left alone.
 
-    BN + add -> ReLU (ResNet's ``out = self.relu(self.bn2(x) + identity)``) needs the
+    BN + add -> activation (ResNet's ``out = self.relu(self.bn2(x) + identity)``) needs the
     residual passed to the fused layer, a change to the forward code. Where the graph shows
     it, the model is traced with torch.fx (BN layers kept as calls) and the BN call, the add
     and the activation become one call ``bn(x, residual)`` of the fused layer, if the BN's
     output is read only by the add, the add is a plain ``a + b`` / ``torch.add(a, b)`` of two
-    tensors (no alpha) read only by an ``nn.ReLU``/``nn.LeakyReLU`` module called only there,
-    or by ``F.relu`` / ``torch.relu`` / ``.relu()``, and the residual has the BN output's
-    shape and dtype (checked on ``example_inputs`` with fake tensors, so these are needed).
-    The model is then returned as a ``torch.fx.GraphModule`` holding the same modules and
-    tensors under the same names (state_dict keys unchanged; `FuseReport.residual` lists
-    these BNs, ``FuseReport.graph_module`` is True); the model passed in keeps its forward and
-    shares every tensor with it. Without such a pattern the model passed in is returned.
+    tensors (no alpha) read only by an activation module called only there, or by a
+    functional form (``F.relu``, ``torch.relu``, ``.relu()``, ``F.silu``, ``F.hardswish``,
+    ``F.relu6``, ``F.gelu``), and the residual has the BN output's shape and dtype (checked on
+    ``example_inputs`` with fake tensors, so these are needed; the output of a block fused
+    before counts, so every block of a ResNet fuses). Where both operands of the add are BN
+    outputs (``bn2(x) + downsample(x)``) the first is fused and the second becomes its
+    residual. The model is then returned as a ``torch.fx.GraphModule`` holding the same
+    modules and tensors under the same names (state_dict keys unchanged;
+    `FuseReport.residual` lists these BNs, ``FuseReport.graph_module`` is True); the model
+    passed in keeps its forward and shares every tensor with it. Without such a pattern the
+    model passed in is returned.
 
     Left alone, with the reason in the report: a BN that is not followed by such a module (a
-    convolution, a function such as ``F.relu``), an add that misses the conditions above (its
-    sum also read elsewhere, a broadcast residual, alpha) or a model fx cannot trace, a BN or
-    activation module called more than once per forward (torchvision's ResNet blocks reuse
-    one ``self.relu``), a BN called with more than its input (``bn(x, mask)``: the fused
-    layer's second argument is the residual), a LeakyReLU with a negative slope, and BN
-    subclasses (Batch Renorm, SyncBatchNorm).
+    convolution, a function such as ``F.relu`` without a residual add), an add that misses
+    the conditions above (its sum also read elsewhere, a broadcast residual, alpha) or a
+    model fx cannot trace, a BN or activation module called more than once per forward
+    (torchvision's ResNet blocks reuse one ``self.relu``), a pair that may differ on another
+    path (above), a BN called with more than its input (``bn(x, mask)``: the fused layer's
+    second argument is the residual), a LeakyReLU with a negative slope, BN subclasses (Batch
+    Renorm, SyncBatchNorm), another library's BN + activation layer (timm's
+    ``BatchNormAct2d``: `batchnorm.convert` makes it ours) and any BN subclass the library
+    cannot read (`batchnorm.inference.swap.bn_kind`).
 
     The neighbours come from `batchnorm.inference.graph.capture`, as for `fold`: torch.export
     with ``example_inputs``, else torch.fx, else ``nn.Sequential`` containers.
@@ -369,13 +383,13 @@ def fuse_activations(
         model: the model (changed in place).
         example_inputs: positional inputs to capture the model with torch.export and to check
             the residuals' shapes (run on fake tensors only).
-        memory_saving: build the LeakyReLU pairs (negative_slope > 0) with In-Place ABN's
-            memory saving; ReLU pairs cannot use it (ReLU is not invertible), nor layers
-            given a residual.
+        memory_saving: build the pairs with an invertible activation (LeakyReLU with
+            negative_slope > 0) with In-Place ABN's memory saving; the others cannot use it,
+            nor layers given a residual.
 
     Returns:
         (model, `FuseReport`): ``model`` is a ``torch.fx.GraphModule`` when a BN + add ->
-        ReLU was fused, else the model passed in.
+        activation was fused, else the model passed in.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())

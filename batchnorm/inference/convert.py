@@ -109,7 +109,8 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
         if target is not None and foreign_reason(m) is None:
             return rebuild(m, target, drop=drop)
         if is_bn_like(m) and not _native(type(m), to):
-            left[id(m)] = foreign_reason(m) or f"torch.nn has no layer for {type(m).__name__}"
+            library = "torch.nn" if to == "torch" else "batchnorm (exact classes only)"
+            left[id(m)] = foreign_reason(m) or f"{library} has no layer for {type(m).__name__}"
         return None
 
     model = swap_modules(model, fn)
