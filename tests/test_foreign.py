@@ -142,6 +142,8 @@ def test_bn_kind_is_the_one_predicate(norm_act):
     assert swap.bn_kind(BatchNormAct2d(4)) == "exact"
     assert swap.bn_kind(OwnForward(4)) == "foreign"
     assert "own forward" in swap.foreign_reason(OwnForward(4))
+    with pytest.raises(swap.ForeignLayer, match="OwnForward subclasses _BatchNorm"):
+        swap.rebuild(OwnForward(4), batchnorm.BatchNorm2d)
     assert swap.bn_kind(nn.ReLU()) is None
     assert swap.foreign_reason(norm_act(4, act_layer=nn.SiLU)) is None
     assert "act child is ELU" in swap.foreign_reason(norm_act(4, act_layer=nn.ELU))

@@ -37,7 +37,9 @@ class FoldReport(GraphReport):
 
     Attributes:
         folded: (bn name, layer name, "after" | "before"): the BN followed (or preceded) that
-            Conv/ConvTranspose/Linear layer and was merged into it (it is now nn.Identity).
+            Conv/ConvTranspose/Linear layer and was merged into it (it is now nn.Identity, or
+            the activation it applied: a fused layer's, or timm's ``BatchNormAct2d``'s own
+            ``drop`` and ``act`` modules).
         skipped, graph, traced, trace_error: as in `GraphReport`.
     """
 
