@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import kernels
+from batchnorm.activations import ACTIVATIONS
 
 __all__ = ["BACKENDS", "check_backend", "kernel_refusal", "use_kernels", "forward_kernels"]
 
@@ -58,6 +59,13 @@ def _setting_refusal(layer) -> str | None:
         )
     if layer.virtual_batch_size is not None:
         return "the kernels do not implement Ghost BN (virtual_batch_size); use backend='torch'"
+    activation = getattr(layer, "activation", "identity")  # a fused layer's (batchnorm.fused)
+    if not ACTIVATIONS[activation].kernel:
+        kernel = [name for name, act in ACTIVATIONS.items() if act.kernel]
+        return (
+            f"the kernels implement the activations {', '.join(kernel)}, not {activation!r}; "
+            "use backend='torch'"
+        )
     return None
 
 
@@ -75,7 +83,8 @@ def kernel_refusal(layer, input: Tensor, mask: Tensor | None = None, residual=No
     """Why the kernels cannot take this call, or None when they can.
 
     The call is refused for a mask, a non-fusable layer (Batch Renorm, SyncBatchNorm),
-    ``backward="paper"``, Ghost BN, and an input `kernels.supports` rejects (CPU without the
+    ``backward="paper"``, Ghost BN, an activation the kernels do not implement
+    (`batchnorm.activations`), and an input `kernels.supports` rejects (CPU without the
     interpreter, float64, rank < 2, 2^31 elements or more, Triton missing) or a tensor
     subclass.
     """

@@ -28,7 +28,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from batchnorm import functional as F
-from batchnorm.inference.swap import rebuild, restore, swap_modules
+from batchnorm.inference.swap import (
+    foreign_reason,
+    layer_settings,
+    rebuild,
+    restore,
+    swap_modules,
+    warn_left_alone,
+)
 from batchnorm.modules import BatchNorm, _BatchNormBase
 
 __all__ = ["SyncBatchNorm", "global_batch_stats"]
@@ -325,7 +332,12 @@ class SyncBatchNorm(_BatchNormBase):
         registered at several places becomes one shared SyncBatchNorm. The original class
         and settings are remembered for `revert_sync_batchnorm`. Layers SyncBatchNorm cannot
         express (Ghost BN, Batch Renormalization, a channel axis other than 1, no beta) are
-        refused with the setting named, and nothing is converted.
+        refused with the setting named, and nothing is converted. A BN fused with its
+        activation (`batchnorm.fused`, and timm's ``BatchNormAct2d`` whose act is an
+        activation of `batchnorm.activations`) becomes `batchnorm.fused.SyncBatchNormAct`
+        with that activation; `revert_sync_batchnorm` gives timm's layer its own act and drop
+        modules back. A BN subclass the library cannot read (its own forward or child
+        modules) is left alone, and one warning names each.
 
         Args:
             module: a model or a single BN layer.
@@ -341,14 +353,25 @@ class SyncBatchNorm(_BatchNormBase):
             >>> type(net[1]).__name__
             'SyncBatchNorm'
         """
-        def fn(m):
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, cls):
-                return rebuild(
-                    m, cls, remember=True, process_group=process_group, timeout=timeout
-                )
-            return None
+        from batchnorm.fused import SyncBatchNormAct  # fused.py builds on this module
 
-        return swap_modules(module, fn)
+        left: dict[int, str] = {}
+
+        def fn(m):
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, cls):
+                return None
+            why = foreign_reason(m)
+            if why is not None:
+                left[id(m)] = why
+                return None
+            target = SyncBatchNormAct if "activation" in layer_settings(m) else cls
+            return rebuild(
+                m, target, remember=True, process_group=process_group, timeout=timeout
+            )
+
+        module = swap_modules(module, fn)
+        warn_left_alone(module, left, "convert_sync_batchnorm")
+        return module
 
     @classmethod
     def revert_sync_batchnorm(cls, module: nn.Module) -> nn.Module:
@@ -356,7 +379,8 @@ class SyncBatchNorm(_BatchNormBase):
 
         The original class comes back with its settings (eps and momentum as they are now);
         a SyncBatchNorm that was built directly (not converted) becomes our `BatchNorm`
-        (any rank, channel axis 1). Parameters are shared, buffers and mode carry over.
+        (any rank, channel axis 1; a `SyncBatchNormAct` our `BatchNormAct`). Parameters are
+        shared, buffers, mode and a BN + activation layer's own child modules carry over.
 
         Example:
             >>> net = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(4)))
@@ -369,6 +393,9 @@ class SyncBatchNorm(_BatchNormBase):
             restored = restore(m)
             if restored is not None:
                 return restored
-            return rebuild(m, BatchNorm, drop={"process_group", "timeout"})
+            from batchnorm.fused import BatchNormAct  # fused.py builds on this module
+
+            target = BatchNormAct if "activation" in layer_settings(m) else BatchNorm
+            return rebuild(m, target, drop={"process_group", "timeout"})
 
         return swap_modules(module, fn)

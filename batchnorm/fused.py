@@ -19,13 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 from torch.fx import Proxy
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import dispatch as _dispatch
 from batchnorm import modules as M
+from batchnorm.activations import ACTIVATIONS, check_activation, of_call, of_module
+from batchnorm.distributed import SyncBatchNorm
 from batchnorm.inference.frozen import FrozenBatchNorm
 from batchnorm.inference.graph import (
     GraphReport,
@@ -34,7 +34,14 @@ from batchnorm.inference.graph import (
     capture,
     find_sites,
 )
-from batchnorm.inference.swap import rebuild, restore, swap_modules
+from batchnorm.inference.swap import (
+    bn_kind,
+    foreign_reason,
+    is_bn_like,
+    rebuild,
+    restore,
+    swap_modules,
+)
 
 __all__ = [
     "BatchNormAct",
@@ -42,47 +49,20 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "FrozenBatchNormAct",
+    "SyncBatchNormAct",
     "FuseReport",
     "fuse_activations",
 ]
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu")
-
-
-def _check_activation(activation: str, negative_slope: float, memory_saving: bool) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if activation == "leaky_relu" and not negative_slope >= 0:
-        raise ValueError(
-            "the fused leaky_relu needs negative_slope >= 0 (its backward reads the sign off "
-            f"the output, like torch's in-place leaky_relu), got {negative_slope}"
-        )
-    if memory_saving and (
-        activation == "relu" or (activation == "leaky_relu" and negative_slope == 0)
-    ):
-        raise ValueError(
-            "memory_saving rebuilds the input from the output and needs an invertible "
-            f"activation (identity, or leaky_relu with negative_slope > 0), got {activation!r} "
-            f"with negative_slope={negative_slope}"
-        )
-
 
 def activate(input: Tensor, activation: str, negative_slope: float = 0.01) -> Tensor:
-    """The torch path's activation: identity, relu or leaky_relu."""
-    if activation == "relu":
-        return torch.relu(input)
-    if activation == "leaky_relu":
-        return TF.leaky_relu(input, negative_slope)
-    return input
+    """The torch path's activation: the registry's torch function (`batchnorm.activations`)."""
+    return ACTIVATIONS[activation].function(input, negative_slope)
 
 
 def activation_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
     """The torch.nn module of an activation (what stays in place when a BN is folded away)."""
-    if activation == "relu":
-        return nn.ReLU()
-    if activation == "leaky_relu":
-        return nn.LeakyReLU(negative_slope)
-    return nn.Identity()
+    return ACTIVATIONS[activation].make_module(negative_slope)
 
 
 def _check_residual(layer: nn.Module, input: Tensor, residual: Tensor | None) -> None:
@@ -134,11 +114,12 @@ class _BatchNormActMixin(_Activated):
         memory_saving: bool = False,
         **kwargs,
     ) -> None:
-        _check_activation(activation, negative_slope, memory_saving)
+        check_activation(activation, negative_slope, memory_saving)
         super().__init__(num_features, *args, **kwargs)
         self.activation = activation
         self.negative_slope = negative_slope
         self.memory_saving = memory_saving
+        _dispatch.check_backend(self, self.backend)  # again, now that the activation is set
 
     def forward(
         self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
@@ -182,7 +163,8 @@ class BatchNormAct2d(_BatchNormActMixin, M.BatchNorm2d):
     activation and an optional residual add.
 
     ``forward(input, residual=None)`` returns act(BN(input) + residual), with
-    act = identity, relu or leaky_relu(negative_slope). Parameters, buffers, state_dict keys,
+    act one of `batchnorm.activations.ACTIVATIONS` (identity, relu, leaky_relu(negative_slope),
+    silu, hardswish, relu6, gelu, gelu_tanh). Parameters, buffers, state_dict keys,
     the running-statistics update and the eval-mode map are `batchnorm.BatchNorm2d`'s, so a
     checkpoint of ``nn.BatchNorm2d`` loads into it and back.
 
@@ -194,7 +176,10 @@ class BatchNormAct2d(_BatchNormActMixin, M.BatchNorm2d):
     Args:
         num_features, eps, momentum, affine, track_running_stats, bias, backward,
             virtual_batch_size, backend: as for `batchnorm.BatchNorm2d`.
-        activation: "relu" (default), "leaky_relu" or "identity".
+        activation: "relu" (default), or another name of `batchnorm.activations.ACTIVATIONS`
+            ("identity", "leaky_relu", "silu", "hardswish", "relu6", "gelu", "gelu_tanh");
+            the kernels implement identity, relu and leaky_relu, and ``backend="auto"`` runs
+            the others on the torch path (``backend="triton"`` refuses them).
         negative_slope: leaky_relu's slope for negative inputs (>= 0).
         memory_saving: In-Place ABN (Rota Bulo et al. 2018): on the kernels, keep only the
             output for the backward pass and rebuild xhat = (act^-1(z) - beta) / gamma there,
@@ -221,6 +206,19 @@ class BatchNormAct(_BatchNormActMixin, M.BatchNorm):
     """act(BN(x) + residual) with the channel on any ``axis``; see `BatchNormAct2d`."""
 
 
+class SyncBatchNormAct(_BatchNormActMixin, SyncBatchNorm):
+    """act(SyncBatchNorm(x) + residual): what `SyncBatchNorm.convert_sync_batchnorm` makes of a
+    fused layer (and of timm's ``BatchNormAct2d``), so that the activation is kept;
+    `SyncBatchNorm.revert_sync_batchnorm` brings the original layer back. The torch path
+    always (the kernels do not synchronize)."""
+
+
+def fused_class(cls: type) -> type | None:
+    """Our fused layer for our BN class ``cls`` (BatchNorm2d -> BatchNormAct2d, SyncBatchNorm
+    -> SyncBatchNormAct, FrozenBatchNorm -> FrozenBatchNormAct), or None."""
+    return {**_targets(), SyncBatchNorm: SyncBatchNormAct}.get(cls)
+
+
 class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
     """act(FrozenBatchNorm(x) + residual): a frozen `BatchNormAct2d` (Algorithm 2's map, then
     the residual add and the activation), what `batchnorm.freeze` makes of a fused layer.
@@ -238,7 +236,7 @@ class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
         negative_slope: float = 0.01,
         **kwargs,
     ) -> None:
-        _check_activation(activation, negative_slope, False)
+        check_activation(activation, negative_slope, False)
         super().__init__(num_features, eps, **kwargs)
         self.activation = activation
         self.negative_slope = negative_slope
@@ -321,21 +319,12 @@ def _unfused_origin(bn: nn.Module) -> type | None:
     return origin.cls
 
 
-def _is_bn_like(m: nn.Module) -> bool:
-    return isinstance(m, (_BatchNorm, FrozenBatchNorm))
-
-
-def _activation_of(module: nn.Module | None) -> tuple[str, float] | None:
-    if type(module) is nn.ReLU:
-        return "relu", 0.01
-    if type(module) is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    return None
-
-
 def _may_activate(call) -> bool:
-    """A call that may apply a ReLU/LeakyReLU (a module, or a function named relu)."""
-    return _activation_of(call.module) is not None or (call.module is None and "relu" in call.name)
+    """A call that may apply an activation of the registry (a module, or a function whose
+    name says so; the torch.fx graph decides)."""
+    if call.module is not None:
+        return of_module(call.module) is not None
+    return any(name in call.name for name in ACTIVATIONS if name != "identity")
 
 
 def _describe(call) -> str:
@@ -348,35 +337,49 @@ def fuse_activations(
     *,
     memory_saving: bool = False,
 ) -> tuple[nn.Module, FuseReport]:
-    """Replace every BN -> ReLU/LeakyReLU pair, and BN + add -> ReLU, by one fused layer.
+    """Replace every BN -> activation pair, and BN + add -> activation, by one fused layer.
 
     Each BN (``torch.nn.BatchNorm1d/2d/3d``, ours, or a `FrozenBatchNorm`) whose output is
-    read only by an ``nn.ReLU`` or ``nn.LeakyReLU`` module (that reads nothing else) becomes
-    the matching `BatchNormAct1d/2d/3d` (or `FrozenBatchNormAct`) sharing the very same
-    parameter and buffer tensors, settings and train/eval mode (an optimizer keeps working);
-    the activation module becomes ``nn.Identity``, so the model's forward code and state_dict
-    keys stay as they were and its outputs are unchanged. This is done in place.
+    read only by an activation module of `batchnorm.activations` (``nn.ReLU``,
+    ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.ReLU6``, ``nn.GELU``; exact classes)
+    that reads nothing else becomes the matching `BatchNormAct1d/2d/3d` (or
+    `FrozenBatchNormAct`) sharing the very same parameter and buffer tensors, settings and
+    train/eval mode (an optimizer keeps working); the activation module becomes
+    ``nn.Identity``, so the model's forward code and state_dict keys stay as they were and its
+    outputs are unchanged. This is done in place, so it must hold on every path of the
+    forward, not only the one captured: with ``example_inputs`` (torch.export follows one
+    path), the forward of the module that calls the BN and its activation is traced again with
+    torch.fx, which sees every path, and the pair is fused only if there too the BN's output
+    goes to the activation alone (``nn.Identity`` modules between are fine). A forward that
+    branches on a flag (``return_preact=True`` also returning the BN's output) is left alone.
 
-    BN + add -> ReLU (ResNet's ``out = self.relu(self.bn2(x) + identity)``) needs the
+    BN + add -> activation (ResNet's ``out = self.relu(self.bn2(x) + identity)``) needs the
     residual passed to the fused layer, a change to the forward code. Where the graph shows
     it, the model is traced with torch.fx (BN layers kept as calls) and the BN call, the add
     and the activation become one call ``bn(x, residual)`` of the fused layer, if the BN's
     output is read only by the add, the add is a plain ``a + b`` / ``torch.add(a, b)`` of two
-    tensors (no alpha) read only by an ``nn.ReLU``/``nn.LeakyReLU`` module called only there,
-    or by ``F.relu`` / ``torch.relu`` / ``.relu()``, and the residual has the BN output's
-    shape and dtype (checked on ``example_inputs`` with fake tensors, so these are needed).
-    The model is then returned as a ``torch.fx.GraphModule`` holding the same modules and
-    tensors under the same names (state_dict keys unchanged; `FuseReport.residual` lists
-    these BNs, ``FuseReport.graph_module`` is True); the model passed in keeps its forward and
-    shares every tensor with it. Without such a pattern the model passed in is returned.
+    tensors (no alpha) read only by an activation module called only there, or by a
+    functional form (``F.relu``, ``torch.relu``, ``.relu()``, ``F.silu``, ``F.hardswish``,
+    ``F.relu6``, ``F.gelu``), and the residual has the BN output's shape and dtype (checked on
+    ``example_inputs`` with fake tensors, so these are needed; the output of a block fused
+    before counts, so every block of a ResNet fuses). Where both operands of the add are BN
+    outputs (``bn2(x) + downsample(x)``) the first is fused and the second becomes its
+    residual. The model is then returned as a ``torch.fx.GraphModule`` holding the same
+    modules and tensors under the same names (state_dict keys unchanged;
+    `FuseReport.residual` lists these BNs, ``FuseReport.graph_module`` is True); the model
+    passed in keeps its forward and shares every tensor with it. Without such a pattern the
+    model passed in is returned.
 
     Left alone, with the reason in the report: a BN that is not followed by such a module (a
-    convolution, a function such as ``F.relu``), an add that misses the conditions above (its
-    sum also read elsewhere, a broadcast residual, alpha) or a model fx cannot trace, a BN or
-    activation module called more than once per forward (torchvision's ResNet blocks reuse
-    one ``self.relu``), a BN called with more than its input (``bn(x, mask)``: the fused
-    layer's second argument is the residual), a LeakyReLU with a negative slope, and BN
-    subclasses (Batch Renorm, SyncBatchNorm).
+    convolution, a function such as ``F.relu`` without a residual add), an add that misses
+    the conditions above (its sum also read elsewhere, a broadcast residual, alpha) or a
+    model fx cannot trace, a BN or activation module called more than once per forward
+    (torchvision's ResNet blocks reuse one ``self.relu``), a pair that may differ on another
+    path (above), a BN called with more than its input (``bn(x, mask)``: the fused layer's
+    second argument is the residual), a LeakyReLU with a negative slope, BN subclasses (Batch
+    Renorm, SyncBatchNorm), another library's BN + activation layer (timm's
+    ``BatchNormAct2d``: `batchnorm.convert` makes it ours) and any BN subclass the library
+    cannot read (`batchnorm.inference.swap.bn_kind`).
 
     The neighbours come from `batchnorm.inference.graph.capture`, as for `fold`: torch.export
     with ``example_inputs``, else torch.fx, else ``nn.Sequential`` containers.
@@ -385,13 +388,13 @@ def fuse_activations(
         model: the model (changed in place).
         example_inputs: positional inputs to capture the model with torch.export and to check
             the residuals' shapes (run on fake tensors only).
-        memory_saving: build the LeakyReLU pairs (negative_slope > 0) with In-Place ABN's
-            memory saving; ReLU pairs cannot use it (ReLU is not invertible), nor layers
-            given a residual.
+        memory_saving: build the pairs with an invertible activation (LeakyReLU with
+            negative_slope > 0) with In-Place ABN's memory saving; the others cannot use it,
+            nor layers given a residual.
 
     Returns:
         (model, `FuseReport`): ``model`` is a ``torch.fx.GraphModule`` when a BN + add ->
-        ReLU was fused, else the model passed in.
+        activation was fused, else the model passed in.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -399,13 +402,13 @@ def fuse_activations(
         >>> report.fused, type(net[1]).__name__, type(net[2]).__name__
         ([('1', '2', 'relu')], 'BatchNormAct2d', 'Identity')
     """
-    graph, failures = capture(model, example_inputs, leaf=_is_bn_like)
+    graph, failures = capture(model, example_inputs, leaf=is_bn_like)
     report = FuseReport.of_capture(graph, failures, example_inputs, "fuse_activations")
     targets = _targets()
     replace: dict[int, nn.Module] = {}
     residual: dict[int, tuple] = {}  # BN + add candidates: id(bn) -> (name, bn, fused class)
     seen: set[int] = set()
-    sites = find_sites(graph, _is_bn_like)
+    sites = find_sites(graph, is_bn_like)
     called_by_bn = Counter(id(s.call.module) for s in sites)
     for site in sites:
         bn, name = site.call.module, site.call.name
@@ -415,11 +418,18 @@ def fuse_activations(
         target = targets.get(type(bn))
         why = None
         if target is None:
-            why = (
-                "already fused"
-                if isinstance(bn, (_BatchNormActMixin, FrozenBatchNormAct))
-                else f"{type(bn).__name__} has no fused form (only plain BN layers are fused)"
-            )
+            if isinstance(bn, (_BatchNormActMixin, FrozenBatchNormAct)):
+                why = "already fused"
+            elif bn_kind(bn) == "norm_act":
+                act = bn._modules.get("act")
+                why = (
+                    f"{type(bn).__name__} is another library's BN + activation layer (its act "
+                    f"child: {type(act).__name__}); batchnorm.convert makes it our fused layer"
+                )
+            elif bn_kind(bn) == "foreign":
+                why = foreign_reason(bn)
+            else:
+                why = f"{type(bn).__name__} has no fused form (only plain BN layers are fused)"
         elif graph.times_called[id(bn)] > 1 or called_by_bn[id(bn)] > 1:
             why = "called more than once per forward"
         elif _unfused_origin(bn) is not None:
@@ -432,7 +442,7 @@ def fuse_activations(
                 "is the residual, so the call would change meaning"
             )
         consumer = site.consumer
-        act = _activation_of(consumer.module) if consumer is not None else None
+        act = of_module(consumer.module) if consumer is not None else None
         if why is None and act is None:
             users = site.call.users
             user = users[0] if len(users) == 1 and users[0].module is None else None
@@ -444,11 +454,11 @@ def fuse_activations(
                 if user.name == "output":
                     why = "its output is the model's output"
                 else:
-                    why = f"its output goes to {_describe(user)}, not to a ReLU/LeakyReLU module"
+                    why = f"its output goes to {_describe(user)}, not to an activation module"
             elif consumer is None:
                 why = "its output is read by several calls, or by one that reads other values too"
             else:
-                why = f"its output goes to {_describe(consumer)}, not to a ReLU/LeakyReLU module"
+                why = f"its output goes to {_describe(consumer)}, not to an activation module"
         if why is None and graph.times_called[id(consumer.module)] > 1:
             why = (
                 f"the activation {consumer.name} is called more than once per forward "
@@ -456,6 +466,8 @@ def fuse_activations(
             )
         if why is None and act[0] == "leaky_relu" and act[1] < 0:
             why = f"LeakyReLU with negative_slope {act[1]} < 0 (the fused backward needs >= 0)"
+        if why is None:
+            why = _in_place_problem(model, graph, site.call, consumer)
         if why is not None:
             report.skipped.append((name, why))
             continue
@@ -469,12 +481,75 @@ def fuse_activations(
     return model, report
 
 
+def _in_place_problem(model: nn.Module, graph, bn_call, act_call) -> str | None:
+    """Why fusing a BN and its activation in place (the BN becomes the fused layer, the
+    activation ``nn.Identity``) might change a path of the forward the capture did not take;
+    None when the BN's output goes to the activation alone on every path.
+
+    torch.fx refuses Python control flow on the forward's inputs, so a graph it captured shows
+    every path, and an ``nn.Sequential`` has one. torch.export follows the one path the
+    example inputs take (a flag such as ``return_preact=True`` may return the BN's output
+    too), so the forward that calls the BN and its activation is traced again with torch.fx.
+    """
+    if graph.source != "torch.export":
+        return None
+    where = bn_call.caller or "the model"
+    if bn_call.caller != act_call.caller:
+        return (
+            f"the BN is called by the forward of {where}, its activation {act_call.name} by "
+            f"that of {act_call.caller or 'the model'}: torch.export saw one path, and another "
+            "may use the BN's output without the activation"
+        )
+    caller = model.get_submodule(bn_call.caller)
+    if type(caller).forward is nn.Sequential.forward:
+        return None
+    try:
+        traced = _LeafTracer(is_bn_like).trace(caller)
+    except Exception as err:  # noqa: BLE001 - any failure means: the other paths are unseen
+        return (
+            f"torch.export saw one path through the forward of {where} "
+            f"({type(caller).__name__}) and torch.fx cannot trace it to see the others "
+            f"({_first_line(err, 120)}): another path (a flag such as return_preact=True) may "
+            "use the BN's output without the activation"
+        )
+    prefix = f"{bn_call.caller}." if bn_call.caller else ""
+    calls = [n for n in traced.nodes if n.op == "call_module"]
+    bn_nodes = [n for n in calls if prefix + n.target == bn_call.name]
+    act_nodes = [n for n in calls if prefix + n.target == act_call.name]
+    if len(bn_nodes) != 1 or len(act_nodes) != 1:
+        return (
+            f"torch.fx sees {len(bn_nodes)} call(s) of the BN and {len(act_nodes)} of "
+            f"{act_call.name} in the forward of {where}, not one each"
+        )
+    (bn_node,), (act_node,) = bn_nodes, act_nodes
+    source = bn_node  # torch.export drops an nn.Identity (timm's drop_block); fx keeps it
+    while len(source.users) == 1 and _is_identity(next(iter(source.users)), source, caller):
+        source = next(iter(source.users))
+    if list(source.users) != [act_node] or act_node.args != (source,) or act_node.kwargs:
+        readers = ", ".join(u.name for u in source.users)
+        return (
+            f"in the forward of {where} the BN's output is read by {readers}, not by "
+            f"{act_call.name} alone"
+        )
+    return None
+
+
+def _is_identity(node, source, root: nn.Module) -> bool:
+    """Whether fx ``node`` calls an ``nn.Identity`` module on ``source`` alone."""
+    return (
+        node.op == "call_module"
+        and type(root.get_submodule(node.target)) is nn.Identity
+        and node.args == (source,)
+        and not node.kwargs
+    )
+
+
 def _fused_layer(
     bn: nn.Module, target: type, kind: str, slope: float, memory_saving: bool
 ) -> nn.Module:
     """The fused layer of ``target`` built on ``bn``'s very tensors and settings."""
     settings = {"activation": kind, "negative_slope": slope}
-    saving = {"memory_saving": memory_saving and kind == "leaky_relu" and slope > 0}
+    saving = {"memory_saving": memory_saving and ACTIVATIONS[kind].invertible(slope)}
     if target is FrozenBatchNormAct:
         new = rebuild(bn, target, **settings)
         origin = getattr(bn, "_origin", None)
@@ -487,26 +562,23 @@ def _fused_layer(
 
 
 _ADDS = (operator.add, torch.add)
-_RELUS = (torch.relu, TF.relu)
 
 
 def _node_activation(node, source, gm: nn.Module) -> tuple[str, float] | str:
-    """(activation, negative_slope) when fx ``node`` applies a ReLU/LeakyReLU to ``source``
+    """(activation, negative_slope) when fx ``node`` applies an activation to ``source``
     alone, else why not."""
     if node.op == "call_module":
-        act = _activation_of(gm.get_submodule(node.target))
+        act = of_module(gm.get_submodule(node.target))
         if act is not None and node.args == (source,) and not node.kwargs:
             return act
-    elif node.op == "call_function" and node.target in _RELUS:
-        if node.args == (source,) and set(node.kwargs) <= {"inplace"}:
-            return "relu", 0.01
-    elif node.op == "call_method" and node.target == "relu":
-        if node.args == (source,) and not node.kwargs:
-            return "relu", 0.01
-    return f"the sum goes to {node.name}, not to a ReLU/LeakyReLU"
+    elif node.op in ("call_function", "call_method") and node.args[:1] == (source,):
+        act = of_call(node.target, node.args[1:], node.kwargs)
+        if act is not None:
+            return act
+    return f"the sum goes to {node.name}, not to an activation of batchnorm.activations"
 
 
-def _residual_site(node, gm: nn.Module, modules_called: Counter):
+def _residual_site(node, gm: nn.Module, modules_called: Counter, residual_of: dict):
     """(add node, activation node, residual node, (activation, slope)) when the fx call
     ``node`` of a BN is the pattern act(bn(x) + residual), else why not."""
     if len(node.args) != 1 or node.kwargs:
@@ -515,6 +587,8 @@ def _residual_site(node, gm: nn.Module, modules_called: Counter):
     if len(users) != 1:
         return "its output is read by more than the add"
     add = users[0]
+    if add in residual_of:  # bn2(x) + downsample(x): one add, one BN fused
+        return f"its output is the residual of {residual_of[add]}, fused with that add"
     plain = (
         add.op == "call_function"
         and add.target in _ADDS
@@ -586,13 +660,13 @@ def _fuse_residuals(
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     try:
-        gm = torch.fx.GraphModule(model, _LeafTracer(_is_bn_like).trace(model))
+        gm = torch.fx.GraphModule(model, _LeafTracer(is_bn_like).trace(model))
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.passes.shape_prop import ShapeProp
 
         class Shapes(ShapeProp):  # a BN keeps its input's shape; ours read values (.item())
             def call_module(self, target, args, kwargs):
-                if _is_bn_like(self.fetch_attr(target)):
+                if is_bn_like(self.fetch_attr(target)):
                     return torch.empty_like(args[0])
                 return super().call_module(target, args, kwargs)
 
@@ -600,14 +674,21 @@ def _fuse_residuals(
     except Exception as err:  # noqa: BLE001 - any failure means: leave these BNs
         return leave(f"torch.fx could not capture the model ({_first_line(err)}), {hint}")
     modules_called = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    residual_of: dict = {}  # fused call node -> the BN's name
     found = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and id(gm.get_submodule(node.target)) in candidates:
             found.setdefault(id(gm.get_submodule(node.target)), []).append(node)
-    for key, (name, bn, target) in candidates.items():
+
+    def second_operand(item) -> bool:  # x + shortcut: where both are BNs, x's is fused
+        nodes = found.get(item[0], [])
+        users = list(nodes[0].users) if len(nodes) == 1 else []
+        return len(users) == 1 and users[0].args[:1] != (nodes[0],)
+
+    for key, (name, bn, target) in sorted(candidates.items(), key=second_operand):
         nodes = found.get(key, [])
         site = (
-            _residual_site(nodes[0], gm, modules_called)
+            _residual_site(nodes[0], gm, modules_called, residual_of)
             if len(nodes) == 1
             else f"torch.fx sees {len(nodes)} calls of it, not one"
         )
@@ -618,6 +699,9 @@ def _fuse_residuals(
         add, act_node, other, (kind, slope) = site
         with gm.graph.inserting_before(act_node):
             fused = gm.graph.call_module(node.target, (node.args[0], other))
+        # act(bn(x) + r) has the BN output's shape: a later residual that reads it needs it.
+        fused.meta["tensor_meta"] = act_node.meta.get("tensor_meta")
+        residual_of[fused] = name
         act_node.replace_all_uses_with(fused)
         label = act_node.target if act_node.op == "call_module" else act_node.name
         for dead in (act_node, add, node):

@@ -12,6 +12,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import FrozenBatchNormAct, fuse_activations
+from batchnorm.activations import ACTIVATIONS, of_module
 from batchnorm.fused import BatchNormAct2d
 
 
@@ -53,6 +54,69 @@ def test_torch_path_matches_torch_nn_bn_add_act(
     torch.testing.assert_close(layer(x, r), expected(ref))
 
 
+# Each activation of the registry and the torch.nn module it stands for: the oracle.
+_MODULES = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "silu": nn.SiLU,
+    "hardswish": nn.Hardswish,
+    "relu6": nn.ReLU6,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
+def test_the_registry_lists_every_activation_tested_here():
+    assert set(ACTIVATIONS) == set(_MODULES)
+    for name, make in _MODULES.items():
+        module = make()
+        expected = None if name == "identity" else (name, 0.2 if name == "leaky_relu" else 0.01)
+        assert of_module(module) == expected
+        assert type(ACTIVATIONS[name].make_module(0.2)) is type(module)
+    assert of_module(nn.GELU(approximate="tanh")) == ("gelu_tanh", 0.01)
+
+
+@pytest.mark.parametrize("activation", list(_MODULES))
+@pytest.mark.parametrize("residual", [False, True])
+def test_every_activation_matches_torch_nn_act_of_bn_in_float64(activation, residual, randomize):
+    layer = randomize(BatchNormAct2d(4, activation=activation, negative_slope=0.2)).double()
+    ref = nn.BatchNorm2d(4).double()
+    ref.load_state_dict(layer.state_dict())
+    act = _MODULES[activation]()
+    torch.manual_seed(0)
+    x = (3 * torch.randn(3, 4, 5, 5, dtype=torch.float64)).requires_grad_(True)
+    r = torch.randn_like(x, requires_grad=True) if residual else None
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        ref.train(mode == "train")
+        y = layer(x, r)
+        y_ref = act(ref(x) if r is None else ref(x) + r)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(y)
+        inputs = [x, layer.weight, layer.bias] + ([r] if residual else [])
+        inputs_ref = [x, ref.weight, ref.bias] + ([r] if residual else [])
+        got = torch.autograd.grad(y, inputs, grad)
+        want = torch.autograd.grad(y_ref, inputs_ref, grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=0)
+    frozen = batchnorm.freeze(layer)
+    assert frozen.activation == activation
+    torch.testing.assert_close(frozen(x, r), layer(x, r), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["silu", "hardswish", "relu6", "gelu", "gelu_tanh"])
+def test_the_kernels_refuse_an_activation_they_do_not_implement(activation):
+    with pytest.raises(ValueError, match=f"not '{activation}'"):
+        BatchNormAct2d(3, activation=activation, backend="triton")
+    layer = BatchNormAct2d(3, activation=activation)  # auto: the torch path takes it
+    why = batchnorm.dispatch.kernel_refusal(layer, torch.randn(2, 3, 4, 4))
+    assert f"not '{activation}'" in why and "backend='torch'" in why
+    other = batchnorm.dispatch.kernel_refusal(BatchNormAct2d(3), torch.randn(2, 3, 4, 4))
+    assert "activations" not in (other or "")  # relu: refused for the device, if at all
+
+
 def test_state_dict_is_interchangeable_with_nn_batchnorm2d(randomize):
     fused = randomize(BatchNormAct2d(5, activation="leaky_relu", memory_saving=True))
     plain = nn.BatchNorm2d(5)
@@ -68,7 +132,9 @@ def test_bad_settings_and_calls_are_refused():
     with pytest.raises(ValueError, match="invertible"):
         BatchNormAct2d(3, activation="relu", memory_saving=True)
     with pytest.raises(ValueError, match="activation must be"):
-        BatchNormAct2d(3, activation="gelu")
+        BatchNormAct2d(3, activation="mish")
+    with pytest.raises(ValueError, match="invertible"):
+        BatchNormAct2d(3, activation="silu", memory_saving=True)
     with pytest.raises(ValueError, match="negative_slope"):
         BatchNormAct2d(3, activation="leaky_relu", negative_slope=-0.1)
     with pytest.raises(ValueError, match="backend"):
@@ -115,7 +181,8 @@ def test_freeze_unfreeze_convert_fold_on_a_fused_model():
     back = batchnorm.unfreeze(frozen)[1]
     assert type(back) is BatchNormAct2d
     assert (back.activation, back.negative_slope, back.memory_saving) == ("leaky_relu", 0.1, True)
-    converted = batchnorm.convert(copy.deepcopy(model), to="torch")
+    with pytest.warns(UserWarning, match="left 1 BN layer.*1: torch.nn has no layer for Batch"):
+        converted = batchnorm.convert(copy.deepcopy(model), to="torch")
     assert type(converted[1]) is BatchNormAct2d and type(converted[3]) is nn.BatchNorm2d
     folded, report = batchnorm.fold(model)
     assert [(bn, where) for bn, _, where in report.folded] == [("1", "after"), ("3", "after")]
@@ -129,7 +196,7 @@ def test_fold_never_folds_a_fused_layer_into_the_next_layer(randomize):
     x = torch.randn(5, 4)
     folded, report = batchnorm.fold(model, x)
     assert report.folded == []
-    assert "ReLU lies between" in report.skipped[0][1]
+    assert "activation ReLU lies between" in report.skipped[0][1]
     torch.testing.assert_close(folded(x), model(x))
 
 
@@ -325,15 +392,69 @@ def test_fuse_activations_needs_example_inputs_for_the_residual_shape():
     assert report.skipped[0][0] == "bn2" and "example_inputs" in report.skipped[0][1]
 
 
-class _Branching(nn.Module):
-    """fx cannot trace a branch on a shape; torch.export (with example inputs) can."""
+_FUNCTIONS = {
+    "relu": TF.relu,
+    "silu": TF.silu,
+    "hardswish": TF.hardswish,
+    "relu6": TF.relu6,
+    "gelu": TF.gelu,
+    "gelu_tanh": lambda t: TF.gelu(t, approximate="tanh"),
+}
 
+
+class _ActBlock(nn.Module):
+    """conv-bn-act then conv-bn + x -> act, with the activation as modules or as functions."""
+
+    def __init__(self, activation, functional):
+        super().__init__()
+        self.function = _FUNCTIONS[activation] if functional else None
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.act1, self.act2 = _MODULES[activation](), _MODULES[activation]()
+
+    def forward(self, x):
+        if self.function is not None:
+            return self.function(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + x)
+        return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + x)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("activation", list(_FUNCTIONS))
+def test_fuse_activations_recognises_each_activation_module_and_function(
+    activation, functional, randomize
+):
+    model = _ActBlock(activation, functional)
+    randomize(model.bn1, 1)
+    randomize(model.bn2, 2)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4, 5, 5)
+    fused, report = fuse_activations(model, (x,))
+    assert report.fused == [("bn1", "act1", activation)] and report.skipped == []
+    ((bn, _, kind),) = report.residual
+    assert (bn, kind) == ("bn2", activation)
+    assert fused.bn1.activation == fused.bn2.activation == activation
+    for mode in (True, False):
+        torch.testing.assert_close(fused.train(mode)(x), reference.train(mode)(x))
+
+
+class _ConvBnAct(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
 
     def forward(self, x):
-        y = self.act(self.bn(self.conv(x)))
+        return self.act(self.bn(self.conv(x)))
+
+
+class _Branching(nn.Module):
+    """fx cannot trace a branch on a shape; torch.export (with example inputs) can."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _ConvBnAct()
+
+    def forward(self, x):
+        y = self.block(x)
         return y if x.shape[-1] > 1 else -y
 
 
@@ -345,4 +466,138 @@ def test_a_failed_capture_says_that_example_inputs_would_help():
     assert "could not capture" in str(report)
     _, report = fuse_activations(_Branching(), example_inputs=(x,))
     assert report.graph == "torch.export" and report.trace_error is None
-    assert report.fused == [("bn", "act", "relu")]
+    assert report.fused == [("block.bn", "block.act", "relu")]
+
+
+class _Preact(nn.Module):
+    """A forward with a flag: ``return_preact=True`` also returns the BN's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x, return_preact=False):
+        pre = self.bn(self.conv(x))
+        out = self.act(pre)
+        return (out, pre) if return_preact else out
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_fuse_activations_never_fuses_in_place_from_one_path_of_the_forward(nested):
+    class Outer(nn.Module):  # the flag passed down to the block that branches on it
+        def __init__(self):
+            super().__init__()
+            self.inner = _Preact()
+
+        def forward(self, x, return_preact=False):
+            return self.inner(x, return_preact)
+
+    model = Outer() if nested else _Preact()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 5)
+    fused, report = fuse_activations(model, (x,))  # export takes return_preact=False
+    name = "inner.bn" if nested else "bn"
+    assert report.graph == "torch.export" and report.fused == []
+    ((skipped, why),) = report.skipped
+    assert skipped == name and "one path" in why and "torch.fx cannot trace it" in why
+    for flag in (False, True):
+        torch.testing.assert_close(fused(x, return_preact=flag), reference(x, return_preact=flag))
+    # Without example inputs torch.fx cannot trace the flag at all: nothing is fused either.
+    _, report = fuse_activations(copy.deepcopy(reference))
+    assert report.fused == [] and not report.traced
+
+
+def test_fuse_activations_refuses_a_pair_whose_own_forward_branches():
+    # _Branching branches above its block, and is fused; here the block itself branches.
+    class Tap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm2d(3), nn.ReLU()
+
+        def forward(self, x):
+            pre = self.bn(x)
+            return self.act(pre) if x.shape[-1] > 1 else (self.act(pre), pre)
+
+    class Root(nn.Module):  # export sees Tap's first path only
+        def __init__(self):
+            super().__init__()
+            self.tap = Tap()
+
+        def forward(self, x):
+            return self.tap(x)
+
+    _, report = fuse_activations(Root(), (torch.randn(2, 3, 5, 5),))
+    ((name, why),) = report.skipped
+    assert report.fused == [] and name == "tap.bn" and "forward of tap (Tap)" in why
+
+
+def test_fuse_activations_in_place_across_an_identity_module():
+    class Block(nn.Module):  # timm's blocks: bn1 -> drop_block (nn.Identity) -> act1
+        def __init__(self):
+            super().__init__()
+            self.bn, self.drop, self.act = nn.BatchNorm2d(3), nn.Identity(), nn.SiLU()
+
+        def forward(self, x):
+            return self.act(self.drop(self.bn(x)))
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Block())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 5)
+    fused, report = fuse_activations(model, (x,))
+    assert report.fused == [("1.bn", "1.act", "silu")]
+    torch.testing.assert_close(fused(x), reference(x))
+
+
+class _Block(nn.Module):
+    """A residual basic block (timm's layout: its own act1 and act2), with a conv + BN
+    downsample where the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1, self.act1 = nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += shortcut
+        return self.act2(out)
+
+
+def test_fuse_activations_fuses_every_residual_of_a_resnet_like_model(randomize):
+    torch.manual_seed(0)
+    widths = [(4, 4, 1), (4, 4, 1), (4, 6, 2), (6, 6, 1), (6, 8, 2), (8, 8, 1), (8, 8, 2)]
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        *[_Block(cin, cout, stride) for cin, cout, stride in widths + [(8, 8, 1)]],
+    )
+    for k, m in enumerate(model.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            randomize(m, k)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16, 16)
+    fused, report = fuse_activations(model, (x,))
+    # 8 blocks: each bn2 + shortcut -> act2 is one call, the shortcut of the next block
+    # included; a downsample BN is the residual of its block's fused bn2.
+    assert {bn for bn, _, _ in report.residual} == {f"{k}.bn2" for k in range(3, 11)}
+    assert len(report.fused) == 9  # the stem and every bn1
+    assert {why.split(": ", 1)[1] for _, why in report.skipped} == {
+        f"its output is the residual of {k}.bn2, fused with that add" for k in (5, 7, 9)
+    }
+    for mode in (True, False):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = fused.train(mode)(xa), reference.train(mode)(xb)
+        torch.testing.assert_close(ya, yb)
+        ya.sum().backward()
+        yb.sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)

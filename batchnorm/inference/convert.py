@@ -9,7 +9,14 @@ from __future__ import annotations
 from torch import nn
 
 from batchnorm import modules as M
-from batchnorm.inference.swap import rebuild, swap_modules
+from batchnorm.inference.swap import (
+    bn_kind,
+    foreign_reason,
+    is_bn_like,
+    rebuild,
+    swap_modules,
+    warn_left_alone,
+)
 
 __all__ = ["convert"]
 
@@ -59,8 +66,14 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     torch has no class for). It drops ``backward="paper"`` (the same gradients by another
     formula; torch has only its kernel), ``backend`` (which kernels compute the same
     values) and SyncBatchNorm's ``timeout`` (torch's waits for the process group's).
-    Subclasses other than these (which may change ``forward``) and
-    `FrozenBatchNorm` are left alone in both directions.
+
+    To ours, a BN + activation layer of another library (timm's ``BatchNormAct2d``, see
+    `batchnorm.inference.swap.bn_kind`) whose act is an activation of
+    `batchnorm.activations` becomes our fused layer with that activation
+    (`batchnorm.BatchNormAct2d`; timm's ``SyncBatchNormAct``: `batchnorm.fused.SyncBatchNormAct`).
+    Every other BN layer without a counterpart in the target library is left alone, and one
+    warning names each: subclasses the library cannot read (their own forward or child
+    modules), and, converting to torch, our layers torch has no class for (fused, frozen).
 
     Args:
         model: the model (changed in place), or a single BN layer.
@@ -82,6 +95,8 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     mapping = _to_ours() if to == "batchnorm" else _to_torch()
     drop = _TORCH_DROPS if to == "torch" else ()
 
+    left: dict[int, str] = {}
+
     def fn(m):
         if to == "torch" and type(m) is M.BatchNorm:
             raise ValueError(
@@ -89,6 +104,30 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
                 "any rank; build batchnorm.BatchNorm1d/2d/3d instead"
             )
         target = mapping.get(type(m))
-        return None if target is None else rebuild(m, target, drop=drop)
+        if target is None and to == "batchnorm" and bn_kind(m) == "norm_act":
+            target = _fused_form(type(m), mapping)
+        if target is not None and foreign_reason(m) is None:
+            return rebuild(m, target, drop=drop)
+        if is_bn_like(m) and not _native(type(m), to):
+            library = "torch.nn" if to == "torch" else "batchnorm (exact classes only)"
+            left[id(m)] = foreign_reason(m) or f"{library} has no layer for {type(m).__name__}"
+        return None
 
-    return swap_modules(model, fn)
+    model = swap_modules(model, fn)
+    warn_left_alone(model, left, f"convert(to={to!r})")
+    return model
+
+
+def _native(cls: type, to: str) -> bool:
+    """Whether ``cls`` already belongs to the library converted to."""
+    library = "batchnorm" if to == "batchnorm" else "torch"
+    return cls.__module__.split(".")[0] == library
+
+
+def _fused_form(cls: type, mapping: dict) -> type | None:
+    """Our fused layer for a BN + activation class of another library: the fused form of our
+    counterpart of the torch class it subclasses."""
+    from batchnorm.fused import fused_class  # fused.py builds on this package
+
+    base = next((c for c in cls.__mro__ if c in mapping), None)
+    return None if base is None else fused_class(mapping[base])

@@ -9,18 +9,24 @@ inputs, torch.fx, or nn.Sequential containers).
 from __future__ import annotations
 
 import copy
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from batchnorm import functional as F
 from batchnorm.inference.frozen import FrozenBatchNorm
 from batchnorm.inference.graph import GraphReport, capture, find_sites
-from batchnorm.inference.swap import channel_axis, swap_modules, tracks_running_stats
+from batchnorm.inference.swap import (
+    bn_kind,
+    channel_axis,
+    foreign_reason,
+    is_bn_like,
+    swap_modules,
+    tracks_running_stats,
+)
 
 __all__ = ["fold", "FoldReport"]
 
@@ -31,7 +37,9 @@ class FoldReport(GraphReport):
 
     Attributes:
         folded: (bn name, layer name, "after" | "before"): the BN followed (or preceded) that
-            Conv/ConvTranspose/Linear layer and was merged into it (it is now nn.Identity).
+            Conv/ConvTranspose/Linear layer and was merged into it (it is now nn.Identity, or
+            the activation it applied: a fused layer's, or timm's ``BatchNormAct2d``'s own
+            ``drop`` and ``act`` modules).
         skipped, graph, traced, trace_error: as in `GraphReport`.
     """
 
@@ -42,8 +50,10 @@ class FoldReport(GraphReport):
         return self._lines(f"folded {len(self.folded)} BN layer(s)", changed)
 
 
-def _is_bn_like(m: nn.Module) -> bool:
-    return isinstance(m, (_BatchNorm, FrozenBatchNorm))
+def _name(residue: nn.Module) -> str:
+    inner = [type(m).__name__ for m in residue.children() if type(m) is not nn.Identity]
+    inner = inner or [type(residue).__name__]
+    return ", ".join(inner)
 
 
 def _not_fixed_reason(bn: nn.Module) -> str | None:
@@ -69,6 +79,19 @@ def _affine64(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 _LINEAR = (nn.Linear, _ConvNd)
+
+
+def _residue(bn: nn.Module) -> nn.Module:
+    """What stays in a folded BN's place: nothing (``nn.Identity``), a fused layer's activation
+    module (`batchnorm.fused`), or a BN + activation layer's own ``drop`` and ``act`` children
+    (timm's ``BatchNormAct2d``), under those names."""
+    if hasattr(bn, "activation_module"):
+        return bn.activation_module()
+    if bn_kind(bn) == "norm_act":
+        kept = [(k, m) for k in ("drop", "act") if (m := bn._modules.get(k)) is not None]
+        if any(type(m) is not nn.Identity for _, m in kept):
+            return nn.Sequential(OrderedDict(kept))
+    return nn.Identity()
 
 
 def _layer_problem(layer: nn.Module, shared: set[int]) -> str | None:
@@ -230,17 +253,19 @@ def fold(
         [('1', '0', 'after')]
     """
     model = copy.deepcopy(model)
-    graph, failures = capture(model, example_inputs, leaf=_is_bn_like)
+    graph, failures = capture(model, example_inputs, leaf=is_bn_like)
     report = FoldReport.of_capture(graph, failures, example_inputs, "fold")
     shared_counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = {i for i, c in shared_counts.items() if c > 1}
     seen = set()
-    for site in find_sites(graph, _is_bn_like):
+    for site in find_sites(graph, is_bn_like):
         bn, name = site.call.module, site.call.name
         if id(bn) in seen:  # a BN called several times has one site per call
             continue
         seen.add(id(bn))
-        why = _not_fixed_reason(bn)
+        why = foreign_reason(bn) if bn_kind(bn) == "foreign" else None
+        if why is None:
+            why = _not_fixed_reason(bn)
         if why is None and graph.times_called[id(bn)] > 1:
             why = "called more than once per forward"
         if why is None and site.call.touched:
@@ -254,9 +279,9 @@ def fold(
             report.skipped.append((name, why))
             continue
         reasons = []
-        # A BN fused with its activation (batchnorm.fused) leaves the activation in its place,
-        # which stands between it and the next layer.
-        residue = bn.activation_module() if hasattr(bn, "activation_module") else nn.Identity()
+        # A BN with an activation leaves the activation in its place, which stands between it
+        # and the next layer.
+        residue = _residue(bn)
         for where, neighbour in (("after", site.producer), ("before", site.consumer)):
             if neighbour is None or not isinstance(neighbour.module, _LINEAR):
                 continue
@@ -271,7 +296,7 @@ def fold(
             if problem is None and where == "before":
                 problem = _pre_fold_problem(layer)
             if problem is None and where == "before" and not isinstance(residue, nn.Identity):
-                problem = f"the fused {type(residue).__name__} lies between the BN and this layer"
+                problem = f"the activation {_name(residue)} lies between the BN and this layer"
             if problem is not None:
                 reasons.append(f"{where} {neighbour.name} ({type(layer).__name__}): {problem}")
                 continue

@@ -13,7 +13,15 @@ from torch.fx import Proxy
 
 from batchnorm import functional as F
 from batchnorm import modules as M
-from batchnorm.inference.swap import rebuild, restore, swap_modules, tracks_running_stats
+from batchnorm.inference.swap import (
+    foreign_reason,
+    layer_settings,
+    rebuild,
+    restore,
+    swap_modules,
+    tracks_running_stats,
+    warn_left_alone,
+)
 
 __all__ = ["FrozenBatchNorm", "freeze", "unfreeze"]
 
@@ -184,10 +192,15 @@ class FrozenBatchNorm(nn.Module):
 def freeze(model: nn.Module, trainable_affine: bool = False) -> nn.Module:
     """Replace every BN layer with running statistics by a `FrozenBatchNorm`, in place.
 
-    Covers ours and every ``torch.nn`` BN (any ``_BatchNorm``), with or without beta
-    (``bias=False``); layers with ``track_running_stats=False`` have no statistics to freeze
-    and are left alone. A BN registered at several places becomes one shared frozen layer.
-    Each frozen layer remembers its original class and settings for `unfreeze`.
+    Covers ours and every ``torch.nn`` BN, with or without beta (``bias=False``); layers
+    with ``track_running_stats=False`` have no statistics to freeze and are left alone. A BN
+    fused with its activation (`batchnorm.fused`), and a BN + activation layer of another
+    library (timm's ``BatchNormAct2d``, see `batchnorm.inference.swap.bn_kind`) whose act is
+    an activation of `batchnorm.activations`, becomes a `FrozenBatchNormAct` with that
+    activation. A BN subclass the library cannot read (its own forward or child modules,
+    `batchnorm.inference.swap.foreign_reason`) is left alone, and one warning names each
+    such layer. A BN registered at several places becomes one shared frozen layer. Each
+    frozen layer remembers its original class, settings and child modules for `unfreeze`.
 
     Args:
         model: the model (changed in place), or a single BN layer.
@@ -202,23 +215,37 @@ def freeze(model: nn.Module, trainable_affine: bool = False) -> nn.Module:
         'FrozenBatchNorm'
     """
 
-    def fn(m):
-        if tracks_running_stats(m):
-            # A fused BN + activation (batchnorm.fused) names its frozen form.
-            frozen = getattr(m, "_frozen_class", FrozenBatchNorm)
-            return frozen.from_batchnorm(m, trainable_affine)
-        return None
+    left: dict[int, str] = {}
 
-    return swap_modules(model, fn)
+    def fn(m):
+        if not tracks_running_stats(m):
+            return None
+        why = foreign_reason(m)
+        if why is not None:
+            left[id(m)] = why
+            return None
+        # A fused BN + activation (batchnorm.fused) names its frozen form; another library's
+        # (its settings carry the activation) freezes into the same.
+        frozen = getattr(m, "_frozen_class", None)
+        if frozen is None and "activation" in layer_settings(m):
+            from batchnorm.fused import FrozenBatchNormAct  # fused.py builds on this module
+
+            frozen = FrozenBatchNormAct
+        return (frozen or FrozenBatchNorm).from_batchnorm(m, trainable_affine)
+
+    model = swap_modules(model, fn)
+    warn_left_alone(model, left, "freeze")
+    return model
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
     """Replace every `FrozenBatchNorm` by a trainable BN again, in place; reverses `freeze`.
 
-    A layer made by `freeze` returns to its original class (torch's or ours) with every
-    setting it had (momentum, ``virtual_batch_size``, Batch Renorm's ``r_max``/``d_max``,
-    ``backward``, ...) and its original Parameter objects (an optimizer built before
-    `freeze` trains them again); one built directly or loaded from a checkpoint becomes
+    A layer made by `freeze` returns to its original class (torch's, ours, timm's
+    ``BatchNormAct2d``) with every setting it had (momentum, ``virtual_batch_size``, Batch
+    Renorm's ``r_max``/``d_max``, ``backward``, ...), its original Parameter objects (an
+    optimizer built before `freeze` trains them again) and child modules (timm's act); one
+    built directly or loaded from a checkpoint becomes
     ``batchnorm.BatchNorm(num_features, axis=axis)`` with torch's defaults. Statistics,
     gamma, beta and the train/eval mode carry over.
 

@@ -43,6 +43,8 @@ class Call:
         extra: the module is called with more than its input: another argument that is not
             None (a mask, a residual), even one its forward never reads (a BN in eval mode
             ignores its mask), so that a module taking only the input cannot replace it.
+        caller: the path of the module whose forward made this call ("" for the model's
+            own), where the capture knows it (torch.export); else None.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Call:
     rank: int | None = None
     touched: bool = False
     extra: bool = False
+    caller: str | None = None
 
     def __repr__(self) -> str:
         return f"Call({self.name!r})"
@@ -172,15 +175,19 @@ def _from_export(model: nn.Module, example_inputs: tuple, leaf: Callable) -> Cal
             continue
         call = None
         if node.op == "call_function":
+            # The outermost leaf on the stack: a BN with child modules (timm's BatchNormAct2d
+            # and its act) is one call, its children's operations included.
             stack = node.meta.get("nn_module_stack") or {}
-            for key, (path, _) in reversed(stack.items()):
+            outer = None
+            for key, (path, _) in stack.items():
                 module = modules.get(path)
                 if module is not None and leaf(module):
                     call = groups.get(key)
                     if call is None:
-                        call = groups[key] = Call(path, module)
+                        call = groups[key] = Call(path, module, caller=outer)
                         calls.append(call)
                     break
+                outer = path
         if call is None:
             call = Call("output" if node.op == "output" else str(node.target))
             calls.append(call)
@@ -343,7 +350,9 @@ def capture(
     Args:
         model: the model.
         example_inputs: positional inputs for ``torch.export`` (a single tensor is fine).
-        leaf: modules fx must keep as calls rather than trace through (torch.nn's are).
+        leaf: modules kept as one call each, their child modules included, rather than
+            traced through (torch.nn's are leaves for fx; for torch.export every module
+            without children is one too).
 
     Returns:
         (graph, failures): ``failures`` holds one "<tool>: <error>" line per failed capture.
@@ -352,7 +361,7 @@ def capture(
         example_inputs = (example_inputs,)
 
     def is_leaf(m: nn.Module) -> bool:
-        return not m._modules
+        return leaf(m) or not m._modules
 
     attempts = []
     if example_inputs is not None:

@@ -16,19 +16,34 @@ freeze/unfreeze, convert, ``SyncBatchNorm.convert_sync_batchnorm`` and
 - `swap_modules` replaces modules inside a model, in place; a module registered at several
   places (``nn.Sequential(bn, bn)``) is replaced everywhere by one shared new module, and
   nothing changes if any replacement is refused.
+- `bn_kind` is the one predicate of what a BN layer is to the library (every pass asks it):
+  one it reads exactly (torch.nn's, ours, or a subclass that keeps their forward and adds no
+  child module), a known BN + activation layer of another library (timm's ``BatchNormAct2d``:
+  its forward is torch's batch norm, then its ``drop`` and ``act`` children), or a foreign
+  subclass whose own forward or children the library cannot read: never changed, always
+  reported (`ForeignLayer`, `warn_left_alone`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.activations import of_module
+
 __all__ = [
+    "NORM_ACT_CLASSES",
+    "ForeignLayer",
+    "bn_kind",
+    "foreign_reason",
+    "is_bn_like",
+    "warn_left_alone",
     "layer_settings",
     "rebuild",
     "restore",
@@ -74,6 +89,111 @@ class _Origin(NamedTuple):
     overridden: frozenset  # settings the rebuild set itself (restore takes them from here)
     parameters: dict  # Parameter objects that became buffers, by name
     previous: _Origin | None  # the old layer's own origin
+    children: tuple = ()  # (name, module): a BN + activation layer's drop and act, put back
+
+
+# BN + activation layers of other libraries, read from their source: the forward is torch's
+# batch norm with the layer's own eps, momentum, affine and track_running_stats, then the
+# ``drop`` child, then the ``act`` child (timm's BatchNormAct2d; its SyncBatchNormAct is
+# torch's SyncBatchNorm forward, then drop and act where present). Keyed by
+# "module.qualname" so that the library never imports them.
+NORM_ACT_CLASSES = frozenset(
+    {"timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct"}
+)
+_NORM_ACT_CHILDREN = frozenset({"drop", "act"})
+
+
+class ForeignLayer(ValueError):
+    """A BN layer whose forward, children or settings the library cannot read exactly: it is
+    left alone (passes report it; `rebuild` refuses it with this error)."""
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _known_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` is torch.nn's BN forward or one of this library's."""
+    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+    module = owner.__module__
+    return module == _BatchNorm.__module__ or module.split(".")[0] == "batchnorm"
+
+
+def is_bn_like(m: nn.Module) -> bool:
+    """Whether ``m`` is a BN layer: any ``_BatchNorm`` (torch's, ours, foreign subclasses)
+    or a `FrozenBatchNorm`. The graph passes keep these as calls and report each one."""
+    from batchnorm.inference.frozen import FrozenBatchNorm  # frozen.py imports this module
+
+    return isinstance(m, (_BatchNorm, FrozenBatchNorm))
+
+
+def bn_kind(m: nn.Module) -> str | None:
+    """What a BN layer is to the library: the one predicate every pass asks.
+
+    Returns:
+        "exact": the library reads it exactly: ``torch.nn``'s BN classes, this library's
+            layers, and subclasses that keep one of their forwards and add no child module
+            (their eval-mode map is Algorithm 2's, their settings torch's).
+        "norm_act": a BN + activation layer of another library listed in
+            `NORM_ACT_CLASSES` (timm's ``BatchNormAct2d``): BN, then its ``drop`` and
+            ``act`` children.
+        "foreign": any other ``_BatchNorm`` subclass (its own forward or child modules):
+            the library never changes it and reports it.
+        None: not a BN layer (`is_bn_like` is False).
+    """
+    if not is_bn_like(m):
+        return None
+    children = {name for name, child in m._modules.items() if child is not None}
+    if _qualname(type(m)) in NORM_ACT_CLASSES and children <= _NORM_ACT_CHILDREN:
+        return "norm_act"
+    if _known_forward(type(m)) and not children:
+        return "exact"
+    return "foreign"
+
+
+def foreign_reason(m: nn.Module) -> str | None:
+    """Why the library cannot rebuild ``m`` exactly as another class, or None when it can.
+
+    A "norm_act" layer can be rebuilt when its ``drop`` is ``nn.Identity`` (or absent) and its
+    ``act`` an activation of `batchnorm.activations` (or ``nn.Identity``): the settings then
+    carry ``activation`` and ``negative_slope``.
+    """
+    kind = bn_kind(m)
+    name = type(m).__name__
+    if kind == "foreign":
+        return (
+            f"{name} subclasses {_BatchNorm.__name__} with its own forward or child modules, "
+            "which the library cannot read"
+        )
+    if kind != "norm_act":
+        return None
+    drop = m._modules.get("drop")
+    if drop is not None and type(drop) is not nn.Identity:
+        return f"{name}'s drop child is {type(drop).__name__}, which no layer here applies"
+    act = m._modules.get("act")
+    if act is not None and type(act) is not nn.Identity and of_module(act) is None:
+        return (
+            f"{name}'s act child is {type(act).__name__}, not an activation of "
+            "batchnorm.activations"
+        )
+    return None
+
+
+def _norm_act_settings(m: nn.Module) -> dict:
+    act = m._modules.get("act")
+    if act is None or type(act) is nn.Identity:
+        return {"activation": "identity", "negative_slope": 0.01}
+    name, slope = of_module(act)
+    return {"activation": name, "negative_slope": slope}
+
+
+def warn_left_alone(model: nn.Module, left: dict, verb: str) -> None:
+    """One warning naming each layer a pass left alone and why (``left``: id -> reason)."""
+    if not left:
+        return
+    named = [(name, left[id(m)]) for name, m in model.named_modules() if id(m) in left]
+    lines = "; ".join(f"{name or '(the model)'}: {why}" for name, why in named)
+    warnings.warn(f"{verb} left {len(named)} BN layer(s) alone: {lines}", stacklevel=3)
 
 
 @functools.cache
@@ -87,16 +207,21 @@ def layer_settings(layer: nn.Module) -> dict:
     Our layers (and `FrozenBatchNorm`) report their own (``_settings``); for
     ``torch.nn.BatchNorm*d`` and ``torch.nn.SyncBatchNorm`` they are read from torch's
     constructor attributes: eps, momentum, affine, track_running_stats, bias (where torch's
-    constructor takes it) and process_group.
+    constructor takes it) and process_group. A BN + activation layer of another library
+    (`bn_kind` "norm_act") adds ``activation`` and ``negative_slope``, read off its act child.
 
     Raises:
         TypeError: ``layer`` is not a BN layer.
+        ForeignLayer: the library cannot read it (`foreign_reason`).
     """
     own = getattr(layer, "_settings", None)
     if own is not None:
         return own()
     if not isinstance(layer, _BatchNorm):
         raise TypeError(f"expected a BN layer, got {type(layer).__name__}")
+    why = foreign_reason(layer)
+    if why is not None:
+        raise ForeignLayer(why)
     settings = {
         "eps": layer.eps,
         "momentum": layer.momentum,
@@ -107,6 +232,8 @@ def layer_settings(layer: nn.Module) -> dict:
         settings["bias"] = not layer.affine or layer.bias is not None
     if hasattr(layer, "process_group"):
         settings["process_group"] = layer.process_group
+    if bn_kind(layer) == "norm_act":
+        settings.update(_norm_act_settings(layer))
     return settings
 
 
@@ -172,6 +299,7 @@ def rebuild(
     *,
     drop: Collection[str] = (),
     remember: bool = False,
+    children: tuple = (),
     **settings,
 ) -> nn.Module:
     """A ``cls`` layer with ``layer``'s settings and the very same tensors.
@@ -193,8 +321,12 @@ def rebuild(
         layer: the BN layer to rebuild; it is not modified.
         cls: the class of the new layer.
         drop: settings the caller accepts losing (e.g. freezing forgets training-only ones).
-        remember: keep the original class, settings and Parameter objects on the new layer,
-            so that `restore` can undo this rebuild.
+        remember: keep the original class, settings, Parameter objects and child modules (a
+            BN + activation layer's drop and act) on the new layer, so that `restore` can
+            undo this rebuild.
+        children: (name, module) pairs to register on the new layer: how a BN + activation
+            layer of another library (`NORM_ACT_CLASSES`) gets its activation, which its
+            constructor builds from other arguments than ours.
         **settings: settings to set or override (e.g. ``process_group``).
 
     Returns:
@@ -204,6 +336,7 @@ def rebuild(
         ValueError: ``cls`` cannot express a setting of ``layer`` (named in the message), or
             its constructor refuses the settings, or it holds state ``layer`` lacks (or the
             reverse). ``layer`` is unchanged then.
+        ForeignLayer: the library cannot read ``layer`` (`foreign_reason`).
 
     Example:
         >>> from batchnorm import BatchNorm2d
@@ -224,10 +357,23 @@ def rebuild(
     if lost:
         raise _refusal(layer, cls, lost)
     kwargs = {key: value for key, value in wanted.items() if key in accepted}
+    norm_act = _qualname(cls) in NORM_ACT_CLASSES
+    if norm_act:  # its activation is a child module, not a constructor keyword of ours
+        kwargs = {key: value for key, value in kwargs.items() if key in _init_keywords(cls)}
     try:
         new = cls(layer.num_features, **kwargs, **_factory(layer))
     except (TypeError, ValueError) as err:
         raise ValueError(f"cannot rebuild {_describe(layer)} as {cls.__name__}: {err}") from err
+    for name, child in children:
+        new._modules[name] = child
+    if norm_act:
+        got = _norm_act_settings(new)
+        if any(got[key] != wanted.get(key, got[key]) for key in got):
+            raise ValueError(
+                f"cannot rebuild {_describe(layer)} as {cls.__name__}: its act child would apply "
+                f"{got['activation']!r}, not {wanted.get('activation')!r} (pass the act module "
+                "as a child)"
+            )
     origin = getattr(layer, "_origin", None)
     parameters = origin.parameters if origin is not None else {}
     kept: dict[str, nn.Parameter] = {}
@@ -260,7 +406,10 @@ def rebuild(
             else:
                 slot[name] = nn.Parameter(source)
     if remember:
-        new._origin = _Origin(type(layer), layer_settings(layer), frozenset(settings), kept, origin)
+        own = tuple((name, child) for name, child in layer._modules.items() if child is not None)
+        new._origin = _Origin(
+            type(layer), layer_settings(layer), frozenset(settings), kept, origin, own
+        )
     elif origin is not None:
         new._origin = origin
     new.train(layer.training)
@@ -275,7 +424,8 @@ def restore(layer: nn.Module) -> nn.Module | None:
     The original settings come back, updated by the layer's current values of those it
     shares with the original class (an eps or momentum changed since), except the settings
     the rebuild itself set. Tensors are shared as in `rebuild`; the Parameter objects that
-    the rebuild turned into buffers come back as the same objects.
+    the rebuild turned into buffers come back as the same objects, and so do the original's
+    child modules (timm's ``BatchNormAct2d`` gets its own ``drop`` and ``act`` back).
     """
     origin = getattr(layer, "_origin", None)
     if origin is None:
@@ -285,7 +435,7 @@ def restore(layer: nn.Module) -> nn.Module | None:
         key: current.get(key, value) if key not in origin.overridden else value
         for key, value in origin.settings.items()
     }
-    new = rebuild(layer, origin.cls, drop=set(current), **settings)
+    new = rebuild(layer, origin.cls, drop=set(current), children=origin.children, **settings)
     new._origin = origin.previous
     if origin.previous is None:
         del new._origin
