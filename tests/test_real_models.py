@@ -22,29 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TIMM_BN_ACT = ("timm_efficientnet_b0", "timm_mobilenetv3_small_100", "timm_regnetx_002")
 PLAIN_BN = [n for n in MODELS if n not in TIMM_BN_ACT and n != "timm_convnext_atto"]
 
-ITEM3_CONVERT = "issue 15 item 3: convert leaves timm's BatchNormAct2d alone, without a word"
-ITEM3_FREEZE = (
-    "issue 15 item 3: freeze drops timm BatchNormAct2d's activation, unfreeze rebuilds it with ReLU"
-)
-ITEM3_FOLD_FX = (
-    "issue 15 item 3: fold without example_inputs replaces timm's BatchNormAct2d by Identity "
-    "(its activation deleted) and reports it folded"
-)
-ITEM3_REPORT = (
-    "issue 15 item 3: with example_inputs, fold and fuse_activations leave timm's "
-    "BatchNormAct2d out of the report"
-)
-ITEM4 = "issue 15 item 4: fuse_activations fuses ReLU/LeakyReLU only, not SiLU/Hardswish"
-ITEM5 = "issue 15 item 5: residual fusion refused when the shortcut comes from a fused block"
-
-# (model, check) -> the open defect it runs into.
-KNOWN = {(n, "convert"): ITEM3_CONVERT for n in TIMM_BN_ACT}
-KNOWN |= {(n, "freeze"): ITEM3_FREEZE for n in TIMM_BN_ACT}
-KNOWN |= {(n, "fold_fx"): ITEM3_FOLD_FX for n in TIMM_BN_ACT}
-KNOWN |= {(n, "fold"): ITEM3_REPORT for n in TIMM_BN_ACT}
-KNOWN |= {(n, "fuse"): ITEM3_REPORT for n in TIMM_BN_ACT}
-KNOWN |= {("tv_efficientnet_b0", "fuse"): ITEM4, ("tv_mobilenet_v3_small", "fuse"): ITEM4}
-KNOWN |= {(n, "fuse"): ITEM5 for n in ("timm_resnet18", "timm_resnet26d", "tv_regnet_y_400mf")}
+# (model, check) -> the open defect it runs into (none left: issue 15 items 1-5 landed).
+KNOWN: dict[tuple[str, str], str] = {}
 
 # BN layers `fold` merges into a neighbour. All but DenseNet's: its norm1 reads the
 # concatenated features and feeds a ReLU (no linear layer on either side).

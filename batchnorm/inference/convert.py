@@ -10,10 +10,13 @@ from torch import nn
 
 from batchnorm import modules as M
 from batchnorm.inference.swap import (
+    NORM_ACT_CLASSES,
+    _qualname,
     bn_kind,
     foreign_reason,
     is_bn_like,
     rebuild,
+    restore,
     swap_modules,
     warn_left_alone,
 )
@@ -74,6 +77,8 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     Every other BN layer without a counterpart in the target library is left alone, and one
     warning names each: subclasses the library cannot read (their own forward or child
     modules), and, converting to torch, our layers torch has no class for (fused, frozen).
+    Converting back to torch, a fused layer made from timm's becomes timm's layer again (its
+    own ``drop`` and ``act`` modules included), so the round trip gives the original model.
 
     Args:
         model: the model (changed in place), or a single BN layer.
@@ -103,11 +108,15 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
                 f"cannot convert {m} to torch: torch.nn has no BN layer for a channel axis of "
                 "any rank; build batchnorm.BatchNorm1d/2d/3d instead"
             )
+        origin = getattr(m, "_origin", None)
+        if to == "torch" and origin is not None and _qualname(origin.cls) in NORM_ACT_CLASSES:
+            return restore(m)  # our fused layer made from timm's: timm's layer again
         target = mapping.get(type(m))
-        if target is None and to == "batchnorm" and bn_kind(m) == "norm_act":
+        norm_act = target is None and to == "batchnorm" and bn_kind(m) == "norm_act"
+        if norm_act:
             target = _fused_form(type(m), mapping)
         if target is not None and foreign_reason(m) is None:
-            return rebuild(m, target, drop=drop)
+            return rebuild(m, target, drop=drop, remember=norm_act)
         if is_bn_like(m) and not _native(type(m), to):
             library = "torch.nn" if to == "torch" else "batchnorm (exact classes only)"
             left[id(m)] = foreign_reason(m) or f"{library} has no layer for {type(m).__name__}"
