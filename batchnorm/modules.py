@@ -46,12 +46,16 @@ def _host_readable(t: Tensor) -> bool:
     )
 
 
-def _recomputing() -> bool:
+def _recomputing(eager: bool = False) -> bool:
     """Whether this forward runs inside autograd's backward pass: a checkpointed segment
     being recomputed (``torch.utils.checkpoint``, reentrant or not, and the wrappers built
     on it), whose real forward already committed. Under torch.compile the compiled graph
-    does its own recomputation, without running this forward again."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    does its own recomputation, without running this forward again (and dynamo cannot trace
+    the query). ``eager``: the caller knows it is not compiling (`_host_readable`), which
+    saves that check on the CPU fast path."""
+    return (eager or not torch.compiler.is_compiling()) and (
+        torch._C._current_graph_task_id() != -1
+    )
 
 
 class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
@@ -229,9 +233,9 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         return (k + 1).to(self.running_mean.dtype).reciprocal()
 
     def _holds_commit(self) -> bool:
-        """Whether `_commit` holds this forward's statistics back from the buffers: a fused
-        path (torch's kernel here, the Triton kernels in `batchnorm.dispatch`) that writes
-        the buffers itself must then leave the call to the transform and commit steps."""
+        """Whether `_commit` would hold this forward's statistics back from the buffers
+        (deferred, or recomputed): a fused path that writes the buffers itself (the Triton
+        kernels, `batchnorm.dispatch`) must then not write them."""
         return self._pending is not None or _recomputing()
 
     def _commit(self, stats: F.BatchStats) -> None:
@@ -312,7 +316,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             momentum = 1.0 / (buffers["num_batches_tracked"].item() + 1)
         params = self._parameters
         x = input if axis == 1 else input.movedim(axis, 1)
-        if _recomputing():
+        if _recomputing(readable):
             # Autograd recomputes a checkpointed forward: the real forward's kernel call (a
             # non-reentrant checkpoint checks that it saves the same tensors) on copies of
             # the buffers, which the real forward already moved.

@@ -303,13 +303,13 @@ def checkpoint_safe(model: nn.Module) -> _RecomputeGuard:
     ``torch.utils.checkpoint`` (reentrant or not, and wrappers built on it: HF's
     ``gradient_checkpointing_enable``, ``checkpoint_wrapper``) runs a segment's forward again
     inside backward; torch.nn's BN layers commit that recomputation too, so the running
-    statistics take two steps per real forward (and with ``use_reentrant=False``'s early
-    stop the counter may count one). This library's layers detect the recomputation
-    themselves (the forward runs inside autograd's backward) and skip its commit; this
-    installs forward hooks that do the same for torch.nn's ``_BatchNorm`` layers (BatchNorm1d/
-    2d/3d, SyncBatchNorm): during a recomputation the layer's running statistics and counter
-    are copies, and the real buffers are put back after it. Nothing global is patched; the hooks are removed by ``.remove()`` or on leaving a
-    ``with`` block.
+    statistics and the counter take two steps per real forward (pytorch#96136). This
+    library's layers detect the recomputation themselves (the forward runs inside autograd's
+    backward) and skip its commit; this installs forward hooks that do the same for
+    torch.nn's ``_BatchNorm`` layers (BatchNorm1d/2d/3d, SyncBatchNorm): during a
+    recomputation the layer's running statistics and counter are copies, and the real
+    buffers are put back after it. Nothing global is patched; the hooks are removed by
+    ``.remove()`` or on leaving a ``with`` block.
 
     Running statistics, counters, outputs and gradients then equal those of the run without
     checkpointing. Exception: Batch Renorm reads the running statistics in training, and a
