@@ -130,6 +130,13 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             persistent=False,
         )
 
+    def __getstate__(self) -> dict:
+        # A copy or a pickle is not part of the accumulate that defers this layer's commit:
+        # it would defer forever. It commits each forward, as a new layer does.
+        state = super().__getstate__()
+        state.pop("_pending", None)
+        return state
+
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
         # None while torch's constructor runs (it resets before this buffer exists).

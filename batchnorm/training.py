@@ -132,7 +132,7 @@ class Accumulation:
         self.steps = steps
         self.forwards = 0  # forwards of ``model`` since the last commit (counted with steps)
         self._handles = []
-        for layer in dict.fromkeys(self.layers):  # a shared layer defers once
+        for layer in self.layers:  # modules() lists a shared layer once
             ghost = layer.virtual_batch_size is not None
             layer._pending = _Pending(ghost)
             if ghost:
@@ -155,7 +155,7 @@ class Accumulation:
         if not self.open:
             raise RuntimeError("this accumulate was closed; start a new one")
         self.forwards = 0
-        for layer in dict.fromkeys(self.layers):
+        for layer in self.layers:
             pending = layer._pending
             stats = pending.merged()
             pending.stats, pending.groups = [], []

@@ -528,3 +528,15 @@ def test_ema_update_refusals():
         batchnorm.ema_update(wide, net, 0.9)
     for k, v in wide.state_dict().items():  # refused before anything was written
         assert torch.equal(v, before[k])
+
+
+def test_a_copy_made_while_accumulating_commits_each_forward():
+    """copy.deepcopy (an EMA model made inside the step) or a pickle of a deferring layer is
+    not part of the accumulate: it commits each forward."""
+    net = nn.Sequential(nn.Linear(3, 4), batchnorm.BatchNorm1d(4)).to(D)
+    with batchnorm.accumulate(net):
+        net(torch.randn(5, 3, dtype=D))
+        twin = copy.deepcopy(net)
+        twin(torch.randn(5, 3, dtype=D))
+        assert int(twin[1].num_batches_tracked) == 1
+    assert int(net[1].num_batches_tracked) == 1
