@@ -540,3 +540,18 @@ def test_a_copy_made_while_accumulating_commits_each_forward():
         twin(torch.randn(5, 3, dtype=D))
         assert int(twin[1].num_batches_tracked) == 1
     assert int(net[1].num_batches_tracked) == 1
+
+
+def test_accumulate_under_torch_compile(randomize):
+    """A compiled model defers too (dynamo guards on the pending slot and recompiles)."""
+    net = nn.Sequential(nn.Linear(4, 6), batchnorm.BatchNorm1d(6)).to(D)
+    randomize(net[1])
+    oracle = copy.deepcopy(net)
+    compiled = torch.compile(net, backend="eager")
+    xs = [torch.randn(n, 4, dtype=D) for n in (3, 8, 5)]
+    compiled(xs[0]), oracle(xs[0])
+    with batchnorm.accumulate(net):
+        for x in xs:
+            compiled(x)
+    oracle(torch.cat(xs))
+    _assert_same_state(net[1], oracle[1])
