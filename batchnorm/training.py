@@ -69,31 +69,28 @@ class _Pending:
         dtype = self.stats[0].mean.dtype
         means = torch.stack([s.mean.double() for s in self.stats])  # (K, C)
         variances = torch.stack([s.var.double() for s in self.stats])
-        if self.ghost:
-            # Every group holds the same m values per channel; weights are group counts.
-            weights = torch.tensor(self.groups, dtype=torch.float64, device=means.device)
-            weights = (weights / weights.sum()).unsqueeze(1)  # (K, 1)
-            counts = [s.count for s in self.stats]
-            m = counts[0]
-            unbiased = torch.stack(
-                [v * (c / (c - 1)) for v, c in zip(variances, counts, strict=True)]
-            )
-            mean = (weights * means).sum(0)
-            var = (weights * unbiased).sum(0) * ((m - 1) / m)
-            return F.BatchStats(mean.to(dtype), var.to(dtype), m)
-        device = means.device
         counts = [s.count for s in self.stats]
-        if all(isinstance(c, int) for c in counts):
-            total: int | Tensor = sum(counts)
-            n = torch.tensor(counts, dtype=torch.float64, device=device).unsqueeze(1)
-        else:  # SyncBatchNorm's global count: a 0-d tensor, never read back here
-            n = torch.stack(
-                [torch.as_tensor(c, dtype=torch.float64, device=device) for c in counts]
-            )
-            n = n.reshape(-1, 1)
-            total = n.sum()
-        _, mean, m2 = F.merge_stats(n, means, variances * n)
-        return F.BatchStats(mean.to(dtype), (m2 / n.sum()).to(dtype), total)
+        if self.ghost:
+            # Every group holds m values per channel: mean over all groups, each weighing 1.
+            groups = _column(self.groups, means)
+            m = counts[0]
+            unbiased = variances * _column([c / (c - 1) for c in counts], means)
+            mean = (groups * means).sum(0) / groups.sum()
+            var = (groups * unbiased).sum(0) / groups.sum() * ((m - 1) / m)
+            return F.BatchStats(mean.to(dtype), var.to(dtype), m)
+        n = _column(counts, means)
+        total, mean, m2 = F.merge_stats(n, means, variances * n)
+        # An int count where every forward had one (no read-back of the tensor total).
+        count = sum(counts) if all(isinstance(c, int) for c in counts) else total
+        return F.BatchStats(mean.to(dtype), (m2 / total).to(dtype), count)
+
+
+def _column(values: list, like: Tensor) -> Tensor:
+    """(K, 1) float64 on ``like``'s device from Python numbers (device fills, not a copy from
+    the host) or 0-d tensors (SyncBatchNorm's global count, never read back)."""
+    return torch.stack(
+        [v.to(like) if isinstance(v, Tensor) else like.new_full((), float(v)) for v in values]
+    ).unsqueeze(1)
 
 
 class Accumulation:
