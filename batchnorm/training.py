@@ -55,12 +55,12 @@ class _Pending:
         self.ghost = ghost
         self.stats: list[F.BatchStats] = []
         self.groups: list[int] = []  # Ghost BN: each forward's number of groups
-        self.examples = 0  # Ghost BN: N of the forward in progress (a forward pre-hook)
+        self.current_groups = 0  # Ghost BN: N / v of the forward in progress (a pre-hook)
 
     def add(self, stats: F.BatchStats) -> None:
         self.stats.append(stats)
         if self.ghost:
-            self.groups.append(self.examples)
+            self.groups.append(self.current_groups)
 
     def merged(self) -> F.BatchStats | None:
         """The statistics one forward over every batch added would have committed."""
@@ -133,14 +133,14 @@ class Accumulation:
             ghost = layer.virtual_batch_size is not None
             layer._pending = _Pending(ghost)
             if ghost:
-                self._handles.append(layer.register_forward_pre_hook(_count_examples))
+                self._handles.append(layer.register_forward_pre_hook(_count_groups))
         if steps is not None:
             self._handles.append(model.register_forward_hook(self._after_forward))
         self.open = True
 
     def _after_forward(self, module, args, output) -> None:
-        if _recomputing():
-            return
+        if not module.training or _recomputing():
+            return  # evaluation and checkpoint recomputation are not micro-batches
         self.forwards += 1
         if self.forwards == self.steps:
             self.step()
@@ -193,10 +193,10 @@ class Accumulation:
             self._release()
 
 
-def _count_examples(layer: nn.Module, args: tuple) -> None:
+def _count_groups(layer: nn.Module, args: tuple) -> None:
     # Ghost BN's merge weighs each forward by its number of groups, N / virtual_batch_size.
     if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
-        layer._pending.examples = args[0].shape[0] // layer.virtual_batch_size
+        layer._pending.current_groups = args[0].shape[0] // layer.virtual_batch_size
 
 
 def accumulate(model: nn.Module, steps: int | None = None) -> Accumulation:
@@ -226,9 +226,9 @@ def accumulate(model: nn.Module, steps: int | None = None) -> Accumulation:
     Commit when:
         - the ``with`` block exits normally (an exception discards the pending statistics);
         - `Accumulation.step()` is called (e.g. next to ``optimizer.step()``);
-        - with ``steps=k``, after every k-th forward of ``model`` itself (forwards that
-          autograd recomputes for checkpointing are not counted); what is left commits on
-          exit or `Accumulation.close()`.
+        - with ``steps=k``, after every k-th training-mode forward of ``model`` itself
+          (eval-mode forwards and those autograd recomputes for checkpointing are not
+          counted); what is left commits on exit or `Accumulation.close()`.
 
     Args:
         model: the module whose BN layers defer (ours, any subclass; shared layers once).

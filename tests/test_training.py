@@ -184,8 +184,12 @@ def test_accumulate_step_and_steps_commit_per_logical_step(randomize):
             acc.step()
     acc.close()
     with batchnorm.accumulate(by_steps, steps=4):
-        for x in micro:
+        for i, x in enumerate(micro):
             by_steps(x)
+            if i == 5:  # an evaluation in between is not a micro-batch
+                by_steps.eval()
+                by_steps(x)
+                by_steps.train()
     for group in (micro[0:4], micro[4:8], micro[8:10]):
         oracle(torch.cat(group))
     for deferred in (by_step, by_steps):
