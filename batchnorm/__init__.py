@@ -34,6 +34,7 @@ from batchnorm.modules import (
     BatchRenorm2d,
     BatchRenorm3d,
 )
+from batchnorm.training import Accumulation, accumulate, checkpoint_safe, ema_update
 
 __version__ = "0.1.0"
 
@@ -43,3 +44,4 @@ __all__ += ["recalibrate", "FrozenBatchNorm", "freeze", "unfreeze", "fold", "Fol
 __all__ += ["diagnose", "monitor"]
 __all__ += ["BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 __all__ += ["FrozenBatchNormAct", "fuse_activations", "FuseReport"]
+__all__ += ["accumulate", "Accumulation", "checkpoint_safe", "ema_update"]

@@ -20,6 +20,9 @@ own fused kernels from the torch path instead).
 The kernel call is transform and commit in one (like the layer's ``_forward_fused``): it
 leaves the buffers and counters as the torch path's commit step would (Algorithm 1 and the
 guarded running-statistics update, on the device, without a host synchronization).
+While a layer defers its commit (`batchnorm.accumulate`) its forwards take the torch path,
+which hands the batch statistics over; a checkpointed forward that autograd recomputes runs
+the kernels without the update.
 """
 
 from __future__ import annotations
@@ -126,6 +129,10 @@ def use_kernels(layer, input: Tensor, mask: Tensor | None = None, residual=None)
         return False
     if _traced() or torch._C._functorch.is_functorch_wrapped_tensor(input):
         return False
+    if layer._pending is not None:
+        # A deferred commit (batchnorm.accumulate) needs the batch statistics, which the
+        # kernels keep to themselves: the torch path hands them over.
+        return False
     why = kernel_refusal(layer, input, mask, residual)
     if why is None:
         return True
@@ -152,7 +159,9 @@ def forward_kernels(
     buffers, params = layer._buffers, layer._parameters
     running_mean = buffers.get("running_mean")
     training = layer.training
+    # A recomputed checkpointed forward (`_holds_commit`) normalizes and commits nothing.
     commit = training and layer.track_running_stats and running_mean is not None
+    commit = commit and not layer._holds_commit()
     use_running = commit or (not training and running_mean is not None)
     axis = layer._axis % input.dim()
     if axis != 1:

@@ -49,6 +49,18 @@ def _host_readable(t: Tensor) -> bool:
     )
 
 
+def _recomputing(eager: bool = False) -> bool:
+    """Whether this forward runs inside autograd's backward pass: a checkpointed segment
+    being recomputed (``torch.utils.checkpoint``, reentrant or not, and the wrappers built
+    on it), whose real forward already committed. Under torch.compile the compiled graph
+    does its own recomputation, without running this forward again (and dynamo cannot trace
+    the query). ``eager``: the caller knows it is not compiling (`_host_readable`), which
+    saves that check on the CPU fast path."""
+    return (eager or not torch.compiler.is_compiling()) and (
+        torch._C._current_graph_task_id() != -1
+    )
+
+
 def _fx_leaf(layer: nn.Module, input: Proxy, *args) -> Proxy:
     """``layer(input, *args)`` as one ``call_module`` node of the torch.fx trace ``input`` is in.
 
@@ -109,6 +121,9 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
     _axis: int = 1
     _fusable: bool = True  # the transform is the base one, so torch's kernel may replace it
     backend: str = "auto"  # set per layer; the class default serves layers pickled before it
+    # Deferred commit (batchnorm.training.accumulate): while set, the commit step hands the
+    # batch statistics to this slot (``.add(stats)``) instead of the buffers.
+    _pending = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -148,6 +163,13 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             torch.zeros((), dtype=torch.long, device=device),
             persistent=False,
         )
+
+    def __getstate__(self) -> dict:
+        # A copy or a pickle is not part of the accumulate that defers this layer's commit:
+        # it would defer forever. It commits each forward, as a new layer does.
+        state = super().__getstate__()
+        state.pop("_pending", None)
+        return state
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -253,6 +275,12 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             return 1.0 / (k.item() + 1)
         return (k + 1).to(self.running_mean.dtype).reciprocal()
 
+    def _holds_commit(self) -> bool:
+        """Whether `_commit` would hold this forward's statistics back from the buffers
+        (deferred, or recomputed): a fused path that writes the buffers itself (the Triton
+        kernels, `batchnorm.dispatch`) must then not write them."""
+        return self._pending is not None or _recomputing()
+
     def _commit(self, stats: F.BatchStats) -> None:
         """The commit step: move the running statistics towards ``stats``, in place, guarded.
 
@@ -261,7 +289,17 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         counts in ``num_batches_tracked``. On the CPU in eager mode the guard is read back and
         branches; elsewhere it selects with `torch.where` and adds the 0-d bool ``updated`` to
         the counters, so nothing synchronizes or breaks a compiled graph.
+
+        Held back in two cases, so that the buffers move once per real forward: while the
+        layer defers its commit (`batchnorm.accumulate`: the statistics go to ``_pending``
+        and this rule commits their exact merge once per logical step), and while autograd
+        recomputes a checkpointed forward (`_recomputing`: nothing is committed).
         """
+        if _recomputing():
+            return
+        if self._pending is not None:
+            self._pending.add(stats)
+            return
         running_mean, running_var = self.running_mean, self.running_var
         readable = _host_readable(running_var)
         momentum = self._momentum(readable)
@@ -297,7 +335,8 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         not finite. Off the eager CPU the kernel updates that copy instead, and the guard
         selects between it and the buffers without reading anything back. Returns None where
         this path does not apply (empty or one-value batches, which the transform reports;
-        momentum=None where 1/k must stay a tensor).
+        momentum=None where 1/k must stay a tensor; a deferred commit, which needs the
+        statistics). A recomputed checkpointed forward runs the kernel on copies of the buffers.
 
         Operations beyond torch.nn's forward (benchmarks/bench_bn.py counts them): the
         backup ``cat``, and the guard's ``max`` with its read-back (``_local_scalar_dense``);
@@ -305,6 +344,8 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         the guard is two clones, ``isfinite``, ``all``, two ``where``, two copies and the counters'
         adds.
         """
+        if self._pending is not None:
+            return None
         axis = self._axis
         channels = input.shape[axis]
         if channels == 0 or input.numel() // channels < 2:
@@ -318,6 +359,22 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             momentum = 1.0 / (buffers["num_batches_tracked"].item() + 1)
         params = self._parameters
         x = input if axis == 1 else input.movedim(axis, 1)
+        if _recomputing(readable):
+            # Autograd recomputes a checkpointed forward: the real forward's kernel call (a
+            # non-reentrant checkpoint checks that it saves the same tensors) on copies of
+            # the buffers, which the real forward already moved.
+            copies = running_mean.clone(), running_var.clone()
+            weight, bias = params["weight"], params["bias"]
+            if readable:
+                output = torch.native_batch_norm(
+                    x, weight, bias, *copies, True, momentum, self.eps
+                )[0]
+            else:
+                output = torch.batch_norm(
+                    x, weight, bias, *copies, True, momentum, self.eps,
+                    torch.backends.cudnn.enabled,
+                )  # fmt: skip
+            return output if axis == 1 else output.movedim(1, axis)
         if readable:
             backup = torch.cat((running_mean, running_var))
             # On the CPU torch.batch_norm dispatches to this kernel through a composite layer
