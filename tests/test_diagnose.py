@@ -515,6 +515,16 @@ def test_monitor_removes_hooks_on_exit_and_on_exception():
     assert len(mon.history[CONV_BN]) == 1
 
 
+def test_docs_problem_table_has_one_row_per_rule():
+    # The rules are data (batchnorm/diagnose/problems.py); docs/diagnose.md explains each.
+    from batchnorm.diagnose.problems import RULES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "diagnose.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| ", doc, re.M)
+    assert sorted(rows) == sorted(KINDS) and tuple(RULES) == KINDS
+    assert all(r.when and r.severity and r.message for r in RULES.values())
+
+
 def test_docs_python_blocks_run(tmp_path, monkeypatch):
     doc = Path(__file__).resolve().parents[1] / "docs" / "diagnose.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
