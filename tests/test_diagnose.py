@@ -4,6 +4,7 @@ float64 statistics of the concatenated data, recalibrate's own output and torch.
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import re
@@ -514,6 +515,16 @@ def test_monitor_removes_hooks_on_exit_and_on_exception():
     assert len(mon.history[CONV_BN]) == 1
 
 
+def test_docs_problem_table_has_one_row_per_rule():
+    # The rules are data (batchnorm/diagnose/problems.py); docs/diagnose.md explains each.
+    from batchnorm.diagnose.problems import RULES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "diagnose.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| ", doc, re.M)
+    assert sorted(rows) == sorted(KINDS) and tuple(RULES) == KINDS
+    assert all(r.when and r.severity and r.message for r in RULES.values())
+
+
 def test_docs_python_blocks_run(tmp_path, monkeypatch):
     doc = Path(__file__).resolve().parents[1] / "docs" / "diagnose.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
@@ -522,3 +533,69 @@ def test_docs_python_blocks_run(tmp_path, monkeypatch):
     namespace: dict = {}
     for index, block in enumerate(blocks):
         exec(compile(block, f"docs/diagnose.md python block {index}", "exec"), namespace)
+
+
+# --------------------------------------------------------------------------------------------
+# Layering: the library never imports its own root; diagnose's modules import one way
+# --------------------------------------------------------------------------------------------
+
+PACKAGE = Path(batchnorm.__file__).resolve().parent
+SUBMODULES = {p.stem for p in PACKAGE.glob("*.py")} | {
+    p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+
+
+def root_imports(source: str, package: str) -> list[int]:
+    """Lines of ``source`` (a module of ``package``) that import the root `batchnorm` itself:
+    ``import batchnorm`` (also inside a function) or ``from batchnorm import X`` (or the
+    relative form) where X is not one of its submodules."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(a.name == "batchnorm" for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # from .. import x, relative to the module's package
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{anchor}.{module}" if module else anchor
+            if module == "batchnorm" and any(a.name not in SUBMODULES for a in node.names):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_root_import_check_finds_root_imports():
+    # The check below must be able to fail: what diagnose.py did (import batchnorm inside a
+    # function for batchnorm.FrozenBatchNorm), a top-level name, the relative form.
+    assert root_imports("def f():\n    import batchnorm\n", "batchnorm") == [2]
+    assert root_imports("from batchnorm import FrozenBatchNorm\n", "batchnorm") == [1]
+    assert root_imports("from .. import recalibrate\n", "batchnorm.diagnose") == [1]
+    assert root_imports("import batchnorm.functional\nfrom batchnorm import functional as F\n"
+                        "from batchnorm.inference.frozen import FrozenBatchNorm\n"
+                        "from . import report\n", "batchnorm.diagnose") == []
+
+
+def test_library_modules_never_import_the_package_root():
+    """Issue 18: the library's modules import the modules they need, never `batchnorm` itself
+    (its __init__ imports them all: a module importing it runs back up). The reproduction
+    wing (batchnorm/reproduce/) is a user of the library and imports its public names;
+    __init__.py and __main__.py are the root."""
+    offenders, checked = [], 0
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if parts[0] == "reproduce" or parts in (("__init__.py",), ("__main__.py",)):
+            continue
+        package = ".".join(("batchnorm", *parts[:-1]))
+        checked += 1
+        offenders += [f"{'/'.join(parts)}:{n}" for n in root_imports(path.read_text(), package)]
+    assert checked >= 15 and offenders == []
+
+
+def test_diagnose_modules_import_one_way():
+    # report <- problems <- measure <- monitor: each module imports only those before it.
+    order = ["report", "problems", "measure", "monitor"]
+    for k, name in enumerate(order):
+        tree = ast.parse((PACKAGE / "diagnose" / f"{name}.py").read_text())
+        imported = {node.module.rpartition(".")[2] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.startswith("batchnorm.diagnose.")}
+        assert imported <= set(order[:k]), (name, imported)
+    assert set(order) <= {p.stem for p in (PACKAGE / "diagnose").glob("*.py")}
