@@ -13,7 +13,16 @@ import functools
 
 import pytest
 import torch
-from realmodels import MODELS, bn_layers, build
+from realmodels import (
+    MODELS,
+    batches,
+    bn_layers,
+    build,
+    float64_errors,
+    float64_population,
+    inputs,
+    rel_err,
+)
 
 import batchnorm
 
@@ -87,37 +96,22 @@ def _built(name):
     return build(name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    """Drop the built models (about 0.4 GB) when this file is done."""
+    yield
+    _built.cache_clear()
+
+
 def model(name):
     """A fresh copy of the prepared model (building it once per session)."""
     return copy.deepcopy(_built(name))
 
 
-def inputs(seed=1, n=2):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b|."""
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def float64_error(net, x, out):
-    """(error of ``out`` against a float64 copy of ``net``, error of ``net`` itself in float32).
-
-    Folding and freezing change the arithmetic (x * scale + shift instead of (x - mean) /
-    sqrt(var + eps) * gamma + beta), and a deep random-init net amplifies float32 rounding
-    (its own float32 output is up to ~4e-5 off float64 here), so a fixed tolerance against
-    the float32 output would be either loose or flaky: they are checked against float64.
-    """
-    with torch.no_grad():
-        exact = copy.deepcopy(net).double()(x.double())
-        return rel_err(out, exact), rel_err(net(x), exact)
-
-
 def assert_as_exact_as_float32(net, x, out):
     """``out`` is no further from the float64 model than 4x the float32 model is (measured
     worst 2.1x, tv_efficientnet_b0 folded), plus 1e-6 for models whose float32 error is 0."""
-    err, err32 = float64_error(net, x, out)
+    err, err32 = float64_errors(net, x, out)
     assert err <= 4 * err32 + 1e-6, f"error {err:.2e} against float64, float32 model {err32:.2e}"
 
 
@@ -182,27 +176,6 @@ def test_converted_model_traces_with_torch_fx(name):
         assert torch.equal(traced(x), net(x))
 
 
-def float64_population(name, batches):
-    """Algorithm 2's population statistics from torch's own BN: a float64 copy whose BN
-    layers run in training mode with ``momentum=None`` (the cumulative average of the batch
-    mean and unbiased variance over the batches, as ``torch.optim.swa_utils.update_bn``
-    computes) and every other layer in eval mode (dropout and stochastic depth off, as
-    recalibrate runs them)."""
-    net = model(name).double().eval()
-    for _, m in bn_layers(net):
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        for x in batches:
-            net(x.double())
-    return {n: (m.running_mean, m.running_var) for n, m in bn_layers(net)}
-
-
-def batches():
-    return [inputs(seed, n=4) for seed in (10, 11, 12)]
-
-
 @pytest.mark.parametrize("name", cases("recalibrate"))
 def test_recalibrate_matches_cumulative_average(name):
     """recalibrate on the converted model, run in float64, writes the oracle's population
@@ -219,7 +192,7 @@ def test_recalibrate_matches_cumulative_average(name):
         with pytest.raises(ValueError, match="no BN layer"):
             batchnorm.recalibrate(net, data, progress=False)
         return
-    expected = float64_population(name, data)
+    expected = float64_population(model(name), data)
     net64 = copy.deepcopy(net).double()
     assert batchnorm.recalibrate(net64, [x.double() for x in data], progress=False) == len(data)
     assert batchnorm.recalibrate(net, data, progress=False) == len(data)
@@ -270,12 +243,13 @@ def test_freeze_keeps_eval_output_and_unfreeze_restores(name):
     x = inputs()
     batchnorm.freeze(net)
     assert bn_layers(net) == []
+    frozen_layers = [m for m in net.modules() if isinstance(m, batchnorm.FrozenBatchNorm)]
+    assert len(frozen_layers) == len(bn_layers(original))
     with torch.no_grad():
         frozen = net(x)
         assert_as_exact_as_float32(original, x, frozen)
-        for m in net.modules():  # the frozen layers alone (dropout stays off)
-            if isinstance(m, batchnorm.FrozenBatchNorm):
-                m.train()
+        for m in frozen_layers:  # the frozen layers alone (dropout stays off)
+            m.train()
         assert torch.equal(net(x), frozen)
     net.eval()
 
