@@ -31,8 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TIMM_BN_ACT = ("timm_efficientnet_b0", "timm_mobilenetv3_small_100", "timm_regnetx_002")
 PLAIN_BN = [n for n in MODELS if n not in TIMM_BN_ACT and n != "timm_convnext_atto"]
 
-ITEM1 = "issue 15 item 1: our layers do not subclass torch.nn.BatchNorm2d"
-ITEM2 = "issue 15 item 2: torch.fx.symbolic_trace fails on our layers (input.dim() branch)"
 ITEM3_CONVERT = "issue 15 item 3: convert leaves timm's BatchNormAct2d alone, without a word"
 ITEM3_FREEZE = (
     "issue 15 item 3: freeze drops timm BatchNormAct2d's activation, unfreeze rebuilds it with ReLU"
@@ -49,9 +47,7 @@ ITEM4 = "issue 15 item 4: fuse_activations fuses ReLU/LeakyReLU only, not SiLU/H
 ITEM5 = "issue 15 item 5: residual fusion refused when the shortcut comes from a fused block"
 
 # (model, check) -> the open defect it runs into.
-KNOWN = {(n, "isinstance"): ITEM1 for n in PLAIN_BN}
-KNOWN |= {(n, "fx"): ITEM2 for n in PLAIN_BN}
-KNOWN |= {(n, "convert"): ITEM3_CONVERT for n in TIMM_BN_ACT}
+KNOWN = {(n, "convert"): ITEM3_CONVERT for n in TIMM_BN_ACT}
 KNOWN |= {(n, "freeze"): ITEM3_FREEZE for n in TIMM_BN_ACT}
 KNOWN |= {(n, "fold_fx"): ITEM3_FOLD_FX for n in TIMM_BN_ACT}
 KNOWN |= {(n, "fold"): ITEM3_REPORT for n in TIMM_BN_ACT}
