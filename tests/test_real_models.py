@@ -57,13 +57,14 @@ KNOWN |= {(n, "fuse"): ITEM3_REPORT for n in TIMM_BN_ACT}
 KNOWN |= {("tv_efficientnet_b0", "fuse"): ITEM4, ("tv_mobilenet_v3_small", "fuse"): ITEM4}
 KNOWN |= {(n, "fuse"): ITEM5 for n in ("timm_resnet18", "timm_resnet26d", "tv_regnet_y_400mf")}
 
-# BN layers `fold` merges into a neighbour. All but DenseNet's: its norm1 reads the
-# concatenated features and feeds a ReLU (no linear layer on either side).
+# BN layers `fold` merges into a neighbour: all, but in DenseNet only norm0 and each dense
+# layer's norm2 (1 + 58); its norm1s, transition norms and norm5 read concatenated features
+# and feed a ReLU (no linear layer on either side): 62 left.
 FOLDED = {n: None for n in MODELS} | {"tv_densenet121": 59}
 # (plain BN -> activation, BN + add -> activation) pairs `fuse_activations` fuses, counted from
 # the architectures: a BN followed by its own activation module (ReLU, SiLU, Hardswish), and
 # a residual block's last BN whose sum feeds an activation module called only there.
-# torchvision's ResNets call one ReLU module three times per block, so only the stem's fuses;
+# torchvision's ResNets call one ReLU module 2-3 times per block, so only the stem's fuses;
 # EfficientNet's and MobileNetV3's projection BNs and ShuffleNet's branch ends have none.
 FUSED = {
     "tv_resnet18": (1, 0),
