@@ -108,10 +108,12 @@ def model(name):
 
 
 def assert_as_exact_as_float32(net, x, out):
-    """``out`` is no further from the float64 model than 4x the float32 model is (measured
-    worst 2.1x, tv_efficientnet_b0 folded), plus 1e-6 for models whose float32 error is 0."""
+    """``out`` is no further from the float64 model than 8x the float32 model is, plus 1e-6
+    for models whose float32 error is 0. Measured (scripts/real_models.py): at most 3.0x
+    (timm_mobilenetv3_small_100 folded, BatchNormAct2d folded keeping its activation), 2.1x
+    over torchvision's; a dropped activation or a wrong statistic is off by 1e-1 to 1e7."""
     err, err32 = float64_errors(net, x, out)
-    assert err <= 4 * err32 + 1e-6, f"error {err:.2e} against float64, float32 model {err32:.2e}"
+    assert err <= 8 * err32 + 1e-6, f"error {err:.2e} against float64, float32 model {err32:.2e}"
 
 
 def ours(m):
@@ -288,7 +290,7 @@ def check_fold(name, example_inputs):
 def test_fold_with_example_inputs(name):
     """fold(model, example_inputs) (torch.export finds the neighbours) folds the BN layers
     that follow a convolution and reports the others; the output stays within float32
-    rounding (the error against float64 is at most 4x the unfolded model's)."""
+    rounding (the error against float64 is at most 8x the unfolded model's)."""
     check_fold(name, (inputs(),))
 
 
