@@ -24,6 +24,7 @@ machine whose torchvision loads its extension (a matching CPU or CUDA pair) the 
 import succeeds and nothing here runs.
 """
 
+import copy
 import importlib
 import sys
 
@@ -127,3 +128,51 @@ def build(name, seed=0):
     for m, momentum in zip(layers, momenta):
         m.momentum = momentum
     return model.eval()
+
+
+def inputs(seed=1, n=2):
+    """A (n, 3, 32, 32) float32 batch, the same for a given seed."""
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def batches():
+    """The data recalibrate and diagnose see: 3 batches of 4 images."""
+    return [inputs(seed, n=4) for seed in (10, 11, 12)]
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|, in float64."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def float64_errors(net, x, out):
+    """(error of ``out`` against a float64 copy of ``net``, error of ``net`` in float32).
+
+    Folding and freezing change the arithmetic (x * scale + shift instead of (x - mean) /
+    sqrt(var + eps) * gamma + beta), and a deep random-init net amplifies float32 rounding
+    (its own float32 output is up to 5e-4 off float64 here, tv_efficientnet_b0), so a fixed
+    tolerance against the float32 output would be either loose or flaky: both are measured
+    against float64.
+    """
+    with torch.no_grad():
+        exact = copy.deepcopy(net).double()(x.double())
+        return rel_err(out, exact), rel_err(net(x), exact)
+
+
+def float64_population(net, data):
+    """Algorithm 2's population statistics from torch's own BN, {bn name: (mean, var)}.
+
+    A float64 copy of ``net`` whose BN layers run in training mode with ``momentum=None``
+    (the cumulative average of the batch mean and unbiased variance, as
+    ``torch.optim.swa_utils.update_bn`` computes it) and every other layer in eval mode
+    (dropout and stochastic depth off, as recalibrate runs them).
+    """
+    net = copy.deepcopy(net).double().eval()
+    for _, m in bn_layers(net):
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for x in data:
+            net(x.double())
+    return {n: (m.running_mean, m.running_var) for n, m in bn_layers(net)}

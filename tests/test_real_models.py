@@ -10,10 +10,21 @@ still open are marked ``xfail(strict=True)`` with the item, so they turn red whe
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
-from realmodels import MODELS, bn_layers, build
+from realmodels import (
+    MODELS,
+    batches,
+    bn_layers,
+    build,
+    float64_errors,
+    float64_population,
+    inputs,
+    rel_err,
+)
+from torch import nn
 
 import batchnorm
 
@@ -25,13 +36,14 @@ PLAIN_BN = [n for n in MODELS if n not in TIMM_BN_ACT and n != "timm_convnext_at
 # (model, check) -> the open defect it runs into (none left: issue 15 items 1-5 landed).
 KNOWN: dict[tuple[str, str], str] = {}
 
-# BN layers `fold` merges into a neighbour. All but DenseNet's: its norm1 reads the
-# concatenated features and feeds a ReLU (no linear layer on either side).
+# BN layers `fold` merges into a neighbour: all, but in DenseNet only norm0 and each dense
+# layer's norm2 (1 + 58); its norm1s, transition norms and norm5 read concatenated features
+# and feed a ReLU (no linear layer on either side): 62 left.
 FOLDED = {n: None for n in MODELS} | {"tv_densenet121": 59}
 # (plain BN -> activation, BN + add -> activation) pairs `fuse_activations` fuses, counted from
 # the architectures: a BN followed by its own activation module (ReLU, SiLU, Hardswish), and
 # a residual block's last BN whose sum feeds an activation module called only there.
-# torchvision's ResNets call one ReLU module three times per block, so only the stem's fuses;
+# torchvision's ResNets call one ReLU module 2-3 times per block, so only the stem's fuses;
 # EfficientNet's and MobileNetV3's projection BNs and ShuffleNet's branch ends have none.
 FUSED = {
     "tv_resnet18": (1, 0),
@@ -62,38 +74,25 @@ def _built(name):
     return build(name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    """Drop the built models (about 0.4 GB) when this file is done."""
+    yield
+    _built.cache_clear()
+
+
 def model(name):
     """A fresh copy of the prepared model (building it once per session)."""
     return copy.deepcopy(_built(name))
 
 
-def inputs(seed=1, n=2):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b|."""
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def float64_error(net, x, out):
-    """(error of ``out`` against a float64 copy of ``net``, error of ``net`` itself in float32).
-
-    Folding and freezing change the arithmetic (x * scale + shift instead of (x - mean) /
-    sqrt(var + eps) * gamma + beta), and a deep random-init net amplifies float32 rounding
-    (its own float32 output is up to ~4e-5 off float64 here), so a fixed tolerance against
-    the float32 output would be either loose or flaky: they are checked against float64.
-    """
-    with torch.no_grad():
-        exact = copy.deepcopy(net).double()(x.double())
-        return rel_err(out, exact), rel_err(net(x), exact)
-
-
 def assert_as_exact_as_float32(net, x, out):
-    """``out`` is no further from the float64 model than 4x the float32 model is (measured
-    worst 2.1x, tv_efficientnet_b0 folded), plus 1e-6 for models whose float32 error is 0."""
-    err, err32 = float64_error(net, x, out)
-    assert err <= 4 * err32 + 1e-6, f"error {err:.2e} against float64, float32 model {err32:.2e}"
+    """``out`` is no further from the float64 model than 8x the float32 model is, plus 1e-6
+    for models whose float32 error is 0. Measured (scripts/real_models.py): at most 3.0x
+    (timm_mobilenetv3_small_100 folded, BatchNormAct2d folded keeping its activation), 2.1x
+    over torchvision's; a dropped activation or a wrong statistic is off by 1e-1 to 1e7."""
+    err, err32 = float64_errors(net, x, out)
+    assert err <= 8 * err32 + 1e-6, f"error {err:.2e} against float64, float32 model {err32:.2e}"
 
 
 def ours(m):
@@ -103,8 +102,8 @@ def ours(m):
 @pytest.mark.parametrize("name", cases("convert"))
 def test_convert_round_trip(name):
     """convert(to="batchnorm") turns every BN layer into ours with identical outputs in eval
-    and training mode (running statistics included); convert(to="torch") brings back the
-    original classes and the very same state_dict."""
+    and training mode (running statistics included); convert(to="torch") brings back
+    torch's classes, the very same state_dict and the outputs."""
     torch_net, net = model(name), model(name)
     before = {k: v.clone() for k, v in torch_net.state_dict().items()}
     classes = {n: type(m) for n, m in torch_net.named_modules()}
@@ -127,11 +126,20 @@ def test_convert_round_trip(name):
         assert torch.equal(a.num_batches_tracked, b.num_batches_tracked), n
 
     back = batchnorm.convert(model(name), to="batchnorm")
-    batchnorm.convert(back, to="torch")
-    assert {n: type(m) for n, m in back.named_modules()} == classes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batchnorm.convert(back, to="torch")
+    # torch.nn has no BN + activation class: a layer converted from timm's BatchNormAct2d
+    # may stay ours, but never silently (issue 15 item 3's rule): a warning names it.
+    said = " ".join(str(w.message) for w in caught)
+    changed = [n for n, m in back.named_modules() if type(m) is not classes[n]]
+    assert [n for n in changed if not (ours(back.get_submodule(n)) and n in said)] == []
+    assert [n for n in changed if classes[n] is nn.BatchNorm2d] == []
     state = back.state_dict()
     assert state.keys() == before.keys()
     assert all(torch.equal(state[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert rel_err(back(x), model(name)(x)) < 1e-6
 
 
 @pytest.mark.parametrize("name", cases("isinstance", PLAIN_BN))
@@ -157,27 +165,6 @@ def test_converted_model_traces_with_torch_fx(name):
         assert torch.equal(traced(x), net(x))
 
 
-def float64_population(name, batches):
-    """Algorithm 2's population statistics from torch's own BN: a float64 copy whose BN
-    layers run in training mode with ``momentum=None`` (the cumulative average of the batch
-    mean and unbiased variance over the batches, as ``torch.optim.swa_utils.update_bn``
-    computes) and every other layer in eval mode (dropout and stochastic depth off, as
-    recalibrate runs them)."""
-    net = model(name).double().eval()
-    for _, m in bn_layers(net):
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        for x in batches:
-            net(x.double())
-    return {n: (m.running_mean, m.running_var) for n, m in bn_layers(net)}
-
-
-def batches():
-    return [inputs(seed, n=4) for seed in (10, 11, 12)]
-
-
 @pytest.mark.parametrize("name", cases("recalibrate"))
 def test_recalibrate_matches_cumulative_average(name):
     """recalibrate on the converted model, run in float64, writes the oracle's population
@@ -194,7 +181,7 @@ def test_recalibrate_matches_cumulative_average(name):
         with pytest.raises(ValueError, match="no BN layer"):
             batchnorm.recalibrate(net, data, progress=False)
         return
-    expected = float64_population(name, data)
+    expected = float64_population(model(name), data)
     net64 = copy.deepcopy(net).double()
     assert batchnorm.recalibrate(net64, [x.double() for x in data], progress=False) == len(data)
     assert batchnorm.recalibrate(net, data, progress=False) == len(data)
@@ -245,12 +232,13 @@ def test_freeze_keeps_eval_output_and_unfreeze_restores(name):
     x = inputs()
     batchnorm.freeze(net)
     assert bn_layers(net) == []
+    frozen_layers = [m for m in net.modules() if isinstance(m, batchnorm.FrozenBatchNorm)]
+    assert len(frozen_layers) == len(bn_layers(original))
     with torch.no_grad():
         frozen = net(x)
         assert_as_exact_as_float32(original, x, frozen)
-        for m in net.modules():  # the frozen layers alone (dropout stays off)
-            if isinstance(m, batchnorm.FrozenBatchNorm):
-                m.train()
+        for m in frozen_layers:  # the frozen layers alone (dropout stays off)
+            m.train()
         assert torch.equal(net(x), frozen)
     net.eval()
 
@@ -281,7 +269,7 @@ def check_fold(name, example_inputs):
 def test_fold_with_example_inputs(name):
     """fold(model, example_inputs) (torch.export finds the neighbours) folds the BN layers
     that follow a convolution and reports the others; the output stays within float32
-    rounding (the error against float64 is at most 4x the unfolded model's)."""
+    rounding (the error against float64 is at most 8x the unfolded model's)."""
     check_fold(name, (inputs(),))
 
 
