@@ -5,10 +5,12 @@ A layer's ``backend`` chooses (``"auto"``, ``"torch"`` or ``"triton"``):
 - ``"torch"``: always the torch path (validate -> transform -> commit in
   `batchnorm.modules`).
 - ``"auto"`` (the default): the kernels (`batchnorm.kernels`) for a CUDA tensor they take
-  (`kernels.supports`: float32/float16/bfloat16, fewer than 2^31 elements, Triton
-  importable), the torch path for everything else: CPU tensors, float64, tensor subclasses
-  (fake tensors under ``torch.export``, DTensor), and calls the kernels do not implement
-  (`kernel_refusal`).
+  (`kernels.supports`: float32/float16/bfloat16, an address span under 2^31 elements, Triton
+  importable) on a GPU architecture listed in `MEASURED`, the torch path for everything
+  else: CPU tensors, unmeasured architectures, float64, tensor subclasses (fake tensors
+  under ``torch.export``, DTensor), forward-mode AD, and calls the kernels do not implement
+  (`kernel_refusal`). `MEASURED` is empty: the kernels have not run on a GPU yet, so
+  ``"auto"`` is the torch path everywhere and the kernels are opt-in with ``"triton"``.
 - ``"triton"``: the kernels, on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
   (how the tests run them). A call they cannot take raises a ``ValueError`` that says why.
 
@@ -29,9 +31,22 @@ from torch import Tensor
 
 from batchnorm import kernels
 
-__all__ = ["BACKENDS", "check_backend", "kernel_refusal", "use_kernels", "forward_kernels"]
+__all__ = [
+    "BACKENDS",
+    "MEASURED",
+    "check_backend",
+    "kernel_refusal",
+    "use_kernels",
+    "forward_kernels",
+]
 
 BACKENDS = ("auto", "torch", "triton")
+
+# The one switch of ``backend="auto"``: CUDA compute capabilities (major, minor) on which the
+# kernels have passed benchmarks/gpu_check.py and been timed by benchmarks/bench_gpu.py, each
+# mapped to the committed results file that shows it, e.g. {(9, 0): "results/gpu/h200.md"}.
+# Empty: no card has run them yet, so "auto" takes the torch path on every GPU.
+MEASURED: dict[tuple[int, int], str] = {}
 
 
 def check_backend(layer, backend: str) -> None:
@@ -61,9 +76,14 @@ def _setting_refusal(layer) -> str | None:
     return None
 
 
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _auto_takes(input: Tensor) -> bool:
-    """The device rule of ``backend="auto"``: CUDA tensors only (the interpreter is for tests)."""
-    return input.is_cuda
+    """The device rule of ``backend="auto"``: a CUDA tensor on a GPU whose architecture is in
+    `MEASURED` (the interpreter is for tests)."""
+    return input.is_cuda and bool(MEASURED) and _capability(input.device) in MEASURED
 
 
 def _traced() -> bool:

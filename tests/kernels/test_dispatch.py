@@ -43,6 +43,39 @@ def test_auto_takes_the_torch_path_on_cpu_tensors(spy):
     assert spy == [] and not dispatch.use_kernels(layer, x)
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CPU tensors pass for CUDA ones of compute capability 9.0 (the interpreter runs the
+    kernels): what ``backend="auto"`` sees on an H100/H200."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_auto_takes_the_kernels_only_on_measured_architectures(fake_gpu, spy, monkeypatch, fused):
+    layer = batchnorm.BatchNormAct2d(3) if fused else batchnorm.BatchNorm2d(3)
+    ref = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    expected = ref(x)
+    if fused:
+        expected = torch.relu(expected)
+    assert dispatch.MEASURED == {}  # shipped empty: no card has run the kernels yet
+    torch.testing.assert_close(layer(x), expected)
+    assert spy == [] and not dispatch.use_kernels(layer, x)
+    monkeypatch.setitem(dispatch.MEASURED, (8, 0), "results/gpu/a100.md")
+    layer(x)
+    assert spy == []  # another architecture's results say nothing about this one
+    monkeypatch.setitem(dispatch.MEASURED, (9, 0), "results/gpu/h200.md")
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(spy) == 1 and dispatch.use_kernels(layer, x)
+
+
+def test_triton_is_opt_in_on_unmeasured_architectures(fake_gpu, spy):
+    layer = batchnorm.BatchNorm2d(3, backend="triton")
+    layer(torch.randn(4, 3, 5, 5))
+    assert len(spy) == 1
+
+
 def test_auto_rules_where_the_device_qualifies(monkeypatch):
     # auto's device rule is CUDA only; pretend the CPU qualifies to test every other rule.
     monkeypatch.setattr(dispatch, "_auto_takes", lambda t: True)
