@@ -14,10 +14,14 @@ A layer's ``backend`` chooses (``"auto"``, ``"torch"`` or ``"triton"``):
 - ``"triton"``: the kernels, on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
   (how the tests run them). A call they cannot take raises a ``ValueError`` that says why.
 
-Both ``"auto"`` and ``"triton"`` take the torch path under ``torch.compile`` and inside
-``torch.func`` transforms: the kernels are an ``autograd.Function`` around Triton launches,
-not registered custom operators, so those tools cannot trace them (torch.compile generates its
-own fused kernels from the torch path instead).
+Both ``"auto"`` and ``"triton"`` take the torch path under ``torch.compile``, inside
+``torch.func`` transforms and under forward-mode AD (``torch.autograd.forward_ad``): the
+kernels are an ``autograd.Function`` around Triton launches, not registered custom operators,
+so those tools cannot trace them (torch.compile generates its own fused kernels from the torch
+path instead), and they have no forward-mode derivative. A backward through the kernels that
+is itself differentiated (``create_graph=True``) or batched (``is_grads_batched=True``) is
+computed in torch operations (`batchnorm.kernels.function`); with memory saving, a double
+backward raises (x was not kept).
 
 The kernel call is transform and commit in one (like the layer's ``_forward_fused``): it
 leaves the buffers and counters as the torch path's commit step would (Algorithm 1 and the
@@ -95,9 +99,9 @@ def kernel_refusal(layer, input: Tensor, mask: Tensor | None = None, residual=No
     """Why the kernels cannot take this call, or None when they can.
 
     The call is refused for a mask, a non-fusable layer (Batch Renorm, SyncBatchNorm),
-    ``backward="paper"``, Ghost BN, and an input `kernels.supports` rejects (CPU without the
-    interpreter, float64, rank < 2, 2^31 elements or more, Triton missing) or a tensor
-    subclass.
+    ``backward="paper"``, Ghost BN, and an input or residual `kernels.supports` rejects (CPU
+    without the interpreter, float64, rank < 2, 2^31 elements or an address span that large,
+    Triton missing) or a tensor subclass.
     """
     why = _setting_refusal(layer)
     if why is not None:
@@ -107,19 +111,21 @@ def kernel_refusal(layer, input: Tensor, mask: Tensor | None = None, residual=No
     for name, t in (("input", input), ("residual", residual)):
         if t is not None and type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
             return f"the {name} is a tensor subclass ({type(t).__name__})"
-    if not kernels.supports(input):
-        if not kernels.is_available():
-            return "Triton is not installed (it ships with PyTorch's CUDA builds)"
-        device = (
-            "a CUDA device, or the CPU under TRITON_INTERPRET=1"
-            if input.device.type == "cpu"
-            else "a CUDA device"
-        )
-        return (
-            f"the kernels take float32, float16 or bfloat16 tensors of rank >= 2 with fewer "
-            f"than 2^31 elements on {device}; got {input.dtype}, shape {tuple(input.shape)} on "
-            f"{input.device}"
-        )
+    for name, t in (("input", input), ("residual", residual)):
+        if t is not None and not kernels.supports(t):
+            if not kernels.is_available():
+                return "Triton is not installed (it ships with PyTorch's CUDA builds)"
+            device = (
+                "a CUDA device, or the CPU under TRITON_INTERPRET=1"
+                if t.device.type == "cpu"
+                else "a CUDA device"
+            )
+            return (
+                f"the kernels take float32, float16 or bfloat16 tensors of rank >= 2 on "
+                f"{device}, with fewer than 2^31 elements over an address span under 2^31 "
+                f"elements (int32 offsets); got a {name} of {t.dtype}, shape "
+                f"{tuple(t.shape)}, strides {t.stride()} on {t.device}"
+            )
     return None
 
 
@@ -135,7 +141,11 @@ def use_kernels(layer, input: Tensor, mask: Tensor | None = None, residual=None)
         return False
     if backend == "auto" and not _auto_takes(input):
         return False
-    if _traced() or torch._C._functorch.is_functorch_wrapped_tensor(input):
+    if (
+        _traced()
+        or kernels.transformed(input)
+        or kernels.has_tangent(input, residual, layer.weight, layer.bias)
+    ):
         return False
     why = kernel_refusal(layer, input, mask, residual)
     if why is None:

@@ -230,3 +230,79 @@ def test_memory_saving_gradients_equal_the_standard_ones_and_free_the_input(rand
     assert kept_std and not kept_save
     with pytest.raises(ValueError, match="residual"):
         saving(x, torch.zeros_like(x))
+
+
+# Regressions of an audit of the kernels (issue 16), through the layers.
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's float16 overflow, interpreted
+def test_half_precision_layer_skips_what_float16_cannot_store(spy):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5) * 1000).half()
+    kernel = batchnorm.BatchNorm2d(3, backend="triton").half()
+    torch_path = batchnorm.BatchNorm2d(3, backend="torch").half()
+    kernel(x)
+    torch_path(x)
+    assert len(spy) == 1
+    for name, value in torch_path.named_buffers():
+        torch.testing.assert_close(kernel.get_buffer(name), value, msg=name)
+    assert kernel.num_batches_skipped.item() == 1
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 0, 5), (4, 0, 5, 5)])
+def test_empty_input_on_the_kernels_is_the_torch_paths(spy, shape):
+    for training in (True, False):
+        kernel = batchnorm.BatchNormAct2d(shape[1], backend="triton").train(training)
+        torch_path = batchnorm.BatchNormAct2d(shape[1], backend="torch").train(training)
+        x = torch.randn(shape, requires_grad=True)
+        y = kernel(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        if shape[1] == 0 and not training:
+            continue  # torch.nn's BN (and so the torch path) fails on C = 0 in eval mode
+        torch_path(x)
+        for name, value in torch_path.named_buffers():
+            torch.testing.assert_close(kernel.get_buffer(name), value, msg=name)
+    assert len(spy) == 2
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_forward_mode_ad_takes_the_torch_path(fake_gpu, spy, monkeypatch, backend, randomize):
+    from torch.autograd import forward_ad
+
+    monkeypatch.setitem(dispatch.MEASURED, (9, 0), "results/gpu/h200.md")
+    layer = randomize(batchnorm.BatchNormAct2d(3, activation="leaky_relu", backend=backend))
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(layer.state_dict())
+    x, t = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    with forward_ad.dual_level():
+        y = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, t)))
+        y_ref = forward_ad.unpack_dual(TF.leaky_relu(ref(forward_ad.make_dual(x, t)), 0.01))
+    torch.testing.assert_close(y.primal, y_ref.primal)
+    torch.testing.assert_close(y.tangent, y_ref.tangent)
+    assert spy == []
+    torch.testing.assert_close(layer.running_mean, ref.running_mean)
+    layer(x)  # no forward AD: the kernels again
+    assert len(spy) == 1
+
+
+def test_huge_address_span_takes_the_torch_path(fake_gpu, spy, monkeypatch):
+    # 24 values over 2^31 + 12 addresses: auto falls back, triton says why. The big tensor is
+    # address space only: the pages never written are never allocated.
+    monkeypatch.setitem(dispatch.MEASURED, (9, 0), "results/gpu/h200.md")
+    big = torch.empty(2**31 + 16)
+    x = big.as_strided((2, 3, 2, 2), (2**31, 4, 2, 1))
+    x.copy_(torch.randn(2, 3, 2, 2))
+    torch.testing.assert_close(batchnorm.BatchNorm2d(3)(x), nn.BatchNorm2d(3)(x.clone()))
+    assert spy == []
+    with pytest.raises(ValueError, match="address span"):
+        batchnorm.BatchNorm2d(3, backend="triton")(x)
+    # Such a residual: the fused call is refused; BN alone runs on the kernels (its input
+    # qualifies), the add and the activation in torch.
+    ref = nn.BatchNorm2d(3)
+    torch.testing.assert_close(
+        batchnorm.BatchNormAct2d(3)(x.clone(), x), torch.relu(ref(x.clone()) + x),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+    assert spy == ["identity"]
