@@ -144,7 +144,7 @@ def use_kernels(layer, input: Tensor, mask: Tensor | None = None, residual=None)
     if (
         _traced()
         or kernels.transformed(input)
-        or kernels.has_tangent(input, residual, layer.weight, layer.bias)
+        or kernels.has_tangent(input, residual, *layer._parameters.values())
     ):
         return False
     why = kernel_refusal(layer, input, mask, residual)
