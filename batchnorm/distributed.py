@@ -287,8 +287,8 @@ class SyncBatchNorm(_BatchNormBase):
         # sync). If N <= 1 every rank has n <= 1, so every rank reads it and acts together.
         local = F._values_per_channel(input, 1) if mask is None else int(mask.sum().item())
         if local <= 1 and int(stats.count) <= 1:
-            if int(stats.count) == 0:  # every rank's batch is empty: nothing to normalize by
-                return F._empty_output(input, self.weight, self.bias, 1), None
+            if int(stats.count) == 0:  # every rank's batch is empty or fully masked:
+                return super()._transform(input, mask)  # the single-process answer, (y, None)
             raise ValueError(
                 "Expected more than 1 value per channel when training, got "
                 f"{int(stats.count)} over all {dist.get_world_size(self.process_group)} ranks "

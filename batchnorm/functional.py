@@ -27,7 +27,9 @@ sigma2_B = batch variance, E[x] = ``running_mean``, Var[x] = ``running_var``.
   produces its non-finite output, but the running statistics stay unchanged. ``updated``,
   whether they moved, is always a 0-d bool tensor on the statistics' device: one type in
   eager mode, under torch.compile and torch.func, on any device, and never a host sync.
-- An empty batch (N = 0) in training gives an empty output and moves nothing.
+- An empty batch (N = 0) in training gives an empty output and moves nothing, counters
+  included (torch counts it in ``num_batches_tracked``); so does a batch whose mask selects no
+  position, whose output is then the map without statistics, gamma * x + beta.
 - Training needs more than one value per channel (the variance of one value is undefined).
 
 The layers' forward reads top to bottom as validate -> transform -> commit: a transform
@@ -494,8 +496,8 @@ def batch_norm_transform(
             from torch's kernel, which keeps its own).
 
     Returns:
-        (y, BatchStats(mu_B, sigma2_B, m) detached) or (y, None) for an empty batch (or
-        ``stats=False`` on the native path).
+        (y, BatchStats(mu_B, sigma2_B, m) detached) or (y, None) for an empty batch, a mask
+        that selects no position (or ``stats=False`` on the native path).
     """
     axis = _channel_axis(input, axis)
     count = _values_per_channel(input, axis)
@@ -522,17 +524,27 @@ def batch_norm_transform(
     return output, batch
 
 
-def _masked_transform(input, weight, bias, eps, axis, mask) -> tuple[Tensor, BatchStats]:
+def _masked_transform(input, weight, bias, eps, axis, mask) -> tuple[Tensor, BatchStats | None]:
     s = batch_stats(input, axis, mask)
-    _check_training_batch(input, axis, s.count, " selected by the mask")
-    scale, shift = inference_affine(s.mean, s.var, weight, bias, eps)
+    if s.count == 0:
+        # Every position is padding: no statistics, as in an empty batch, so nothing to commit
+        # (None), and the empty batch's map gamma * x + beta; like all padding, it reaches no
+        # gradient of gamma and beta (the selected branch below is empty).
+        one = torch.ones_like(s.mean)
+        scale = one if weight is None else one * weight
+        shift = one - 1 if bias is None else (one - 1) + bias
+        stats = None
+    else:
+        _check_training_batch(input, axis, s.count, " selected by the mask")
+        scale, shift = inference_affine(s.mean, s.var, weight, bias, eps)
+        stats = BatchStats(s.mean.detach(), s.var.detach(), s.count)
     keep = mask.unsqueeze(axis)
     x = input.to(scale.dtype)
     scale_c, shift_c = _per_channel(scale, input, axis), _per_channel(shift, input, axis)
     valid = torch.addcmul(shift_c, torch.where(keep, x, 0.0), scale_c)
     padding = torch.addcmul(shift_c.detach(), x, scale_c.detach())
     output = torch.where(keep, valid, padding).to(input.dtype)
-    return output, BatchStats(s.mean.detach(), s.var.detach(), s.count)
+    return output, stats
 
 
 def _ghost_groups(input: Tensor, axis: int, v: int) -> tuple[Tensor, int]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import dispatch as _dispatch
@@ -143,6 +144,8 @@ class _BatchNormActMixin(_Activated):
         self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """act(BN(input) + residual); ``mask`` as for the BN layers (torch path only)."""
+        if isinstance(input, Proxy):
+            return M._fx_leaf(self, input, residual, mask)
         _check_residual(self, input, residual)
         backend = self.backend
         if backend != "torch" and (input.is_cuda or backend == "triton"):
@@ -244,6 +247,8 @@ class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
         self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """act(FrozenBatchNorm(input) + residual); ``mask`` checked and ignored, as there."""
+        if isinstance(input, Proxy):
+            return M._fx_leaf(self, input, residual, mask)
         _check_residual(self, input, residual)
         return self._activate(super().forward(input, mask), residual)
 

@@ -2,9 +2,11 @@
 Batch Renormalization; one forward for all of them (validate -> transform -> commit).
 
 The layers own gamma/beta and the running buffers; every statistical convention is stated
-once, in `batchnorm.functional`'s docstring. They subclass torch's `_BatchNorm`, so names,
-defaults, state_dict keys, checkpoint migration and ``isinstance`` checks of torch's tooling
-carry over unchanged.
+once, in `batchnorm.functional`'s docstring. They subclass torch's `_BatchNorm`, and
+BatchNorm1d/2d/3d torch's class of the same name, so names, defaults, state_dict keys,
+checkpoint migration and ``isinstance`` checks of torch's tooling and of model code (weight
+init, weight decay, precise BN) carry over unchanged; torch.fx traces each as one call
+(`_fx_leaf`) and torch's ``fuse_modules`` folds them (`_register_torch_fusers`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from batchnorm import dispatch as _dispatch
 from batchnorm import functional as F
@@ -46,6 +49,35 @@ def _host_readable(t: Tensor) -> bool:
     )
 
 
+def _fx_leaf(layer: nn.Module, input: Proxy, *args) -> Proxy:
+    """``layer(input, *args)`` as one ``call_module`` node of the torch.fx trace ``input`` is in.
+
+    torch.fx's tracer keeps torch.nn's modules as calls (leaves) and traces through every other
+    module's code; ours branch in Python on shapes and values (the checks, the empty batch,
+    the guard), which a symbolic trace cannot follow. So every BN-like layer here (BN, Batch
+    Renorm, SyncBatchNorm, BatchNormAct, FrozenBatchNorm) opens its forward with
+    ``if isinstance(input, Proxy): return _fx_leaf(self, input, ...)``: it records its own
+    call, as the tracer records a leaf, and a ``torch.fx.GraphModule`` then runs the layer's
+    forward (checks, mask, residual, commit) on real tensors, in training and eval mode.
+    ``args`` are the forward's other arguments; trailing Nones are left out (``bn(x)``).
+
+    Raises:
+        torch.fx.proxy.TraceError: ``layer`` is the module being traced (``symbolic_trace(bn)``),
+            which cannot be a call of itself (torch.nn's BN layers fail there too).
+    """
+    tracer = input.tracer
+    path = tracer.path_of_module(layer)
+    if not path:
+        raise torch.fx.proxy.TraceError(
+            f"torch.fx traces the code of the root module, and {type(layer).__name__}'s forward "
+            "branches on its input (as torch.nn's BN layers do): trace a model that contains "
+            "the layer instead, e.g. symbolic_trace(nn.Sequential(layer)), where it is one call"
+        )
+    while args and args[-1] is None:
+        args = args[:-1]
+    return tracer.create_proxy("call_module", path, (input, *args), {})
+
+
 class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
     """The one forward of every BN layer here: validate -> transform -> commit.
 
@@ -67,8 +99,10 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
     Beyond torch's module: a batch with non-finite statistics never reaches the running
     statistics (the update is skipped and counted in ``num_batches_skipped``, a buffer that is
     not saved in the state_dict so checkpoints stay interchangeable with torch's); an empty
-    batch (N = 0) moves nothing, counters included; ``backward="paper"`` selects the paper's
-    backward pass; `inference_affine` exposes Algorithm 2's per-channel scale and shift.
+    batch (N = 0), or one whose mask selects no position, moves nothing, counters included
+    (torch counts an empty batch in ``num_batches_tracked``); ``backward="paper"`` selects the
+    paper's backward pass; `inference_affine` exposes Algorithm 2's per-channel scale and
+    shift.
     """
 
     _ranks: tuple[int, ...] = ()  # accepted input ranks; empty means any rank >= 2
@@ -128,6 +162,8 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, the input's shape without the channel axis)
         keeps padded positions out of the batch statistics in training."""
+        if isinstance(input, Proxy):
+            return _fx_leaf(self, input, mask)
         self._check_input_dim(input, mask)
         backend = self.backend  # the Triton kernels: batchnorm.dispatch (auto: CUDA only)
         if backend != "torch" and (input.is_cuda or backend == "triton"):
@@ -368,10 +404,11 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         return text
 
 
-class BatchNorm1d(_BatchNormBase):
+class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
     """BN over (N, C) or (N, C, L): per activation, or per channel over N and L (Sec. 3, 3.2).
 
-    Drop-in for ``torch.nn.BatchNorm1d`` (same arguments, defaults, parameters and buffers).
+    Drop-in for ``torch.nn.BatchNorm1d``, and a subclass of it (same arguments, defaults,
+    parameters and buffers).
 
     Shape: input (N, C) or (N, C, L); output the same.
 
@@ -384,10 +421,11 @@ class BatchNorm1d(_BatchNormBase):
     _ranks = (2, 3)
 
 
-class BatchNorm2d(_BatchNormBase):
+class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
     """BN per feature map of (N, C, H, W), over N, H and W: m' = m*p*q values each (Sec. 3.2).
 
-    Drop-in for ``torch.nn.BatchNorm2d``; channels_last input is handled without copies.
+    Drop-in for ``torch.nn.BatchNorm2d``, and a subclass of it; channels_last input is handled
+    without copies.
 
     Example:
         >>> bn = BatchNorm2d(64)
@@ -398,10 +436,10 @@ class BatchNorm2d(_BatchNormBase):
     _ranks = (4,)
 
 
-class BatchNorm3d(_BatchNormBase):
+class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
     """BN per feature map of (N, C, D, H, W), over N, D, H and W (Sec. 3.2).
 
-    Drop-in for ``torch.nn.BatchNorm3d``.
+    Drop-in for ``torch.nn.BatchNorm3d``, and a subclass of it.
     """
 
     _ranks = (5,)
@@ -496,3 +534,29 @@ class BatchRenorm2d(_BatchRenormMixin, BatchNorm2d):
 
 class BatchRenorm3d(_BatchRenormMixin, BatchNorm3d):
     """Batch Renormalization per feature map of (N, C, D, H, W); see `_BatchRenormMixin`."""
+
+
+def _register_torch_fusers() -> None:
+    """Let ``torch.ao.quantization.fuse_modules`` fuse our BatchNorm1d/2d/3d as torch's.
+
+    torch looks a fuser method up by the exact classes of the modules to fuse ((Conv2d,
+    BatchNorm2d), (Conv2d, BatchNorm2d, ReLU), (Linear, BatchNorm1d), ...), so a subclass is
+    "not found" although its eval-mode map is torch's (Algorithm 2, step 3). Each entry of
+    torch's table that folds one of torch's BN classes into the conv or linear layer before it
+    is entered once more with ours in its place and the same fuser method; nothing of torch's
+    is changed. BN + ReLU (torch's ``BNReLU2d``) and fusing in training mode
+    (quantization-aware training) stay torch's alone: their fused modules take only torch's
+    classes.
+    """
+    from torch.ao.quantization import fuser_method_mappings
+
+    table = getattr(fuser_method_mappings, "_DEFAULT_OP_LIST_TO_FUSER_METHOD", None)
+    if not isinstance(table, dict):  # a torch that moved it; tests/test_dropin.py notices
+        return
+    ours = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+    for key, method in list(table.items()):
+        if isinstance(key, tuple) and key[0] not in ours and any(cls in ours for cls in key):
+            table.setdefault(tuple(ours.get(cls, cls) for cls in key), method)
+
+
+_register_torch_fusers()

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from batchnorm.reproduce import run_folder
+from batchnorm.reproduce import provenance
 from batchnorm.reproduce.models.mlp import MLP, SIZES, StackedMLP
 
 N_TRAIN, BATCH, LR = 60_000, 60, 0.5
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} steps")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{threads} torch threads")
-    git = run_folder.git_state()
+    git = provenance.git_state()
     print(f"git {git['revision']}{' (dirty)' if git['dirty'] else ''}; "
           "command: .venv/bin/python " + " ".join(sys.argv))
     print()

@@ -561,7 +561,7 @@ def card_name(plan: Plan) -> str:
 
 
 def header(plan: Plan, argv) -> list[str]:
-    from batchnorm.reproduce import run_folder
+    from batchnorm.reproduce import provenance
 
     try:
         import triton
@@ -569,7 +569,7 @@ def header(plan: Plan, argv) -> list[str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    git = run_folder.git_state()
+    git = provenance.git_state()
     device = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU (Triton interpreter)"
     return [
         f"# bench_gpu: {device}",

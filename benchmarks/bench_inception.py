@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import batchnorm
-from batchnorm.reproduce import run_folder
+from batchnorm.reproduce import provenance
 from batchnorm.reproduce.models.inception import build_inception, parameter_count
 
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     setup = {
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "git": run_folder.git_state(),
+        "git": provenance.git_state(),
         "threads": torch.get_num_threads(),
         "batch": args.batch,
         "input": size,

@@ -4,7 +4,7 @@ Every setting trains both nets from the same seed-0 weights (scaled by the init 
 same batches, all settings at once in one `StackedMLP` per net, and is scored by the largest
 distance to the paper's curve from 10K steps on. Usage:
 
-    .venv/bin/python scripts/sweep_fig1.py --steps 50000 --out results/fig1_sweep
+    .venv/bin/python scripts/sweep_fig1.py --steps 50000 --out results/fig1_sweep/fig1_sweep_d
 
 writes <out>.json (every curve) and <out>.md (the ranked table).
 """
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from batchnorm.reproduce import run_folder
-from batchnorm.reproduce.fig1 import Fig1Config, _load_data, initial_models
-from batchnorm.reproduce.fig1_report import NETS, PAPER_ACCURACY
+from batchnorm.reproduce.fig1 import _load_data, initial_models
+from batchnorm.reproduce.fig1_config import NETS, Fig1Config
+from batchnorm.reproduce.fig1_report import PAPER_ACCURACY
 from batchnorm.reproduce.models.mlp import StackedMLP
+from batchnorm.reproduce.provenance import provenance
 from batchnorm.reproduce.train import epoch_permutation, set_threads
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=2500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="results/fig1_sweep")
+    parser.add_argument("--out", default="results/fig1_sweep/fig1_sweep")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     base = Fig1Config(seed=args.seed)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                      "at_paper_steps": {str(st): [acc["baseline"].get(st), acc["bn"].get(st)]
                                         for st in PAPER_ACCURACY}})
     rows.sort(key=lambda r: (r["max_gap_from_10k"] is None, r["max_gap_from_10k"]))
-    record = {**run_folder.provenance(),  # versions, machine, git revision, command
+    record = {**provenance(),  # versions, machine, git revision, command
               "seed": args.seed, "steps": args.steps, "batch_size": b, "optimizer": "plain SGD",
               "threads": args.threads, "data": source, "seconds": round(seconds, 1),
               "ranked": rows, "curves": {name: {f"lr={g[0]},std={g[1]}": curves[name][k]

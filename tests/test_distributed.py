@@ -233,12 +233,22 @@ def _check_mask(rank, device):
 
 
 def _check_all_empty(rank, device):
-    """Issue 8, defect 8: N = 0 on every rank is an empty output; nothing moves anywhere."""
+    """Issue 8, defect 8: N = 0 on every rank is an empty output; nothing moves anywhere.
+    Issue 15: so is a mask that selects nothing on any rank (output gamma * x + beta, no
+    gradient to gamma and beta from the padding)."""
     sync = SyncBatchNorm(3, device=device, dtype=torch.float64)
     x = torch.randn(0, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
     y = sync(x)
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(sync.running_var, torch.ones_like(sync.running_var))
+    assert int(sync.num_batches_tracked) == 0 and int(sync.num_batches_skipped) == 0
+    sync.zero_grad()
+    x = torch.randn(2 + rank, 3, 2, dtype=torch.float64, device=device)
+    y = sync(x, mask=torch.zeros(2 + rank, 2, dtype=torch.bool, device=device))
+    y.sum().backward()
+    torch.testing.assert_close(y, sync.weight[:, None] * x + sync.bias[:, None])
+    assert torch.equal(sync.weight.grad, torch.zeros_like(sync.weight))
     assert torch.equal(sync.running_var, torch.ones_like(sync.running_var))
     assert int(sync.num_batches_tracked) == 0 and int(sync.num_batches_skipped) == 0
 

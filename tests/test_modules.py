@@ -362,8 +362,9 @@ EMPTY = [  # (layer, empty input): every layer kind, N = 0
 
 @pytest.mark.parametrize("make,shape", EMPTY)
 def test_empty_batch_in_training_leaves_the_state_alone(make, shape):
-    # Defect 8: torch returns an empty output and leaves the statistics alone; so do we,
-    # counters included (an empty batch is no batch for the cumulative average).
+    # Defect 8: torch returns an empty output and leaves the statistics alone but counts the
+    # batch in num_batches_tracked; we leave the counters alone too (an empty batch is no
+    # batch for the cumulative average: tests/test_dropin.py measures the difference).
     layer = make()
     layer(torch.randn(8, *shape[1:]))  # some state to keep
     before = {k: v.clone() for k, v in layer.state_dict().items()}

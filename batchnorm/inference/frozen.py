@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from batchnorm import functional as F
 from batchnorm import modules as M
@@ -150,6 +151,8 @@ class FrozenBatchNorm(nn.Module):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Algorithm 2's map of ``input``; ``mask`` is checked and ignored, as the BN layers
         ignore it in eval mode (so a model that passes one keeps working once frozen)."""
+        if isinstance(input, Proxy):
+            return M._fx_leaf(self, input, mask)
         if input.dim() < 2 or input.shape[self.axis] != self.num_features:
             raise ValueError(
                 f"FrozenBatchNorm({self.num_features}) expected {self.num_features} channels on "

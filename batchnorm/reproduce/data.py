@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchnorm.reproduce.run_folder import atomic_write
+from batchnorm.reproduce.atomic import atomic_write
 
 
 class DataUnavailable(RuntimeError):

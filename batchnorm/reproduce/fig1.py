@@ -30,7 +30,6 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,55 +37,17 @@ from tqdm import tqdm
 
 import batchnorm
 from batchnorm.reproduce import fig1_plot, fig1_report, run_folder
+from batchnorm.reproduce.atomic import write_json, write_text
 from batchnorm.reproduce.data import DataUnavailable
-from batchnorm.reproduce.fig1_report import NETS
+from batchnorm.reproduce.fig1_config import NETS, Fig1Config
+from batchnorm.reproduce.flags import Flag, add_flags, existing_folder, open_from_args, require
 from batchnorm.reproduce.models.mlp import MLP, SIZES, StackedMLP
-from batchnorm.reproduce.run_folder import SEED_MAX, Flag, RunFolderError, finite, require
 from batchnorm.reproduce.train import (
     epoch_permutation,
     load_checkpoint,
     save_checkpoint,
     set_threads,
 )
-
-TRAIN_IMAGES = 60_000  # MNIST's training set: the largest mini-batch a run can draw
-
-
-@dataclass(frozen=True)
-class Fig1Config:
-    """Every setting of a Figure 1 run; the CLI only parses flags into this."""
-
-    steps: int = 50_000  # SGD steps per network (paper: 50,000)
-    batch_size: int = 60  # examples per mini-batch (paper: 60)
-    lr: float = 0.16  # plain SGD learning rate, both nets (paper: not stated; see docs/fig1.md)
-    init_std: float = 0.04  # std of the Gaussian initial weights (paper: "small"; not stated)
-    seeds: int = 1  # number of seeds trained (seed, seed+1, ...), all in one batched stack
-    seed: int = 0  # first seed: initial weights and batch order
-    eval_every: int = 500  # test evaluation interval in steps (paper: about 500)
-    checkpoint_every: int = 5000  # steps between atomic checkpoints (at the next evaluation)
-    unit: int = 7  # which sigmoid of the last hidden layer panels (b, c) follow; fixed up front
-    eps: float = 1e-5  # BN's eps inside the square root (paper: not stated; torch's default)
-    momentum: float = 0.1  # weight of the new batch in BN's moving averages (torch convention)
-    population_batches: int = 1000  # Algorithm 2: training batches averaged at the end
-    threads: int | None = None  # torch intra-op threads without parallel_nets (None: the cores)
-    parallel_nets: bool = True  # the two nets in two Python threads, one torch thread each
-    data_dir: str | None = None  # MNIST IDX folder; None: batchnorm.reproduce.data's search
-
-    def __post_init__(self) -> None:
-        for field in ("steps", "seeds", "eval_every", "checkpoint_every", "population_batches"):
-            require(getattr(self, field) >= 1, field, "an integer >= 1", getattr(self, field))
-        require(self.threads is None or self.threads >= 1, "threads", ">= 1", self.threads)
-        require(0 <= self.seed <= SEED_MAX - self.seeds + 1, "seed",
-                f"in 0..{SEED_MAX - self.seeds + 1} (torch seeds end at 2**64 - 1)", self.seed)
-        require(2 <= self.batch_size <= TRAIN_IMAGES, "batch_size",
-                f"between 2 and the {TRAIN_IMAGES:,} training images", self.batch_size)
-        for field in ("lr", "init_std", "eps"):
-            value = getattr(self, field)
-            require(finite(value) and value > 0, field, "a finite number > 0", value)
-        require(0 < self.momentum <= 1, "momentum", "in (0, 1]", self.momentum)
-        require(0 <= self.unit < SIZES[-2], "unit",
-                f"a unit of the last hidden layer (0..{SIZES[-2] - 1})", self.unit)  # fmt: skip
-
 
 # --------------------------------------------------------------------------------------------
 # Data and initialization.
@@ -223,7 +184,7 @@ def _check_resume(out: Path, record: dict, config: Fig1Config) -> dict | None:
     # The checkpoint to continue from (None: the run was stopped before its first one and
     # starts again from step 0), if the resume has work to do (train further, or finish the
     # analysis of an interrupted run); RunFolderError otherwise.
-    path = Path(out) / "checkpoint.pt"
+    path = out / "checkpoint.pt"
     state = load_checkpoint(path) if path.is_file() else None
     done = state["step"] if state is not None else 0
     trained = state["step"] if state is not None else record["config"]["steps"]
@@ -235,7 +196,7 @@ def _check_resume(out: Path, record: dict, config: Fig1Config) -> dict | None:
 
 def run(
     config: Fig1Config,
-    out: str | os.PathLike,
+    out: str | os.PathLike | run_folder.RunFolder,
     *,
     resume: bool = False,
     progress: bool = True,
@@ -245,7 +206,8 @@ def run(
 
     Args:
         config: the settings; with ``resume``, the recorded ones (``steps`` may be larger).
-        out: the run folder: new (refused if it holds anything) or, with ``resume``, the run.
+        out: the run folder: new (refused if it holds anything) or, with ``resume``, the run;
+            or the `run_folder.RunFolder` the command line opened (checked there, not again).
         resume: continue from ``out/checkpoint.pt`` (from step 0 when the run stopped before
             its first checkpoint) with the folder's thread count; refused when the run is
             finished and ``config.steps`` asks for no more steps.
@@ -258,24 +220,20 @@ def run(
         SettingError: ``batch_size`` exceeds the training set found on disk.
         DataUnavailable: MNIST is missing or fails a check (nothing is written).
     """
-    out = Path(out)
     start_time = time.perf_counter()
-    if resume:
-        record = run_folder.read_record(out, "fig1")
-        state = _check_resume(out, record, config)
-    else:
-        run_folder.check_new(out)  # before loading the data
+    # The folder is checked (and a resume's checkpoint read) before the data is loaded.
+    folder = run_folder.open_run(out, "fig1", config, resume=resume, check=_check_resume)
+    out, state = folder.path, folder.state
     x_train, onehot, x_test, y_test, source = _load_data(config)
     require(config.batch_size <= len(x_train), "batch_size",
             f"at most the {len(x_train):,} training images", config.batch_size)  # fmt: skip
     seeds = _seeds(config)
-    if resume:
-        set_threads(record["machine"]["torch_threads"])
-        run_folder.record_resume(out, record, config)
+    if folder.resuming:
+        set_threads(folder.record["machine"]["torch_threads"])
     else:
         set_threads(1 if config.parallel_nets else config.threads)
-        run_folder.create(out, "fig1", config, seeds=seeds, data=source)
-    if resume and state is not None:
+    folder.start(config, seeds=seeds, data=source)
+    if state is not None:
         start, history = state["step"], state["history"]
         sessions = state.get("sessions", [])
         nets = {
@@ -371,10 +329,10 @@ def run(
         "sessions": sessions,
         "total_seconds_last_session": round(time.perf_counter() - start_time, 3),
     }
-    run_folder.write_json(out / "summary.json", summary)
-    run_folder.write_text(out / "report.md", fig1_report.make_report(summary, config, out))
+    write_json(out / "summary.json", summary)
+    write_text(out / "report.md", fig1_report.make_report(summary, config, out))
     fig1_plot.plot(summary, config, out / "fig1.png")
-    run_folder.finish(out)
+    folder.finish()
     return summary
 
 
@@ -394,39 +352,29 @@ FLAGS = {
     "--population-batches": Flag("population_batches", int, "batches for Algorithm 2"),
     "--threads": Flag("threads", int, "torch threads without --parallel-nets"),
     "--parallel-nets": Flag("parallel_nets", bool, "the two nets in two threads"),
-    "--data-dir": Flag("data_dir", run_folder.existing_folder, "folder with the MNIST IDX files"),
+    "--data-dir": Flag("data_dir", existing_folder, "folder with the MNIST IDX files"),
 }
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     """Add Figure 1's flags to ``parser`` (defaults from `Fig1Config`)."""
-    run_folder.add_flags(parser, Fig1Config, FLAGS, "fig1")
+    add_flags(parser, Fig1Config, FLAGS, "fig1")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=functools.partial(run_from_args, parser))
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Check the flags (argparse errors), run, print the accuracy table; returns 0."""
-    config, record = run_folder.settings_from_args(
-        parser, args, Fig1Config, FLAGS, may_change={"steps"}, experiment="fig1"
+    """Check the flags and the folder (argparse errors), run, print the accuracy table; 0."""
+    config, folder = open_from_args(
+        parser, args, Fig1Config, FLAGS, "fig1", may_change={"steps"}, check=_check_resume
     )
-    if record is not None:
-        out = args.resume
-        try:
-            _check_resume(out, record, config)
-            run_folder.hold(out)  # before any work: refused while another process runs it
-        except RunFolderError as error:
-            parser.error(f"argument --resume: {error}")
-    else:
-        out = args.out or run_folder.default_out("fig1")
-    args.run_dir = out  # named by the command line if the run is interrupted
     try:
-        summary = run(config, out, resume=record is not None, progress=not args.no_progress)
+        summary = run(config, folder, resume=folder.resuming, progress=not args.no_progress)
     except DataUnavailable as error:  # before the run folder is made: nothing written
         print(f"batchnorm reproduce fig1: {error}", file=sys.stderr)
         return 1
     print(fig1_report.accuracy_table(summary, config))
     for text, ok in fig1_report.checks(summary, config):
         print(f"{'PASS' if ok else 'FAIL'}: {text}")
-    print(f"run folder: {out} (report.md, fig1.png, summary.json, config.json)")
+    print(f"run folder: {folder} (report.md, fig1.png, summary.json, config.json)")
     return 0

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from batchnorm.reproduce.atomic import save_figure
+from batchnorm.reproduce.fig1_config import Fig1Config
 from batchnorm.reproduce.fig1_report import curve
-from batchnorm.reproduce.run_folder import save_figure
-
-if TYPE_CHECKING:
-    from batchnorm.reproduce.fig1 import Fig1Config
 
 __all__ = ["plot"]
 

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from batchnorm.reproduce.fig1 import Fig1Config
+from batchnorm.reproduce.fig1_config import NETS, Fig1Config
 
-__all__ = ["NETS", "PAPER_ACCURACY", "PAPER_STEPS_TO", "WITHIN", "CHECK_FROM", "drift",
-           "unit_drift", "accuracy_table", "checks", "make_report", "curve"]
-
-NETS = ("baseline", "bn")
+__all__ = ["PAPER_ACCURACY", "PAPER_STEPS_TO", "WITHIN", "CHECK_FROM", "drift", "unit_drift",
+           "accuracy_table", "checks", "make_report", "curve"]
 
 # Figure 1(a), read off the paper's figure: step -> (without BN, with BN).
 PAPER_ACCURACY = {

@@ -52,10 +52,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from batchnorm.reproduce import run_folder
+from batchnorm.reproduce.atomic import write_json, write_text
 from batchnorm.reproduce.data import DataUnavailable
+from batchnorm.reproduce.flags import (
+    SEED_MAX,
+    Flag,
+    add_flags,
+    existing_folder,
+    finite,
+    open_from_args,
+    require,
+)
 from batchnorm.reproduce.models.inception import INITS, build_inception, parameter_count
 from batchnorm.reproduce.recipes import RECIPES, Recipe
-from batchnorm.reproduce.run_folder import SEED_MAX, Flag, RunFolderError, finite, require
 from batchnorm.reproduce.train import (
     epoch_permutation,
     load_checkpoint,
@@ -417,26 +426,29 @@ def _sweep(cfg: Fig2Config, data, out: Path, resume: bool) -> dict:
     }  # fmt: skip
     chosen = choose_eta0(outcome)
     sweep = {"grid": list(cfg.sweep_lrs), "steps": cfg.sweep_steps, "runs": runs, **chosen}
-    run_folder.write_json(out / "sweep.json", sweep)
+    write_json(out / "sweep.json", sweep)
     return sweep
 
 
 # --- the run --------------------------------------------------------------------------------
 
 
-def _check_resume(out: Path, record: dict) -> None:
+def _check_resume(out: Path, record: dict, cfg: Fig2Config) -> None:
     # Refuse a finished run, and a damaged checkpoint now rather than when its turn comes.
     run_folder.check_resume(out, record)
-    for path in sorted((Path(out) / "checkpoints").glob("*.pt")):
+    for path in sorted((out / "checkpoints").glob("*.pt")):
         load_checkpoint(path)
 
 
-def run(cfg: Fig2Config, out: str | os.PathLike, *, resume: bool = False) -> dict:
+def run(
+    cfg: Fig2Config, out: str | os.PathLike | run_folder.RunFolder, *, resume: bool = False
+) -> dict:
     """The sweep (unless ``cfg.eta0``), then every run of ``cfg.runs()``; the run folder.
 
     Args:
         cfg: the settings; with ``resume``, the ones recorded in ``out/config.json``.
-        out: a new run folder (refused if it holds anything), or with ``resume`` the run.
+        out: a new run folder (refused if it holds anything), or with ``resume`` the run;
+            or the `run_folder.RunFolder` the command line opened (checked there, not again).
         resume: continue each training run from ``checkpoints/<run>.pt`` where it exists;
             refused for a finished run.
 
@@ -444,23 +456,19 @@ def run(cfg: Fig2Config, out: str | os.PathLike, *, resume: bool = False) -> dic
         RunFolderError: ``out`` cannot start or continue a run (see `run_folder`).
         DataUnavailable: the data set is missing or fails a check (nothing is written).
     """
-    out = Path(out)
-    if resume:
-        record = run_folder.read_record(out, "fig2")
-        _check_resume(out, record)
-    else:
-        run_folder.check_new(out)
+    folder = run_folder.open_run(out, "fig2", cfg, resume=resume, check=_check_resume)
     previous = torch.get_num_threads()
     set_threads(cfg.threads)
     try:
-        return _run(cfg, out, record if resume else None)
+        return _run(cfg, folder)
     finally:
         torch.set_num_threads(previous)  # a library call leaves the process as it found it
 
 
-def _run(cfg: Fig2Config, out: Path, record: dict | None) -> dict:
+def _run(cfg: Fig2Config, folder: run_folder.RunFolder) -> dict:
     from batchnorm.reproduce import fig2_report
 
+    out = folder.path
     started = time.perf_counter()
     xtr, ytr, xte, yte, source = _load(cfg)
     require(len(xtr) >= 32, "dataset", "a training set of at least one batch of 32", len(xtr))
@@ -469,11 +477,8 @@ def _run(cfg: Fig2Config, out: Path, record: dict | None) -> dict:
     x_val = _to_tensor(xte[: cfg.eval_examples], mean, std)
     y_val = torch.as_tensor(yte[: cfg.eval_examples], dtype=torch.long)
     data = (x_train, y_train, x_val, y_val)
-    if record is None:
-        run_folder.create(out, "fig2", cfg, data=source)
-    else:
-        run_folder.record_resume(out, record, cfg)
-    resume = record is not None
+    folder.start(cfg, data=source)
+    resume = folder.resuming
     if cfg.eta0 is None:
         sweep = _sweep(cfg, data, out, resume)
     else:
@@ -492,12 +497,12 @@ def _run(cfg: Fig2Config, out: Path, record: dict | None) -> dict:
     summary = fig2_report.summarize(cfg, sweep, results, source, len(x_train), len(x_val))
     summary["parameters"] = parameter_count(_build(cfg, RECIPES["bn_x5"].model, cfg.init))
     summary["seconds_last_session"] = time.perf_counter() - started
-    run_folder.write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     from batchnorm.reproduce import fig2_plot
 
     fig2_plot.plot(summary, out / "fig2.png")
-    run_folder.write_text(out / "report.md", fig2_report.report(cfg, summary))
-    run_folder.finish(out)
+    write_text(out / "report.md", fig2_report.report(cfg, summary))
+    folder.finish()
     return summary
 
 
@@ -529,7 +534,7 @@ FLAGS = {
     "--contrast-init": Flag("contrast_init", str, "the other initialization"),
     "--init-contrast": Flag("init_contrast", _names, "recipes trained again with it"),
     "--dataset": Flag("dataset", str, f"one of {', '.join(_DATASETS)}"),
-    "--data-dir": Flag("data_dir", run_folder.existing_folder, "folder with the four IDX files"),
+    "--data-dir": Flag("data_dir", existing_folder, "folder with the four IDX files"),
     "--width": Flag("width", float, "channel multiplier of every conv"),
     "--stem-stride": Flag("small_stem_stride", int, "stride of the small stem's first conv"),
     "--horizon-epochs": Flag("horizon_epochs", float, "paper epochs the lr decay spans"),
@@ -547,29 +552,17 @@ FLAGS = {
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     """Add Figure 2's flags to ``parser`` (defaults from `Fig2Config`)."""
-    run_folder.add_flags(parser, Fig2Config, FLAGS, "fig2")
+    add_flags(parser, Fig2Config, FLAGS, "fig2")
     parser.set_defaults(func=functools.partial(_main, parser))
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    cfg, record = run_folder.settings_from_args(
-        parser, args, Fig2Config, FLAGS, experiment="fig2"
-    )
-    if record is not None:
-        out = args.resume
-        try:
-            _check_resume(out, record)
-            run_folder.hold(out)  # before any work: refused while another process runs it
-        except RunFolderError as error:
-            parser.error(f"argument --resume: {error}")
-    else:
-        out = args.out or run_folder.default_out("fig2")
-    args.run_dir = out  # named by the command line if the run is interrupted
+    cfg, folder = open_from_args(parser, args, Fig2Config, FLAGS, "fig2", check=_check_resume)
     try:
-        summary = run(cfg, out, resume=record is not None)
+        summary = run(cfg, folder, resume=folder.resuming)
     except DataUnavailable as error:
         print(f"batchnorm reproduce fig2: {error}", file=sys.stderr)
         return 1
-    print((Path(out) / "report.md").read_text())
-    print(f"run folder: {out} ({summary['seconds_last_session'] / 60:.1f} min)")
+    print((folder.path / "report.md").read_text())
+    print(f"run folder: {folder} ({summary['seconds_last_session'] / 60:.1f} min)")
     return 0

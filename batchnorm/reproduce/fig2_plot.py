@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from batchnorm.reproduce.run_folder import save_figure
+from batchnorm.reproduce.atomic import save_figure
 
 __all__ = ["plot"]
 

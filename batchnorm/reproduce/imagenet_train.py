@@ -38,6 +38,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from batchnorm.reproduce import run_folder
+from batchnorm.reproduce.atomic import write_text
+from batchnorm.reproduce.flags import (
+    SEED_MAX,
+    Flag,
+    add_flags,
+    existing_folder,
+    finite,
+    open_from_args,
+    require,
+)
 from batchnorm.reproduce.imagenet import (
     CenterCrop,
     ImageFolder,
@@ -48,7 +58,6 @@ from batchnorm.reproduce.imagenet import (
 )
 from batchnorm.reproduce.models.inception import build_inception, parameter_count
 from batchnorm.reproduce.recipes import RECIPES
-from batchnorm.reproduce.run_folder import SEED_MAX, Flag, RunFolderError, finite, require
 from batchnorm.reproduce.train import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["TrainConfig", "main", "train", "evaluate_checkpoints"]
@@ -181,23 +190,24 @@ def _drop_metrics_after(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
-    run_folder.write_text(path, "".join(kept))
+    write_text(path, "".join(kept))
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> dict:
+def train(
+    cfg: TrainConfig, out: str | os.PathLike | run_folder.RunFolder, *, resume: bool = False
+) -> dict:
     """Train ``cfg.recipe`` into the run folder ``out``; returns the last validation metrics.
 
     ``resume``: continue the run in ``out`` from its checkpoint (refused when it is finished
-    and ``cfg`` trains no further); otherwise ``out`` must be new (see `run_folder`). The
-    metrics come back on every rank; rank 0 writes the folder.
+    and ``cfg`` trains no further); otherwise ``out`` must be new (see `run_folder`); or
+    ``out`` is the `run_folder.RunFolder` the command line opened (checked there, not
+    again). The metrics come back on every rank; rank 0 writes the folder.
     """
-    out = Path(out)
-    rank = int(os.environ.get("RANK", 0))
-    if resume:
-        record = run_folder.read_record(out, "imagenet_train")
-        _check_resume(out, record, cfg)
-    elif rank == 0:
-        run_folder.check_new(out)
+    writer = int(os.environ.get("RANK", 0)) == 0  # rank 0 writes the folder
+    folder = run_folder.open_run(
+        out, "imagenet_train", cfg, resume=resume, check=_check_resume, writer=writer
+    )
+    out = folder.path
     rank, world, device = _setup_distributed()
     recipe = RECIPES[cfg.recipe]
     train_set = ImageFolder(
@@ -227,14 +237,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> 
         step = int(saved["step"])
         if "rng" in saved and world == 1:  # Dropout's masks go on as uninterrupted (rank 0's)
             set_rng_state(saved["rng"])
-    if rank == 0 and resume:
-        run_folder.record_resume(out, record, cfg)
-        _drop_metrics_after(out / "metrics.jsonl", step)
-    elif rank == 0:
-        run_folder.create(
-            out, "imagenet_train", cfg, recipe=dataclasses.asdict(recipe), world_size=world,
-            lr0=lr0, parameters=parameter_count(model), device=str(device),
+    if rank == 0:
+        folder.start(
+            cfg, recipe=dataclasses.asdict(recipe), world_size=world, lr0=lr0,
+            parameters=parameter_count(model), device=str(device),
         )  # fmt: skip
+        if resume:
+            _drop_metrics_after(out / "metrics.jsonl", step)
 
     def save():
         if rank == 0:
@@ -303,7 +312,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> 
     if not metrics:
         metrics = {"step": step, **validate()}
     if rank == 0:
-        run_folder.finish(out)
+        folder.finish()
     return metrics
 
 
@@ -327,7 +336,7 @@ def evaluate_checkpoints(
 
 
 FLAGS = {
-    "--data": Flag("data", run_folder.existing_folder,
+    "--data": Flag("data", existing_folder,
                    "folder with train/<class>/*.JPEG and val/<class>/*.JPEG"),
     "--recipe": Flag("recipe", str, f"one of {', '.join(RECIPES)}"),
     "--epochs": Flag("epochs", float, "training length in epochs"),
@@ -351,9 +360,7 @@ MAY_CHANGE = {"epochs", "max_steps", "workers", "checkpoint_every", "log_every",
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     # Only rank 0 writes the folder: the other ranks must not find it made by rank 0.
-    run_folder.add_flags(
-        p, TrainConfig, FLAGS, "imagenet", check_out=int(os.environ.get("RANK", 0)) == 0
-    )
+    add_flags(p, TrainConfig, FLAGS, "imagenet", check_out=int(os.environ.get("RANK", 0)) == 0)
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoints, no training")
     p.add_argument("--checkpoints", nargs="*", default=[], help="one, or several = an ensemble")
     p.add_argument("--crops", default="center", choices=["center", "144"])
@@ -367,17 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoints or not args.data:
             parser.error("--eval-only needs --data and --checkpoints")
     else:
-        cfg, record = run_folder.settings_from_args(
-            parser, args, TrainConfig, FLAGS, may_change=MAY_CHANGE,
-            experiment="imagenet_train",
-        )
-        if record is not None:
-            try:
-                _check_resume(args.resume, record, cfg)
-                if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes the folder
-                    run_folder.hold(args.resume)
-            except RunFolderError as error:
-                parser.error(f"argument --resume: {error}")
+        cfg, folder = open_from_args(
+            parser, args, TrainConfig, FLAGS, "imagenet_train", may_change=MAY_CHANGE,
+            check=_check_resume, writer=int(os.environ.get("RANK", 0)) == 0,
+            folder_name="imagenet",
+        )  # fmt: skip
     try:
         if args.eval_only:
             d = TrainConfig(data=args.data)
@@ -387,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 d.workers if args.workers is None else args.workers,
             )  # fmt: skip
         else:
-            out = args.resume or args.out or run_folder.default_out("imagenet")
-            result = train(cfg, out, resume=record is not None)
+            result = train(cfg, folder, resume=folder.resuming)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(json.dumps(result))
     finally:

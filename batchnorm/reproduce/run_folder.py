@@ -1,4 +1,4 @@
-"""The run folder every experiment writes: provenance, config.json, resume, no overwriting, flags.
+"""A run's folder through its life: checked once, created or resumed, held, finished (Sec. 4).
 
 One convention for every experiment (`fig1`, `fig2`, `imagenet_train`):
 
@@ -9,11 +9,14 @@ One convention for every experiment (`fig1`, `fig2`, `imagenet_train`):
   ``config.json``. A flag given with ``--resume`` must repeat the recorded value, except the
   few an experiment declares changeable (Figure 1: ``--steps``, to train further). A
   finished run that nothing extends is refused: resuming it would only redo the report.
-- One process at a time runs a folder: `create` and `record_resume` take an advisory lock
-  (``RUN_DIR/.lock``) that the system drops when the process ends, however it ends; a second
-  ``--resume`` of a run still going is refused naming the process that holds it.
-- Every setting is checked once, in the experiment's frozen config (`require`); the command
-  line reports a bad value as an argparse error naming the flag (exit code 2).
+- One process at a time runs a folder: a run takes an advisory lock (``RUN_DIR/.lock``)
+  that the system drops when the process ends, however it ends; a second ``--resume`` of a
+  run still going is refused naming the process that holds it.
+
+A run opens its folder once (`open_run`, or the command line's `flags.open_from_args`,
+which checks it before any work), then `RunFolder.start` makes or notes it once the data is
+loaded, and `RunFolder.finish` marks it done. Writing goes through `atomic`, the record's
+versions, machine and command come from `provenance`, flags from `flags`.
 
 ``config.json`` holds {"experiment", "config": every setting, "versions", "machine", "git",
 "command", "started", "finished": time or null, "resumed": [{"command", "started",
@@ -22,196 +25,49 @@ One convention for every experiment (`fig1`, `fig2`, `imagenet_train`):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
-import math
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
-import torch
+from batchnorm.reproduce.atomic import write_json
+from batchnorm.reproduce.provenance import command_line, now, provenance
 
 __all__ = [
     "CONFIG",
     "RunFolderError",
-    "SettingError",
-    "require",
-    "finite",
-    "SEED_MAX",
-    "provenance",
-    "git_state",
-    "command_line",
+    "RunFolder",
+    "open_run",
+    "default_out",
     "check_new",
+    "check_recorded",
     "create",
     "read_record",
+    "check_experiment",
+    "is_finished",
+    "check_resume",
     "record_resume",
     "finish",
     "hold",
-    "is_finished",
-    "check_resume",
-    "atomic_write",
-    "save_figure",
-    "write_json",
-    "write_text",
-    "default_out",
-    "Flag",
-    "add_flags",
-    "existing_folder",
-    "settings_from_args",
 ]
 
 CONFIG = "config.json"
 LOCK = ".lock"
 _held: dict[Path, io.TextIOWrapper] = {}  # run folders this process holds: path -> lock file
-_PACKAGE = Path(__file__).resolve().parents[1]  # batchnorm/
 
 
 class RunFolderError(ValueError):
     """A folder that cannot serve as asked: not empty for a new run, not a run to resume."""
 
 
-class SettingError(ValueError):
-    """One setting out of range. ``field`` names it, so the command line can name its flag."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field} {reason}")
-        self.field, self.reason = field, reason
-
-
-SEED_MAX = 2**64 - 1  # torch.manual_seed's largest seed
-
-
-def finite(x: float) -> bool:
-    """Whether ``x`` is a number other than nan and +-inf (for `require`)."""
-    return math.isfinite(x)
-
-
-def require(ok: bool, field: str, expected: str, got: Any) -> None:
-    """Raise `SettingError` "``field`` must be ``expected``, got ``got``" unless ``ok``."""
-    if not ok:
-        raise SettingError(field, f"must be {expected}, got {got!r}")
-
-
 # --------------------------------------------------------------------------------------------
-# Provenance.
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(_PACKAGE), *args], capture_output=True, text=True, timeout=10,
-            check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def git_state() -> dict:
-    """{"revision": HEAD or None, "dirty": whether the package's sources differ from HEAD}."""
-    revision = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--", ".") if revision else None
-    return {"revision": revision, "dirty": None if status is None else bool(status)}
-
-
-def command_line(argv: list[str] | None = None) -> list[str]:
-    """The command as typed: ``python -m batchnorm`` for ``__main__.py``, else the program."""
-    argv = list(sys.argv if argv is None else argv)
-    if not argv:
-        return []
-    path = Path(argv[0])
-    program = path.name
-    if path.suffix == ".py" and path.resolve().is_relative_to(_PACKAGE):
-        module = path.resolve().relative_to(_PACKAGE.parent).with_suffix("").parts
-        program = "python -m " + ".".join(module[:-1] if module[-1] == "__main__" else module)
-    elif program == "__main__.py":  # python -m <package> of another package (pytest, ...)
-        program = f"python -m {path.parent.name}"
-    return [program, *argv[1:]]
-
-
-def provenance(argv: list[str] | None = None) -> dict:
-    """Versions, machine, git revision, command and start time of the current process."""
-    import batchnorm
-
-    return {
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "batchnorm": batchnorm.__version__,
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-        },
-        "git": git_state(),
-        "command": command_line(argv),
-        "started": _now(),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# The folder's life: create (refusing an existing run), resume, finish.
-
-
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[IO], Any], *, text: bool = False
-) -> None:
-    """Write a file with ``write(f)`` through a temporary file in the same folder and a rename.
-
-    The one way this wing writes a file (config, summaries, reports, figures, checkpoints, the
-    data cache): the data is flushed to disk before an atomic ``os.replace``, so a reader or a
-    crash sees the old file or the new one, never half of one, and a failed ``write`` leaves
-    the old file and no temporary behind. The new file gets the permissions a plain ``open``
-    would give (0666 less the umask), not ``mkstemp``'s 0600.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w" if text else "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON with `atomic_write`."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str) + "\n"), text=True)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file (a report) with `atomic_write`."""
-    atomic_write(path, lambda f: f.write(text), text=True)
-
-
-def save_figure(path: str | os.PathLike, fig, dpi: int) -> None:
-    """Save a matplotlib figure as PNG with `atomic_write`."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+# A new run's folder.
 
 
 def default_out(experiment: str) -> Path:
@@ -248,6 +104,137 @@ def check_new(out: str | os.PathLike) -> Path:
             f"cannot create {out}: {base} is not writable ({error.strerror})"
         ) from error
     return out
+
+
+def _make(out: Path, experiment: str, config: Any, extra: dict) -> dict:
+    # Make the folder `check_new` accepted, hold it, write its config.json; the record.
+    out.mkdir(parents=True, exist_ok=True)
+    hold(out)
+    record = {
+        "experiment": experiment,
+        "config": dataclasses.asdict(config),
+        **provenance(),
+        **extra,
+        "finished": None,
+        "resumed": [],
+    }
+    write_json(out / CONFIG, record)
+    return record
+
+
+def create(out: str | os.PathLike, experiment: str, config: Any, **extra: Any) -> dict:
+    """Make the new run folder ``out`` and write its config.json; refuses as `check_new`.
+
+    ``config`` is the experiment's frozen dataclass; ``extra`` adds top-level entries.
+    Returns the record written.
+    """
+    return _make(check_new(out), experiment, config, extra)
+
+
+# --------------------------------------------------------------------------------------------
+# A recorded run: read, checked for resuming, noted.
+
+
+def check_recorded(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` as a Path if it holds a config.json; else `RunFolderError`."""
+    if not (Path(run_dir) / CONFIG).is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: it has no {CONFIG}")
+    return Path(run_dir)
+
+
+def check_experiment(run_dir: str | os.PathLike, record: dict, experiment: str | None) -> None:
+    """Refuse a record of another experiment than ``experiment`` (None: any)."""
+    if experiment is not None and record["experiment"] != experiment:
+        raise RunFolderError(
+            f"{run_dir} holds a {record['experiment']} run, not {experiment}; resume it with "
+            f"the {record['experiment']} command"
+        )
+
+
+def read_record(run_dir: str | os.PathLike, experiment: str | None = None) -> dict:
+    """The config.json of the run in ``run_dir``, checked to be a run of ``experiment``.
+
+    Raises:
+        RunFolderError: no config.json, one that is not a run's record ({"experiment": name,
+            "config": {...}, ...}), or a run of another experiment than ``experiment``.
+    """
+    path = check_recorded(run_dir) / CONFIG
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{path} is not valid JSON ({error})") from error
+    if not (isinstance(record, dict) and isinstance(record.get("experiment"), str)
+            and isinstance(record.get("config"), dict)):  # fmt: skip
+        got = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise RunFolderError(
+            f"{path} is not a run's record: expected an object with \"experiment\" and "
+            f"\"config\", got {got}"
+        )
+    check_experiment(run_dir, record, experiment)
+    return record
+
+
+def is_finished(run_dir: str | os.PathLike, record: dict) -> bool:
+    """Whether the run completed (for folders from before "finished": a summary.json)."""
+    if "finished" in record:
+        return record["finished"] is not None
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+def check_resume(
+    run_dir: str | os.PathLike,
+    record: dict,
+    *,
+    done: int | None = None,
+    target: int | None = None,
+    extends: bool = False,
+    hint: str = "",
+) -> None:
+    """Refuse a resume that would go back or do nothing.
+
+    ``done``/``target``: steps the checkpoint holds and steps asked for (when the experiment
+    can tell); ``extends``: the resumed settings ask for more work than the recorded ones.
+
+    Raises:
+        RunFolderError: ``target < done``, or the run is finished and nothing extends it.
+    """
+    if done is not None and target is not None and target < done:
+        raise RunFolderError(f"{run_dir} is already at step {done}; it cannot go back to {target}")
+    if is_finished(run_dir, record) and not extends:
+        raise RunFolderError(f"{run_dir} holds a finished run: nothing to resume{hint}")
+
+
+def record_resume(run_dir: str | os.PathLike, record: dict, config: Any) -> dict:
+    """Note a resume in config.json: the new settings, the command, the time; unfinished.
+
+    Holds the folder first (`hold`; RunFolderError if another process runs it), then
+    removes the temporaries a killed `atomic.atomic_write` left (``.<name>.*.tmp``): the
+    files they were meant to replace are whole, old or new.
+    """
+    hold(run_dir)
+    for leftover in Path(run_dir).rglob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+    new = json.loads(json.dumps(dataclasses.asdict(config)))  # as config.json holds it
+    changes = {k: v for k, v in new.items() if record["config"].get(k) != v}
+    record = {**record, "config": new, "finished": None}
+    record["resumed"] = [
+        *record.get("resumed", []),
+        {"command": command_line(), "started": now(), "changes": changes},
+    ]
+    write_json(Path(run_dir) / CONFIG, record)
+    return record
+
+
+def finish(run_dir: str | os.PathLike) -> None:
+    """Mark the run in ``run_dir`` finished (after its summary, report and figure)."""
+    record = read_record(run_dir)
+    record["finished"] = now()
+    write_json(Path(run_dir) / CONFIG, record)
+    _release(run_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# One process at a time.
 
 
 def hold(run_dir: str | os.PathLike) -> None:
@@ -292,251 +279,109 @@ def _release(run_dir: str | os.PathLike) -> None:
         lock.close()  # closing drops the flock; the file stays (removing it would race)
 
 
-def create(out: str | os.PathLike, experiment: str, config: Any, **extra: Any) -> dict:
-    """Make the new run folder ``out`` and write its config.json; refuses as `check_new`.
-
-    ``config`` is the experiment's frozen dataclass; ``extra`` adds top-level entries.
-    Returns the record written.
-    """
-    out = check_new(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hold(out)
-    record = {
-        "experiment": experiment,
-        "config": dataclasses.asdict(config),
-        **provenance(),
-        **extra,
-        "finished": None,
-        "resumed": [],
-    }
-    write_json(out / CONFIG, record)
-    return record
-
-
-def read_record(run_dir: str | os.PathLike, experiment: str | None = None) -> dict:
-    """The config.json of the run in ``run_dir``, checked to be a run of ``experiment``.
-
-    Raises:
-        RunFolderError: no config.json, one that is not a run's record ({"experiment": name,
-            "config": {...}, ...}), or a run of another experiment than ``experiment``.
-    """
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder: it has no {CONFIG}")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RunFolderError(f"{path} is not valid JSON ({error})") from error
-    if not (isinstance(record, dict) and isinstance(record.get("experiment"), str)
-            and isinstance(record.get("config"), dict)):  # fmt: skip
-        got = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise RunFolderError(
-            f"{path} is not a run's record: expected an object with \"experiment\" and "
-            f"\"config\", got {got}"
-        )
-    if experiment is not None and record["experiment"] != experiment:
-        raise RunFolderError(
-            f"{run_dir} holds a {record['experiment']} run, not {experiment}; resume it with "
-            f"the {record['experiment']} command"
-        )
-    return record
-
-
-def is_finished(run_dir: str | os.PathLike, record: dict) -> bool:
-    """Whether the run completed (for folders from before "finished": a summary.json)."""
-    if "finished" in record:
-        return record["finished"] is not None
-    return (Path(run_dir) / "summary.json").is_file()
-
-
-def check_resume(
-    run_dir: str | os.PathLike,
-    record: dict,
-    *,
-    done: int | None = None,
-    target: int | None = None,
-    extends: bool = False,
-    hint: str = "",
-) -> None:
-    """Refuse a resume that would go back or do nothing.
-
-    ``done``/``target``: steps the checkpoint holds and steps asked for (when the experiment
-    can tell); ``extends``: the resumed settings ask for more work than the recorded ones.
-
-    Raises:
-        RunFolderError: ``target < done``, or the run is finished and nothing extends it.
-    """
-    if done is not None and target is not None and target < done:
-        raise RunFolderError(f"{run_dir} is already at step {done}; it cannot go back to {target}")
-    if is_finished(run_dir, record) and not extends:
-        raise RunFolderError(f"{run_dir} holds a finished run: nothing to resume{hint}")
-
-
-def record_resume(run_dir: str | os.PathLike, record: dict, config: Any) -> dict:
-    """Note a resume in config.json: the new settings, the command, the time; unfinished.
-
-    Holds the folder first (`hold`; RunFolderError if another process runs it), then
-    removes the temporaries a killed `atomic_write` left (``.<name>.*.tmp``): the files they
-    were meant to replace are whole, old or new.
-    """
-    hold(run_dir)
-    for leftover in Path(run_dir).rglob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
-    new = json.loads(json.dumps(dataclasses.asdict(config)))  # as config.json holds it
-    changes = {k: v for k, v in new.items() if record["config"].get(k) != v}
-    record = {**record, "config": new, "finished": None}
-    record["resumed"] = [
-        *record.get("resumed", []),
-        {"command": command_line(), "started": _now(), "changes": changes},
-    ]
-    write_json(Path(run_dir) / CONFIG, record)
-    return record
-
-
-def finish(run_dir: str | os.PathLike) -> None:
-    """Mark the run in ``run_dir`` finished (after its summary, report and figure)."""
-    record = read_record(run_dir)
-    record["finished"] = _now()
-    write_json(Path(run_dir) / CONFIG, record)
-    _release(run_dir)
-
-
 # --------------------------------------------------------------------------------------------
-# Flags: parsed into the experiment's config, checked there, reported under the flag's name.
+# The lifecycle in one object.
+
+# An experiment's resume check: (RUN_DIR, recorded config.json, resumed config) -> what the
+# run needs to continue (Figure 1: the checkpoint; None where nothing); RunFolderError if the
+# resume has nothing to do or cannot be done.
+ResumeCheck = Callable[[Path, dict, Any], Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class Flag:
-    """One command-line flag that sets one field of an experiment's config."""
+class RunFolder:
+    """A run folder opened by this process for one experiment: checked once, then used.
 
-    field: str  # the config field
-    type: Callable[[str], Any] | type  # parses the text; bool: --flag / --no-flag
-    help: str
+    Made by `open_run` (a library call) or by the command line (`flags.open_from_args`),
+    each of which checks the folder once, before any work; the experiment then calls `start`
+    once its data is loaded and `finish` after its report.
+
+    Attributes:
+        path: the folder.
+        experiment: the experiment's name in config.json.
+        record: the run's config.json as recorded when resuming; None for a new run.
+        state: what the experiment's resume check returned (Figure 1: the checkpoint to
+            continue from); None for a new run.
+    """
+
+    def __init__(self, path: str | os.PathLike, experiment: str, record: dict | None = None,
+                 state: Any = None):  # fmt: skip
+        self.path, self.experiment, self.record, self.state = Path(path), experiment, record, state
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues a recorded one."""
+        return self.record is not None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r}, {self.experiment!r}, resuming={self.resuming})"
+
+    @classmethod
+    def new(cls, out: str | os.PathLike, experiment: str) -> RunFolder:
+        """The folder of a new run, checked by `check_new`; nothing is made yet."""
+        return cls(check_new(out), experiment)
+
+    @classmethod
+    def resumed(cls, run_dir: str | os.PathLike, experiment: str, record: dict, config: Any,
+                check: ResumeCheck | None = None, *, writer: bool = True) -> RunFolder:  # fmt: skip
+        """The folder of a run to continue: ``check`` passed, held (by the ``writer``).
+
+        ``record`` is the run's config.json (`read_record`) and ``config`` the resumed
+        settings. Raises `RunFolderError` from ``check`` or from `hold`.
+        """
+        state = None if check is None else check(Path(run_dir), record, config)
+        if writer:
+            hold(run_dir)  # before any work: refused while another process runs it
+        return cls(run_dir, experiment, record, state)
+
+    def start(self, config: Any, **extra: Any) -> dict:
+        """Write config.json: a new run's (made and held here), or a resume's note.
+
+        ``extra``: top-level entries of a new run's record (a resume keeps the recorded
+        ones). Returns the record written.
+        """
+        if self.record is None:
+            return _make(self.path, self.experiment, config, extra)
+        return record_resume(self.path, self.record, config)
+
+    def finish(self) -> None:
+        """Mark the run finished and let the folder go (`finish`)."""
+        finish(self.path)
 
 
-def _new_folder(text: str) -> Path:
-    try:
-        return check_new(text)
-    except RunFolderError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _run_folder(text: str) -> Path:
-    try:
-        read_record(text)
-    except RunFolderError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return Path(text)
-
-
-def add_flags(
-    parser: argparse.ArgumentParser,
-    config_class: type,
-    flags: dict[str, Flag],
+def open_run(
+    out: str | os.PathLike | RunFolder,
     experiment: str,
+    config: Any,
     *,
-    check_out: bool = True,
-) -> None:
-    """Add ``flags`` (defaults shown from ``config_class``) and ``--out`` / ``--resume``.
+    resume: bool = False,
+    check: ResumeCheck | None = None,
+    writer: bool = True,
+) -> RunFolder:
+    """The folder a run of ``experiment`` works in, checked once.
 
-    Every flag defaults to None, so `settings_from_args` knows which ones were given.
-    ``check_out``: refuse an unusable ``--out`` while parsing (`check_new`); False where
-    another process creates the folder (the other ranks of a distributed run).
+    ``out`` is either a `RunFolder` the command line opened (returned as it is: it was
+    checked while the flags were parsed) or a path, checked here: for a new run by
+    `check_new`, for a ``resume`` by `read_record`, then ``check(path, record, config)``
+    and `hold`. ``writer``: whether this process writes the folder (False on the other ranks
+    of a distributed run: no `check_new`, no hold).
+
+    Raises:
+        RunFolderError: ``out`` cannot start or continue the run.
     """
-    defaults = {
-        f.name: f.default for f in dataclasses.fields(config_class)
-        if f.default is not dataclasses.MISSING
-    }  # fmt: skip
-    for flag, spec in flags.items():
-        shown = defaults.get(spec.field, "required")
-        if isinstance(shown, tuple):
-            shown = ",".join(map(str, shown))
-        text = f"{spec.help} (default: {shown})"
-        if spec.type is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=text
+    if isinstance(out, RunFolder):
+        if out.experiment != experiment or out.resuming != resume:
+            raise ValueError(
+                f"expected a folder opened for {'resuming' if resume else 'a new'} "
+                f"{experiment} run, got {out!r}"
             )
-        else:
-            parser.add_argument(flag, type=spec.type, default=None, help=text)
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--out", metavar="RUN_DIR", type=_new_folder if check_out else Path, default=None,
-        help=f"folder of a new run; must not exist or be empty "
-        f"(default: {default_out(experiment).parent}/{experiment}-<date>-<time>)",
-    )  # fmt: skip
-    where.add_argument(
-        "--resume", metavar="RUN_DIR", type=_run_folder, default=None,
-        help="continue the run in RUN_DIR with the settings in its config.json",
-    )  # fmt: skip
-
-
-def existing_folder(text: str) -> str:
-    """Flag type of a folder the user names (``--data-dir``): it must exist.
-
-    A mistyped folder would otherwise be passed over by the data search, and the run would
-    silently use data from elsewhere.
-    """
-    if not text.strip() or not Path(text).expanduser().is_dir():  # "" would be the cwd
-        what = ("empty" if not text.strip() else "a file" if Path(text).expanduser().exists()
-                else "no such folder")  # fmt: skip
-        raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r} ({what})")
-    return text
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-def settings_from_args(
-    parser: argparse.ArgumentParser,
-    args: argparse.Namespace,
-    config_class: type,
-    flags: dict[str, Flag],
-    *,
-    may_change: Iterable[str] = (),
-    experiment: str | None = None,
-):
-    """The config the flags ask for, and the recorded config.json when resuming (else None).
-
-    A new run: the given flags over the config's defaults. A resumed run: the recorded
-    settings (of a run of ``experiment``, when given), with the given flags allowed to differ
-    only for fields in ``may_change``. Any `SettingError` becomes ``parser.error`` naming the
-    flag (exit code 2).
-    """
-    given = {s.field: v for f, s in flags.items() if (v := getattr(args, _dest(f))) is not None}
-    flag_of = {s.field: f for f, s in flags.items()}
-    record = None
-    try:
-        if args.resume is None:
-            missing = [
-                flag_of.get(f.name, f.name) for f in dataclasses.fields(config_class)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                and f.name not in given
-            ]  # fmt: skip
-            if missing:
-                parser.error(f"a new run needs {', '.join(missing)}")
-            return config_class(**given), None
-        record = read_record(args.resume, experiment)
-        try:
-            recorded = config_class(**record["config"])
-        except TypeError as error:  # a field this version lacks, or lacks a required one
-            raise RunFolderError(
-                f"{args.resume}/{CONFIG}'s settings do not fit {config_class.__name__} of "
-                f"this version ({error})"
-            ) from None
-        allowed = set(may_change)
-        for field, value in given.items():
-            if field not in allowed and value != getattr(recorded, field):
-                can = ", ".join(flag_of[f] for f in allowed if f in flag_of) or "no flag"
-                parser.error(
-                    f"argument {flag_of[field]}: a resumed run keeps its settings; "
-                    f"{args.resume}/{CONFIG} has {field} = {getattr(recorded, field)!r} "
-                    f"(with --resume, {can} may change)"
-                )
-        return dataclasses.replace(recorded, **given), record
-    except SettingError as error:
-        if error.field in flag_of:
-            parser.error(f"argument {flag_of[error.field]}: {error.reason}")
-        parser.error(str(error))
-    except RunFolderError as error:
-        parser.error(f"argument --resume: {error}")
+        return out
+    if resume:
+        record = read_record(out, experiment)
+        return RunFolder.resumed(out, experiment, record, config, check, writer=writer)
+    return RunFolder.new(out, experiment) if writer else RunFolder(out, experiment)

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchnorm.reproduce.run_folder import RunFolderError, atomic_write
+from batchnorm.reproduce.atomic import atomic_write
+from batchnorm.reproduce.run_folder import RunFolderError
 
 __all__ = [
     "epoch_permutation",

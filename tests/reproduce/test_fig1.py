@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from batchnorm import BatchNorm1d
-from batchnorm.reproduce import data, fig1, fig1_report, run_folder
+from batchnorm.reproduce import data, fig1, fig1_report, flags, run_folder
 from batchnorm.reproduce.cli import main
 from batchnorm.reproduce.models.mlp import MLP, StackedMLP
 from batchnorm.reproduce.train import load_checkpoint
@@ -333,7 +333,7 @@ def test_batch_size_above_the_training_set_on_disk(synthetic_mnist, tmp_path):
     # A smaller training set (a subset in --data-dir) is known only once loaded: refused
     # then, before training, naming the setting.
     config = fig1.Fig1Config(steps=20, batch_size=700, threads=1)
-    with pytest.raises(run_folder.SettingError, match="batch_size must be at most the 600"):
+    with pytest.raises(flags.SettingError, match="batch_size must be at most the 600"):
         fig1.run(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 

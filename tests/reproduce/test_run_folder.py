@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import batchnorm
-from batchnorm.reproduce import run_folder
-from batchnorm.reproduce.run_folder import Flag, RunFolderError, SettingError, require
+from batchnorm.reproduce import atomic, flags, provenance, run_folder
+from batchnorm.reproduce.flags import Flag, SettingError, require
+from batchnorm.reproduce.run_folder import RunFolderError
 
 PACKAGE = Path(batchnorm.__file__).resolve().parent
 
@@ -35,23 +37,23 @@ FLAGS = {"--data": Flag("data", str, "input"), "--steps": Flag("steps", int, "st
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="toy")
-    run_folder.add_flags(parser, Toy, FLAGS, "toy")
+    flags.add_flags(parser, Toy, FLAGS, "toy")
     return parser, parser.parse_args([str(a) for a in argv])
 
 
 def test_command_line_names_the_module():
     main = str(PACKAGE / "__main__.py")
-    assert run_folder.command_line([main, "reproduce", "fig1"]) == [
+    assert provenance.command_line([main, "reproduce", "fig1"]) == [
         "python -m batchnorm", "reproduce", "fig1"]
     train = str(PACKAGE / "reproduce" / "imagenet_train.py")
-    assert run_folder.command_line([train, "--data", "x"])[0] == (
+    assert provenance.command_line([train, "--data", "x"])[0] == (
         "python -m batchnorm.reproduce.imagenet_train")
-    assert run_folder.command_line(["/usr/bin/batchnorm", "data"]) == ["batchnorm", "data"]
-    assert run_folder.command_line(["/x/pytest/__main__.py"]) == ["python -m pytest"]
+    assert provenance.command_line(["/usr/bin/batchnorm", "data"]) == ["batchnorm", "data"]
+    assert provenance.command_line(["/x/pytest/__main__.py"]) == ["python -m pytest"]
 
 
 def test_provenance_fields():
-    record = run_folder.provenance(["prog", "--flag"])
+    record = provenance.provenance(["prog", "--flag"])
     assert set(record) == {"versions", "machine", "git", "command", "started"}
     assert record["versions"]["batchnorm"] == batchnorm.__version__
     assert record["command"] == ["prog", "--flag"]
@@ -91,7 +93,7 @@ def test_resume_bookkeeping(tmp_path):
 
 def test_flags_become_the_config_or_an_argparse_error(tmp_path, capsys):
     parser, args = _parse(["--data", "d", "--steps", 3, "--out", tmp_path / "r"])
-    config, record = run_folder.settings_from_args(parser, args, Toy, FLAGS)
+    config, record = flags.settings_from_args(parser, args, Toy, FLAGS)
     assert config == Toy(data="d", steps=3) and record is None and args.out == tmp_path / "r"
     for argv, message in (
         (["--steps", 0, "--data", "d"], "argument --steps: must be an integer >= 1, got 0"),
@@ -100,7 +102,7 @@ def test_flags_become_the_config_or_an_argparse_error(tmp_path, capsys):
     ):
         parser, args = _parse(argv)
         with pytest.raises(SystemExit) as exit_info:
-            run_folder.settings_from_args(parser, args, Toy, FLAGS)
+            flags.settings_from_args(parser, args, Toy, FLAGS)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SettingError, match="steps must be an integer >= 1, got -2"):
         Toy(data="d", steps=-2)
@@ -110,11 +112,11 @@ def test_resume_keeps_settings_except_those_allowed(tmp_path, capsys):
     out = tmp_path / "run"
     run_folder.create(out, "toy", Toy(data="d", lr=0.5))
     parser, args = _parse(["--resume", out, "--steps", 30, "--lr", 0.5])
-    config, record = run_folder.settings_from_args(parser, args, Toy, FLAGS, may_change={"steps"})
+    config, record = flags.settings_from_args(parser, args, Toy, FLAGS, may_change={"steps"})
     assert config == Toy(data="d", steps=30, lr=0.5) and record["config"]["lr"] == 0.5
     parser, args = _parse(["--resume", out, "--lr", 0.25])
     with pytest.raises(SystemExit):
-        run_folder.settings_from_args(parser, args, Toy, FLAGS, may_change={"steps"})
+        flags.settings_from_args(parser, args, Toy, FLAGS, may_change={"steps"})
     err = capsys.readouterr().err
     assert "argument --lr: a resumed run keeps its settings" in err and "--steps may" in err
     with pytest.raises(SystemExit):
@@ -124,7 +126,7 @@ def test_resume_keeps_settings_except_those_allowed(tmp_path, capsys):
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     path = tmp_path / "summary.json"
-    run_folder.write_json(path, {"a": 1})
+    atomic.write_json(path, {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
 
     def fails_half_way(f):
@@ -132,7 +134,7 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        run_folder.atomic_write(path, fails_half_way, text=True)
+        atomic.atomic_write(path, fails_half_way, text=True)
     assert json.loads(path.read_text()) == {"a": 1}  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left
 
@@ -143,7 +145,7 @@ def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path, umask):
 
     previous = os.umask(umask)
     try:
-        run_folder.write_text(tmp_path / "report.md", "# report\n")
+        atomic.write_text(tmp_path / "report.md", "# report\n")
         (tmp_path / "plain.md").write_text("# report\n")
     finally:
         os.umask(previous)
@@ -168,7 +170,7 @@ def test_resume_refuses_another_experiment_or_a_broken_record(tmp_path, capsys, 
     (tmp_path / "run" / "config.json").write_text(text)
     with pytest.raises(SystemExit) as exit_info:  # refused while parsing or just after
         parser, args = _parse(["--resume", tmp_path / "run"])
-        run_folder.settings_from_args(parser, args, Toy, FLAGS, experiment="toy")
+        flags.settings_from_args(parser, args, Toy, FLAGS, experiment="toy")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "argument --resume" in err and message in err
 
@@ -192,8 +194,8 @@ def test_existing_folder_flag_type(tmp_path, monkeypatch, name, why):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("")
     with pytest.raises(argparse.ArgumentTypeError, match=f"expected an existing folder.*{why}"):
-        run_folder.existing_folder(name)
-    assert run_folder.existing_folder(str(tmp_path)) == str(tmp_path)
+        flags.existing_folder(name)
+    assert flags.existing_folder(str(tmp_path)) == str(tmp_path)
 
 
 
@@ -213,3 +215,45 @@ def test_one_process_at_a_time_runs_a_folder(tmp_path, held_by_another_process):
     record = run_folder.record_resume(out, record, Toy(data="d", steps=20))  # a kill frees it
     assert record["config"]["steps"] == 20 and run_folder.read_record(out) == record
     run_folder.finish(out)
+
+
+def test_a_run_checks_its_folder_once(tmp_path, monkeypatch):
+    # Issue 18: a new fig2 run checked its folder three times (--out's type, fig2.run,
+    # run_folder.create) and a resume ran the experiment's check twice. Now the command
+    # opens the folder once and the run takes it as it is; a library call checks once too.
+    calls = collections.Counter()
+    real_check_new = run_folder.check_new
+
+    def check_new(out):
+        calls["check_new"] += 1
+        return real_check_new(out)
+
+    def check(path, record, config):  # an experiment's resume check
+        calls["check"] += 1
+        return {"step": record["config"]["steps"]}
+
+    monkeypatch.setattr(run_folder, "check_new", check_new)
+    monkeypatch.setattr(flags, "check_new", check_new)
+    parser, args = _parse(["--data", "d", "--out", tmp_path / "r"])
+    config, folder = flags.open_from_args(parser, args, Toy, FLAGS, "toy", check=check)
+    assert run_folder.open_run(folder, "toy", config, check=check) is folder
+    assert args.run_dir == folder.path == tmp_path / "r" and not folder.path.exists()
+    folder.start(config)
+    folder.finish()
+    assert calls == {"check_new": 1}
+
+    parser, args = _parse(["--resume", tmp_path / "r", "--steps", 20])
+    config, folder = flags.open_from_args(parser, args, Toy, FLAGS, "toy", may_change={"steps"},
+                                          check=check)  # fmt: skip
+    assert folder.resuming and folder.state == {"step": 10}
+    assert run_folder.open_run(folder, "toy", config, resume=True, check=check) is folder
+    assert folder.start(config)["resumed"][0]["changes"] == {"steps": 20}
+    folder.finish()
+    assert calls == {"check_new": 1, "check": 1}
+    with pytest.raises(ValueError, match="expected a folder opened for a new toy run"):
+        run_folder.open_run(folder, "toy", config, check=check)
+
+    folder = run_folder.open_run(tmp_path / "lib", "toy", Toy(data="d"))  # a library call
+    folder.start(Toy(data="d"))
+    assert calls["check_new"] == 2 and run_folder.read_record(folder)["config"]["data"] == "d"
+    folder.finish()
