@@ -62,8 +62,9 @@ def _torch_gradients(ctx, grad_output, saved):
     from x, so the gradients are differentiable functions of x, gamma, beta and the
     residual, as torch's BN backward is."""
     x, mean, var, weight, bias, residual, output = saved
-    dims = [d for d in range(x.dim()) if d != 1]
-    shape = [1, -1] + [1] * (x.dim() - 2)
+    x_dtype = (output if ctx.memory_saving else x).dtype  # no residual with memory saving
+    dims = [d for d in range(grad_output.dim()) if d != 1]
+    shape = [1, -1] + [1] * (grad_output.dim() - 2)
     dy = grad_output.float()
     gamma = 1.0 if weight is None else weight.float().view(shape)
     beta = 0.0 if bias is None else bias.float().view(shape)
@@ -96,7 +97,7 @@ def _torch_gradients(ctx, grad_output, saved):
     dx = dx * (gamma * invstd)
     needs = ctx.needs_input_grad
     return (
-        dx.to(x.dtype) if needs[0] else None,
+        dx.to(x_dtype) if needs[0] else None,
         (dy * xhat).sum(dims).to(weight.dtype) if needs[1] and weight is not None else None,
         dy.sum(dims).to(bias.dtype) if needs[2] and bias is not None else None,
         dy.to(residual.dtype) if needs[3] and residual is not None else None,

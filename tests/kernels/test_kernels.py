@@ -561,13 +561,15 @@ def test_double_backward_matches_float64(activation, training):
         close(a, b, torch.float32, "second-order")
 
 
-def test_batched_grads():
+@pytest.mark.parametrize("memory_saving", [False, True])
+def test_batched_grads(memory_saving):
     # torch.autograd.grad(..., is_grads_batched=True) vmaps the backward over grad_outputs.
-    x, p, r, grad = make((4, 3, 3, 3), residual=True)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, p["weight"], p["bias"], r)]
+    x, p, r, grad = make((4, 3, 3, 3), residual=not memory_saving)
+    tensors = (x, p["weight"], p["bias"]) + ((r,) if r is not None else ())
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
     y = kernels.batch_norm_act(
         leaves[0], leaves[1], leaves[2], activation="leaky_relu", negative_slope=SLOPE,
-        residual=leaves[3],
+        residual=None if memory_saving else leaves[3], memory_saving=memory_saving,
     )  # fmt: skip
     grads = torch.randn(3, *y.shape, generator=torch.Generator().manual_seed(1))
     batched = torch.autograd.grad(y, leaves, grads, retain_graph=True, is_grads_batched=True)
