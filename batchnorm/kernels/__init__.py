@@ -4,7 +4,8 @@ map, and In-Place ABN's memory-saving backward.
 
 Triton is imported only when a kernel is first used, so ``import batchnorm`` never needs it.
 Public names: `batch_norm_act` (the functional form), `BatchNormActFunction` (its
-autograd.Function), `gamma_invertible`, `is_available` and `supports` (for dispatchers).
+autograd.Function), `gamma_invertible`, and for dispatchers `is_available`, `supports`,
+`transformed` and `has_tangent`.
 See docs/kernels.md.
 """
 

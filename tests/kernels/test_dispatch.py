@@ -306,3 +306,21 @@ def test_huge_address_span_takes_the_torch_path(fake_gpu, spy, monkeypatch):
         atol=1e-5, rtol=1e-5,
     )  # fmt: skip
     assert spy == ["identity"]
+
+
+def test_double_backward_and_batched_grads_through_a_triton_layer(spy, randomize):
+    # issue 15: torch's BN supports create_graph and is_grads_batched; so does the kernel path.
+    layer = randomize(batchnorm.BatchNormAct2d(3, activation="leaky_relu", backend="triton"))
+    ref = nn.BatchNorm2d(3).double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 3, 3, 3)
+    results = []
+    for model, t in ((layer, x), (lambda t: TF.leaky_relu(ref(t), 0.01), x.double())):
+        t = t.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(t).pow(2).sum(), t, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), t)
+        jac = torch.autograd.functional.jacobian(model, t, vectorize=True)
+        results.append((g, gg, jac))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=2e-4)
+    assert len(spy) == 2
