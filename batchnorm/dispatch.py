@@ -5,17 +5,23 @@ A layer's ``backend`` chooses (``"auto"``, ``"torch"`` or ``"triton"``):
 - ``"torch"``: always the torch path (validate -> transform -> commit in
   `batchnorm.modules`).
 - ``"auto"`` (the default): the kernels (`batchnorm.kernels`) for a CUDA tensor they take
-  (`kernels.supports`: float32/float16/bfloat16, fewer than 2^31 elements, Triton
-  importable), the torch path for everything else: CPU tensors, float64, tensor subclasses
-  (fake tensors under ``torch.export``, DTensor), and calls the kernels do not implement
-  (`kernel_refusal`).
+  (`kernels.supports`: float32/float16/bfloat16, an address span under 2^31 elements, Triton
+  importable) on a GPU architecture listed in `MEASURED`, the torch path for everything
+  else: CPU tensors, unmeasured architectures, float64, tensor subclasses (fake tensors
+  under ``torch.export``, DTensor), forward-mode AD, and calls the kernels do not implement
+  (`kernel_refusal`). `MEASURED` is empty: the kernels have not run on a GPU yet, so
+  ``"auto"`` is the torch path everywhere and the kernels are opt-in with ``"triton"``.
 - ``"triton"``: the kernels, on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
   (how the tests run them). A call they cannot take raises a ``ValueError`` that says why.
 
-Both ``"auto"`` and ``"triton"`` take the torch path under ``torch.compile`` and inside
-``torch.func`` transforms: the kernels are an ``autograd.Function`` around Triton launches,
-not registered custom operators, so those tools cannot trace them (torch.compile generates its
-own fused kernels from the torch path instead).
+Both ``"auto"`` and ``"triton"`` take the torch path under ``torch.compile``, inside
+``torch.func`` transforms and under forward-mode AD (``torch.autograd.forward_ad``): the
+kernels are an ``autograd.Function`` around Triton launches, not registered custom operators,
+so those tools cannot trace them (torch.compile generates its own fused kernels from the torch
+path instead), and they have no forward-mode derivative. A backward through the kernels that
+is itself differentiated (``create_graph=True``) or batched (``is_grads_batched=True``) is
+computed in torch operations (`batchnorm.kernels.function`); with memory saving, a double
+backward raises (x was not kept).
 
 The kernel call is transform and commit in one (like the layer's ``_forward_fused``): it
 leaves the buffers and counters as the torch path's commit step would (Algorithm 1 and the
@@ -33,9 +39,22 @@ from torch import Tensor
 from batchnorm import kernels
 from batchnorm.activations import ACTIVATIONS
 
-__all__ = ["BACKENDS", "check_backend", "kernel_refusal", "use_kernels", "forward_kernels"]
+__all__ = [
+    "BACKENDS",
+    "MEASURED",
+    "check_backend",
+    "kernel_refusal",
+    "use_kernels",
+    "forward_kernels",
+]
 
 BACKENDS = ("auto", "torch", "triton")
+
+# The one switch of ``backend="auto"``: CUDA compute capabilities (major, minor) on which the
+# kernels have passed benchmarks/gpu_check.py and been timed by benchmarks/bench_gpu.py, each
+# mapped to the committed results file that shows it, e.g. {(9, 0): "results/gpu/h200.md"}.
+# Empty: no card has run them yet, so "auto" takes the torch path on every GPU.
+MEASURED: dict[tuple[int, int], str] = {}
 
 
 def check_backend(layer, backend: str) -> None:
@@ -72,9 +91,14 @@ def _setting_refusal(layer) -> str | None:
     return None
 
 
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _auto_takes(input: Tensor) -> bool:
-    """The device rule of ``backend="auto"``: CUDA tensors only (the interpreter is for tests)."""
-    return input.is_cuda
+    """The device rule of ``backend="auto"``: a CUDA tensor on a GPU whose architecture is in
+    `MEASURED` (the interpreter is for tests)."""
+    return input.is_cuda and bool(MEASURED) and _capability(input.device) in MEASURED
 
 
 def _traced() -> bool:
@@ -87,9 +111,9 @@ def kernel_refusal(layer, input: Tensor, mask: Tensor | None = None, residual=No
 
     The call is refused for a mask, a non-fusable layer (Batch Renorm, SyncBatchNorm),
     ``backward="paper"``, Ghost BN, an activation the kernels do not implement
-    (`batchnorm.activations`), and an input `kernels.supports` rejects (CPU without the
-    interpreter, float64, rank < 2, 2^31 elements or more, Triton missing) or a tensor
-    subclass.
+    (`batchnorm.activations`), and an input or residual `kernels.supports` rejects (CPU
+    without the interpreter, float64, rank < 2, 2^31 elements or an address span that large,
+    Triton missing) or a tensor subclass.
     """
     why = _setting_refusal(layer)
     if why is not None:
@@ -99,19 +123,21 @@ def kernel_refusal(layer, input: Tensor, mask: Tensor | None = None, residual=No
     for name, t in (("input", input), ("residual", residual)):
         if t is not None and type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
             return f"the {name} is a tensor subclass ({type(t).__name__})"
-    if not kernels.supports(input):
-        if not kernels.is_available():
-            return "Triton is not installed (it ships with PyTorch's CUDA builds)"
-        device = (
-            "a CUDA device, or the CPU under TRITON_INTERPRET=1"
-            if input.device.type == "cpu"
-            else "a CUDA device"
-        )
-        return (
-            f"the kernels take float32, float16 or bfloat16 tensors of rank >= 2 with fewer "
-            f"than 2^31 elements on {device}; got {input.dtype}, shape {tuple(input.shape)} on "
-            f"{input.device}"
-        )
+    for name, t in (("input", input), ("residual", residual)):
+        if t is not None and not kernels.supports(t):
+            if not kernels.is_available():
+                return "Triton is not installed (it ships with PyTorch's CUDA builds)"
+            device = (
+                "a CUDA device, or the CPU under TRITON_INTERPRET=1"
+                if t.device.type == "cpu"
+                else "a CUDA device"
+            )
+            return (
+                f"the kernels take float32, float16 or bfloat16 tensors of rank >= 2 on "
+                f"{device}, with fewer than 2^31 elements over an address span under 2^31 "
+                f"elements (int32 offsets); got a {name} of {t.dtype}, shape "
+                f"{tuple(t.shape)}, strides {t.stride()} on {t.device}"
+            )
     return None
 
 
@@ -127,7 +153,11 @@ def use_kernels(layer, input: Tensor, mask: Tensor | None = None, residual=None)
         return False
     if backend == "auto" and not _auto_takes(input):
         return False
-    if _traced() or torch._C._functorch.is_functorch_wrapped_tensor(input):
+    if (
+        _traced()
+        or kernels.transformed(input)
+        or kernels.has_tangent(input, residual, *layer._parameters.values())
+    ):
         return False
     if layer._pending is not None:
         # A deferred commit (batchnorm.accumulate) needs the batch statistics, which the

@@ -168,10 +168,10 @@ class BatchNormAct2d(_BatchNormActMixin, M.BatchNorm2d):
     the running-statistics update and the eval-mode map are `batchnorm.BatchNorm2d`'s, so a
     checkpoint of ``nn.BatchNorm2d`` loads into it and back.
 
-    On CUDA tensors (``backend="auto"``, see `batchnorm.dispatch`) the Triton kernels compute
-    the whole layer, forward and backward, in one pass over memory each. Elsewhere (CPU,
-    float64, torch.compile, a mask) the torch path computes the same values with torch's
-    operations.
+    With ``backend="triton"`` the Triton kernels compute the whole layer on CUDA tensors,
+    forward and backward, in one pass over memory each (``"auto"`` only on GPUs whose results
+    are in `batchnorm.dispatch.MEASURED`: none yet). Elsewhere (CPU, float64, torch.compile, a
+    mask) the torch path computes the same values with torch's operations.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, bias, backward,

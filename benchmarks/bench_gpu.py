@@ -15,9 +15,10 @@ Sections (each timed interleaved, implementations in rotating order after a warm
              autocast, channels_last), eager and under torch.compile.
   sync       SyncBatchNorm smoke run: a world of one over NCCL (gloo on the CPU).
 
-"ours" is our layer as it is: with ``backend="auto"`` it runs on the Triton kernels for CUDA
-tensors (the torch path under torch.compile). "ours triton" forces ``backend="triton"``; the
-fused rows use ``BatchNormAct2d`` and `batchnorm.fuse_activations`.
+"ours" is our layer as it is (``backend="auto"``): the torch path, unless this card's compute
+capability is in ``batchnorm.dispatch.MEASURED`` (this script's report, with gpu_check.py's,
+is what puts it there). "ours triton" forces ``backend="triton"``; the fused rows use
+``BatchNormAct2d`` and `batchnorm.fuse_activations`.
 
 Usage:
     python benchmarks/bench_gpu.py                # on a CUDA machine, about 6-8 minutes

@@ -1,6 +1,7 @@
 """On a CUDA device: our layers against torch.nn (outputs, gradients, running statistics),
 the non-finite guard without host synchronization, and half-precision input, on both of our
-paths: ``backend="triton"`` (the Triton kernels, what ``"auto"`` picks for CUDA tensors) and
+paths: ``backend="triton"`` (the Triton kernels; ``"auto"`` takes them only on architectures in
+``batchnorm.dispatch.MEASURED``, which this script and bench_gpu.py are the evidence for) and
 ``backend="torch"``; and BatchNormAct2d against torch.nn's BatchNorm2d + ReLU.
 
 CI has no GPU, so this is run by hand where one is available:
@@ -80,7 +81,7 @@ def main() -> int:
         mark = "ok " if ok else "BAD"
         print(f"{mark} parity BatchNormAct2d (relu) channels_last={cl}: max rel err {err:.2e}")
     # The guard keeps statistics on the device: no synchronization, same result.
-    bn = batchnorm.BatchNorm2d(8, device="cuda")  # backend="auto": the kernels on CUDA
+    bn = batchnorm.BatchNorm2d(8, device="cuda", backend="triton")
     bn(torch.randn(4, 8, 5, 5, device="cuda"))
     before = bn.running_var.clone()
     x = torch.randn(4, 8, 5, 5, device="cuda")

@@ -4,7 +4,8 @@ map, and In-Place ABN's memory-saving backward.
 
 Triton is imported only when a kernel is first used, so ``import batchnorm`` never needs it.
 Public names: `batch_norm_act` (the functional form), `BatchNormActFunction` (its
-autograd.Function), `gamma_invertible`, `is_available` and `supports` (for dispatchers).
+autograd.Function), `gamma_invertible`, and for dispatchers `is_available`, `supports`,
+`transformed` and `has_tangent`.
 See docs/kernels.md.
 """
 
@@ -14,6 +15,9 @@ import importlib.util
 import os
 
 import torch
+from torch.autograd import forward_ad
+
+from batchnorm.kernels.layout import addressable
 
 __all__ = [
     "batch_norm_act",
@@ -40,16 +44,36 @@ def _interpreting() -> bool:
 
 def supports(input: torch.Tensor) -> bool:
     """Whether the kernels take ``input``: Triton importable, a CUDA tensor (a CPU one under
-    ``TRITON_INTERPRET=1``), float32/float16/bfloat16, rank >= 2, fewer than 2^31 elements.
-    Anything else (float64, CPU without the interpreter, huge tensors) is the torch path's."""
+    ``TRITON_INTERPRET=1``), float32/float16/bfloat16, rank >= 2, its addresses spanning fewer
+    than 2^31 elements (the kernels index with int32). Anything else (float64, CPU without the
+    interpreter, huge tensors or views spread that far) is the torch path's."""
     device_ok = input.is_cuda or (input.device.type == "cpu" and _interpreting())
     return (
         device_ok
         and input.dtype in DTYPES
         and input.dim() >= 2
-        and input.numel() < 2**31
+        and addressable(input)
         and is_available()
     )
+
+
+def transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform or a vmap (the legacy one batches
+    ``autograd.grad(..., is_grads_batched=True)``): no data pointer to hand to a kernel."""
+    functorch = torch._C._functorch
+    return (
+        functorch.is_functorch_wrapped_tensor(t)
+        or functorch.is_batchedtensor(t)
+        or functorch.is_legacy_batchedtensor(t)
+    )
+
+
+def has_tangent(*tensors) -> bool:
+    """Whether forward-mode AD (`torch.autograd.forward_ad`) carries a tangent on any of
+    ``tensors``: the kernels have no forward-mode derivative."""
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered: the fast answer
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def batch_norm_act(*args, **kwargs):
@@ -59,11 +83,13 @@ def batch_norm_act(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
-def gamma_invertible(weight, gamma_min=None) -> bool:
-    """Whether memory saving may divide by gamma; see `function.gamma_invertible`."""
+def gamma_invertible(weight, gamma_min=None, *, bias=None, dtype=torch.float32) -> bool:
+    """Whether memory saving may rebuild xhat from an output of ``dtype``: |gamma| large
+    enough, and |beta| / |gamma| small enough for ``dtype``; see `function.gamma_invertible`."""
     from batchnorm.kernels import function
 
-    return function.gamma_invertible(weight, function.GAMMA_MIN if gamma_min is None else gamma_min)
+    gamma_min = function.GAMMA_MIN if gamma_min is None else gamma_min
+    return function.gamma_invertible(weight, gamma_min, bias=bias, dtype=dtype)
 
 
 def __getattr__(name):

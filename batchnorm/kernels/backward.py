@@ -48,10 +48,14 @@ def _channel_params(mean_ptr, var_ptr, w_ptr, b_ptr, chans, cmask, eps,
 @triton.jit
 def _grad_tile(
     dy_ptr, sdn, sds, sdc, src_ptr, sxn, sxs, sxc, z_ptr, szn, szs, szc,
-    row, s, chans, mask, mean, invstd, gamma, beta, slope,
-    ACT: tl.constexpr, MEMORY_SAVING: tl.constexpr,
+    res_ptr, s_rn, s_rs, s_rc, row, s, chans, mask, mean, invstd, gamma, beta, slope,
+    ACT: tl.constexpr, MEMORY_SAVING: tl.constexpr, HAS_R: tl.constexpr,
 ):
-    """(xhat, dy') of one tile, zero outside the mask. ``src`` is x, or z when memory saving."""
+    """(xhat, dy') of one tile, zero outside the mask. ``src`` is x, or z when memory saving.
+
+    The activation's mask: relu reads it off the saved z (as torch's relu); leaky_relu
+    recomputes u from x (+ residual) with the forward's operations (torch's saves its
+    input), so an output changed in place afterwards does not matter."""
     dy = tl.load(dy_ptr + K.addr(row, s, chans, sdn, sds, sdc), mask=mask, other=0.0)
     dy = dy.to(tl.float32)
     src = tl.load(src_ptr + K.addr(row, s, chans, sxn, sxs, sxc), mask=mask, other=0.0)
@@ -65,9 +69,16 @@ def _grad_tile(
     else:
         xhat = (src - mean[None, :]) * invstd[None, :]
         z = src
-        if ACT != 0:
+        if ACT == 1:
             z = tl.load(z_ptr + K.addr(row, s, chans, szn, szs, szc), mask=mask, other=0.0)
             z = z.to(tl.float32)
+        elif ACT == 2:
+            # u as the forward computed it (common.normalize_range): the same sign.
+            z = (src - mean[None, :]) * (invstd * gamma)[None, :] + beta[None, :]
+            if HAS_R:
+                r = tl.load(res_ptr + K.addr(row, s, chans, s_rn, s_rs, s_rc), mask=mask,
+                            other=0.0)
+                z = z + r.to(tl.float32)
     dyp = K.activation_grad(dy, z, slope, ACT)
     return tl.where(mask, xhat, 0.0), tl.where(mask, dyp, 0.0)
 
@@ -75,9 +86,10 @@ def _grad_tile(
 @triton.jit
 def _range_sums(
     dy_ptr, sdn, sds, sdc, src_ptr, sxn, sxs, sxc, z_ptr, szn, szs, szc,
+    res_ptr, s_rn, s_rs, s_rc,
     t_begin, t_end, tiles_per_row, cols, chans, C, mean, invstd, gamma, beta, slope,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr,
-    MEMORY_SAVING: tl.constexpr,
+    MEMORY_SAVING: tl.constexpr, HAS_R: tl.constexpr,
 ):
     # (sum dy', sum dy' * xhat) per channel over tiles [t_begin, t_end), float32.
     sum_dy = tl.zeros([BLOCK_C], tl.float32)
@@ -86,7 +98,8 @@ def _range_sums(
         row, s, mask = K.tile(t, tiles_per_row, cols, chans, C, BLOCK_S)
         xhat, dyp = _grad_tile(
             dy_ptr, sdn, sds, sdc, src_ptr, sxn, sxs, sxc, z_ptr, szn, szs, szc,
-            row, s, chans, mask, mean, invstd, gamma, beta, slope, ACT, MEMORY_SAVING,
+            res_ptr, s_rn, s_rs, s_rc, row, s, chans, mask, mean, invstd, gamma, beta, slope,
+            ACT, MEMORY_SAVING, HAS_R,
         )
         sum_dy += tl.sum(dyp, 0)
         sum_dyx += tl.sum(dyp * xhat, 0)
@@ -96,10 +109,11 @@ def _range_sums(
 @triton.jit
 def _partial_sums(
     dy_ptr, sdn, sds, sdc, src_ptr, sxn, sxs, sxc, z_ptr, szn, szs, szc,
-    mean_ptr, var_ptr, w_ptr, b_ptr, p_dy_ptr, p_dyx_ptr,
+    res_ptr, s_rn, s_rs, s_rc, mean_ptr, var_ptr, w_ptr, b_ptr, p_dy_ptr, p_dyx_ptr,
     C, tiles_per_row, cols, tiles, tiles_per_split, eps, slope,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr,
     MEMORY_SAVING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_R: tl.constexpr,
 ):
     chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = chans < C
@@ -111,8 +125,9 @@ def _partial_sums(
     t_end = tl.minimum(t_begin + tiles_per_split, tiles)
     sum_dy, sum_dyx = _range_sums(
         dy_ptr, sdn, sds, sdc, src_ptr, sxn, sxs, sxc, z_ptr, szn, szs, szc,
+        res_ptr, s_rn, s_rs, s_rc,
         t_begin, t_end, tiles_per_row, cols, chans, C, mean, invstd, gamma, beta, slope,
-        BLOCK_S, BLOCK_C, ACT, MEMORY_SAVING,
+        BLOCK_S, BLOCK_C, ACT, MEMORY_SAVING, HAS_R,
     )
     tl.store(p_dy_ptr + split * C + chans, sum_dy, mask=cmask)
     tl.store(p_dyx_ptr + split * C + chans, sum_dyx, mask=cmask)
@@ -121,14 +136,14 @@ def _partial_sums(
 @triton.jit
 def _apply(
     dy_ptr, sdn, sds, sdc, src_ptr, sxn, sxs, sxc, z_ptr, szn, szs, szc,
-    dx_ptr, sgn, sgs, sgc, dr_ptr, srn, srs, src,
+    res_ptr, s_rn, s_rs, s_rc, dx_ptr, sgn, sgs, sgc, dr_ptr, srn, srs, src,
     mean_ptr, var_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, p_dy_ptr, p_dyx_ptr,
     C, tiles_per_row, cols, tiles, tiles_per_split, splits, count, eps, slope,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr, ACT: tl.constexpr,
     MEMORY_SAVING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     TRAINING: tl.constexpr, FUSED_SUMS: tl.constexpr, NEED_SUMS: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DR: tl.constexpr, WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr,
+    WRITE_DB: tl.constexpr, HAS_R: tl.constexpr,
 ):
     chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = chans < C
@@ -141,8 +156,9 @@ def _apply(
     if FUSED_SUMS:  # one split: this program reduces its channel block itself
         sum_dy, sum_dyx = _range_sums(
             dy_ptr, sdn, sds, sdc, src_ptr, sxn, sxs, sxc, z_ptr, szn, szs, szc,
+            res_ptr, s_rn, s_rs, s_rc,
             0, tiles, tiles_per_row, cols, chans, C, mean, invstd, gamma, beta, slope,
-            BLOCK_S, BLOCK_C, ACT, MEMORY_SAVING,
+            BLOCK_S, BLOCK_C, ACT, MEMORY_SAVING, HAS_R,
         )
     elif NEED_SUMS:
         k = tl.arange(0, SPLITS_P2)
@@ -165,7 +181,8 @@ def _apply(
             row, s, mask = K.tile(t, tiles_per_row, cols, chans, C, BLOCK_S)
             xhat, dyp = _grad_tile(
                 dy_ptr, sdn, sds, sdc, src_ptr, sxn, sxs, sxc, z_ptr, szn, szs, szc,
-                row, s, chans, mask, mean, invstd, gamma, beta, slope, ACT, MEMORY_SAVING,
+                res_ptr, s_rn, s_rs, s_rc, row, s, chans, mask, mean, invstd, gamma, beta,
+                slope, ACT, MEMORY_SAVING, HAS_R,
             )
             if WRITE_DR:
                 K.store(dr_ptr + K.addr(row, s, chans, srn, srs, src), dyp, mask)
@@ -178,19 +195,21 @@ def _apply(
 
 
 def backward(
-    grad_output, source, output, mean, var, weight, bias, eps, activation, negative_slope,
-    training, memory_saving, needs, residual_like=None, allow_single=True,
+    grad_output, source, output, residual, mean, var, weight, bias, eps, activation,
+    negative_slope, training, memory_saving, needs, allow_single=True,
 ):
     """Gradients of y = act(BN(x) + residual) from what the forward saved.
 
     Args:
         grad_output: dl/dz, shaped like x.
         source: x, or the output z when ``memory_saving``.
-        output: z (read for the activation's mask; unused for identity).
+        output: z, read for relu's mask (None for the other activations).
+        residual: the residual or None; gives its gradient its dtype and strides, and is
+            read for leaky_relu's mask.
         mean, var: the statistics the forward normalized with (batch mu_B and biased
             sigma2_B in training, the running statistics in eval), (C,).
+        weight, bias: gamma and beta (C,) with stride 1, or None.
         needs: (input, weight, bias, residual) flags, as ``ctx.needs_input_grad``.
-        residual_like: the residual, to give its gradient its dtype and strides.
 
     Returns:
         (dl/dx, dl/dgamma, dl/dbeta, dl/dresidual), None where not needed.
@@ -198,18 +217,20 @@ def backward(
     need_x, need_w, need_b, need_r = needs
     need_w = need_w and weight is not None
     need_b = need_b and bias is not None
-    need_r = need_r and residual_like is not None
+    need_r = need_r and residual is not None
+    read_r = residual is not None and activation == "leaky_relu" and not memory_saving
     z = output if output is not None else source
     dx = torch.empty_like(source) if need_x else None
-    dr = torch.empty_like(residual_like) if need_r else None
-    tensors = [grad_output, source, z] + [t for t in (dx, dr) if t is not None]
+    dr = torch.empty_like(residual) if need_r else None
+    res = residual if read_r else source  # an unused pointer where not read
+    tensors = [grad_output, source, z, res] + [t for t in (dx, dr) if t is not None]
     views, geom = geometry(*tensors)
     strides = [s for triple in geom.strides for s in triple]
-    grad_output, source, z = views[:3]
-    rest = iter(views[3:])
+    grad_output, source, z, res = views[:4]
+    rest = iter(views[4:])
     dx = next(rest) if need_x else None
     dr = next(rest) if need_r else None
-    s_dx = strides[9:12] if need_x else [0, 0, 0]
+    s_dx = strides[12:15] if need_x else [0, 0, 0]
     s_dr = strides[-3:] if need_r else [0, 0, 0]
     dw = torch.empty_like(weight) if need_w else None
     db = torch.empty_like(bias) if need_b else None
@@ -224,6 +245,7 @@ def backward(
     common = dict(
         BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, ACT=K.ACTIVATIONS[activation],
         MEMORY_SAVING=memory_saving, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_R=read_r,
     )
     p_dy = p_dyx = placeholder
     if need_sums and not fused:
@@ -231,6 +253,7 @@ def backward(
         p_dyx = torch.empty_like(p_dy)
         _partial_sums[(launch.c_blocks, splits)](
             grad_output, *strides[0:3], source, *strides[3:6], z, *strides[6:9],
+            res, *strides[9:12],
             mean, var, weight if weight is not None else placeholder,
             bias if bias is not None else placeholder, p_dy, p_dyx,
             c, tiles_per_row, geom.cols, launch.tiles, per_split, float(eps),
@@ -238,6 +261,7 @@ def backward(
         )
     _apply[(launch.c_blocks, splits)](
         grad_output, *strides[0:3], source, *strides[3:6], z, *strides[6:9],
+        res, *strides[9:12],
         dx if dx is not None else placeholder, *s_dx,
         dr if dr is not None else placeholder, *s_dr,
         mean, var, weight if weight is not None else placeholder,

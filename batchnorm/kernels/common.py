@@ -27,6 +27,12 @@ def addr(row, s, chans, stride_n, stride_s, stride_c):
 
 
 @triton.jit
+def stored(ptr, value):
+    """``value`` as ``ptr``'s dtype holds it, back in float32 (what a store would keep)."""
+    return value.to(ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def store(ptr, value, mask):
     """Store float32 ``value`` in ``ptr``'s dtype (rounded to nearest on a GPU; Triton's
     interpreter truncates float32 -> bfloat16)."""
@@ -64,19 +70,27 @@ def merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def shift_of(x_ptr, sxc, chans, cmask):
+    """Each channel's first value (row 0, position 0): the moments are taken of x - shift,
+    so that float32 keeps the mean's digits where |mean| >> std (the final mean is
+    shift + mean(x - shift), rounded once)."""
+    return tl.load(x_ptr + chans * sxc, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def range_moments(
-    x_ptr, sxn, sxs, sxc, t_begin, t_end, tiles_per_row, cols, chans, C,
+    x_ptr, sxn, sxs, sxc, t_begin, t_end, tiles_per_row, cols, chans, C, shift,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """(n, mean, M2) per channel of tiles [t_begin, t_end): exact two-pass moments of each
-    tile in float32, merged tile by tile (no E[x^2] - E[x]^2 cancellation)."""
+    """(n, mean, M2) per channel of x - shift over tiles [t_begin, t_end): exact two-pass
+    moments of each tile in float32, merged tile by tile (no E[x^2] - E[x]^2 cancellation)."""
     n = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for t in range(t_begin, t_end):
         row, s, mask = tile(t, tiles_per_row, cols, chans, C, BLOCK_S)
         x = tl.load(x_ptr + addr(row, s, chans, sxn, sxs, sxc), mask=mask, other=0.0)
-        x = x.to(tl.float32)
+        x = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
         cnt = tl.sum(tl.where(mask, 1.0, 0.0), 0)
         t_mean = tl.sum(x, 0) / tl.maximum(cnt, 1.0)
         d = tl.where(mask, x - t_mean[None, :], 0.0)
@@ -85,28 +99,31 @@ def range_moments(
 
 
 @triton.jit
-def affine(w_ptr, b_ptr, chans, cmask, mean, var, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """Per-channel (scale, shift) with y = scale * x + shift (functional.inference_affine)."""
-    scale = tl.rsqrt(var + eps)
+def affine(w_ptr, b_ptr, chans, cmask, var, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Per-channel (a, beta) with BN(x) = (x - mean) * a + beta, a = gamma / sqrt(var + eps).
+
+    Subtracting the mean first keeps float32's digits where |mean| >> std; the folded
+    x * scale + shift (`functional.inference_affine`) would cancel them."""
+    a = tl.rsqrt(var + eps)
     if HAS_W:
-        scale = scale * tl.load(w_ptr + chans, mask=cmask, other=1.0).to(tl.float32)
-    shift = -mean * scale
+        a = a * tl.load(w_ptr + chans, mask=cmask, other=1.0).to(tl.float32)
+    beta = tl.zeros(var.shape, tl.float32)
     if HAS_B:
-        shift = shift + tl.load(b_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
-    return scale, shift
+        beta = tl.load(b_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
+    return a, beta
 
 
 @triton.jit
 def normalize_range(
     x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
-    t_begin, t_end, tiles_per_row, cols, chans, C, scale, shift, slope,
+    t_begin, t_end, tiles_per_row, cols, chans, C, mean, a, beta, slope,
     BLOCK_S: tl.constexpr, ACT: tl.constexpr, HAS_R: tl.constexpr,
 ):
-    """y = act(scale * x + shift (+ residual)) over tiles [t_begin, t_end)."""
+    """y = act((x - mean) * a + beta (+ residual)) over tiles [t_begin, t_end)."""
     for t in range(t_begin, t_end):
         row, s, mask = tile(t, tiles_per_row, cols, chans, C, BLOCK_S)
         x = tl.load(x_ptr + addr(row, s, chans, sxn, sxs, sxc), mask=mask, other=0.0)
-        u = x.to(tl.float32) * scale[None, :] + shift[None, :]
+        u = (x.to(tl.float32) - mean[None, :]) * a[None, :] + beta[None, :]
         if HAS_R:
             r = tl.load(r_ptr + addr(row, s, chans, srn, srs, src), mask=mask, other=0.0)
             u = u + r.to(tl.float32)

@@ -4,7 +4,8 @@ in eval), fused with the activation, the residual add and the running-statistics
 Training, in one launch when the input is small (one program does everything) and in two
 otherwise:
   1. ``_partial_moments``: a (channel block, split) grid; each program writes the exact
-     (n, mean, M2) of its share of one channel block's values.
+     (n, mean, M2) of its share of one channel block's values, shifted by each channel's
+     first value (`common.shift_of`).
   2. ``_normalize_commit``: the same grid; each program merges its channel block's partials
      (`merge_stats`'s formula), normalizes its share and applies act(. + residual). Program
      (0, 0) also merges every block, writes the saved statistics and commits the running
@@ -39,7 +40,8 @@ def _commit(
     BLOCK_C: tl.constexpr, HAS_TRACKED: tl.constexpr, HAS_SKIPPED: tl.constexpr,
     CUMULATIVE: tl.constexpr,
 ):
-    """Guarded running-statistics update from the saved batch statistics (one program)."""
+    """Guarded running-statistics update from the saved batch statistics (one program): the
+    guard checks the new values as the buffers' dtype stores them."""
     tl.debug_barrier()  # the saved statistics were just written by other threads of this program
     if CUMULATIVE:
         momentum = 1.0 / (tl.load(nbt_ptr).to(tl.float32) + 1.0)
@@ -50,6 +52,8 @@ def _commit(
         mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
         var = tl.load(var_ptr + chans, mask=cmask, other=0.0)
         new_m, new_v = _running_step(rm_ptr, rv_ptr, chans, cmask, mean, var, momentum, unbias)
+        # Guard what the buffers would hold: 1e5 is finite in float32, inf in float16.
+        new_m, new_v = K.stored(rm_ptr, new_m), K.stored(rv_ptr, new_v)
         finite = (tl.abs(new_m) <= K.FLT_MAX) & (tl.abs(new_v) <= K.FLT_MAX)
         bad += tl.where(cmask, tl.where(finite, 0, 1), 0)
     ok = tl.sum(bad, 0) == 0
@@ -81,16 +85,19 @@ def _forward_single(
     for c0 in range(0, C, BLOCK_C):
         chans = c0 + tl.arange(0, BLOCK_C)
         cmask = chans < C
+        shift = K.shift_of(x_ptr, sxc, chans, cmask)
         n, mean, m2 = K.range_moments(
-            x_ptr, sxn, sxs, sxc, 0, tiles, tiles_per_row, cols, chans, C, BLOCK_S, BLOCK_C
+            x_ptr, sxn, sxs, sxc, 0, tiles, tiles_per_row, cols, chans, C, shift,
+            BLOCK_S, BLOCK_C,
         )
+        mean = shift + mean
         var = m2 / tl.maximum(n, 1.0)
         tl.store(mean_ptr + chans, mean, mask=cmask)
         tl.store(var_ptr + chans, var, mask=cmask)
-        scale, shift = K.affine(w_ptr, b_ptr, chans, cmask, mean, var, eps, HAS_W, HAS_B)
+        a, beta = K.affine(w_ptr, b_ptr, chans, cmask, var, eps, HAS_W, HAS_B)
         K.normalize_range(
             x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
-            0, tiles, tiles_per_row, cols, chans, C, scale, shift, slope, BLOCK_S, ACT, HAS_R,
+            0, tiles, tiles_per_row, cols, chans, C, mean, a, beta, slope, BLOCK_S, ACT, HAS_R,
         )
     if HAS_RUNNING:
         _commit(
@@ -109,10 +116,11 @@ def _partial_moments(
     split = tl.program_id(1)
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tiles)
-    n, mean, m2 = K.range_moments(
-        x_ptr, sxn, sxs, sxc, t_begin, t_end, tiles_per_row, cols, chans, C, BLOCK_S, BLOCK_C
-    )
     cmask = chans < C
+    n, mean, m2 = K.range_moments(
+        x_ptr, sxn, sxs, sxc, t_begin, t_end, tiles_per_row, cols, chans, C,
+        K.shift_of(x_ptr, sxc, chans, cmask), BLOCK_S, BLOCK_C,
+    )
     tl.store(pn_ptr + split * C + chans, n, mask=cmask)
     tl.store(pmean_ptr + split * C + chans, mean, mask=cmask)
     tl.store(pm2_ptr + split * C + chans, m2, mask=cmask)
@@ -150,12 +158,13 @@ def _normalize_commit(
     chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = chans < C
     mean, var = _merged(pn_ptr, pmean_ptr, pm2_ptr, chans, cmask, C, splits, SPLITS_P2)
-    scale, shift = K.affine(w_ptr, b_ptr, chans, cmask, mean, var, eps, HAS_W, HAS_B)
+    mean = K.shift_of(x_ptr, sxc, chans, cmask) + mean
+    a, beta = K.affine(w_ptr, b_ptr, chans, cmask, var, eps, HAS_W, HAS_B)
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tiles)
     K.normalize_range(
         x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
-        t_begin, t_end, tiles_per_row, cols, chans, C, scale, shift, slope, BLOCK_S, ACT, HAS_R,
+        t_begin, t_end, tiles_per_row, cols, chans, C, mean, a, beta, slope, BLOCK_S, ACT, HAS_R,
     )
     if (pid_c == 0) & (split == 0):
         # One program sees every channel: the guard is all-or-nothing over the batch.
@@ -163,6 +172,7 @@ def _normalize_commit(
             cs = c0 + tl.arange(0, BLOCK_C)
             csmask = cs < C
             m, v = _merged(pn_ptr, pmean_ptr, pm2_ptr, cs, csmask, C, splits, SPLITS_P2)
+            m = K.shift_of(x_ptr, sxc, cs, csmask) + m
             tl.store(mean_ptr + cs, m, mask=csmask)
             tl.store(var_ptr + cs, v, mask=csmask)
         if HAS_RUNNING:
@@ -180,23 +190,23 @@ def _forward_eval(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
 ):
-    # Algorithm 2, step 3, elementwise: y = act(scale * x + shift (+ residual)).
+    # Algorithm 2, step 3, elementwise: y = act((x - mean) * a + beta (+ residual)).
     chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = chans < C
     mean = tl.load(rm_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
     var = tl.load(rv_ptr + chans, mask=cmask, other=1.0).to(tl.float32)
-    scale, shift = K.affine(w_ptr, b_ptr, chans, cmask, mean, var, eps, HAS_W, HAS_B)
+    a, beta = K.affine(w_ptr, b_ptr, chans, cmask, var, eps, HAS_W, HAS_B)
     t_begin = tl.program_id(1) * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tiles)
     K.normalize_range(
         x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
-        t_begin, t_end, tiles_per_row, cols, chans, C, scale, shift, slope, BLOCK_S, ACT, HAS_R,
+        t_begin, t_end, tiles_per_row, cols, chans, C, mean, a, beta, slope, BLOCK_S, ACT, HAS_R,
     )
 
 
-def _io(x, residual):
+def _io(x, residual, out_dtype):
     """(x, y, residual) viewed through one Geometry; y is new, strided like x."""
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=out_dtype)
     tensors = [x, y] if residual is None else [x, y, residual]
     views, geom = geometry(*tensors)
     strides = list(geom.strides)
@@ -208,7 +218,8 @@ def _io(x, residual):
 
 def forward_train(
     x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-    num_batches_skipped, momentum, eps, activation, negative_slope, allow_single=True,
+    num_batches_skipped, momentum, eps, activation, negative_slope, out_dtype=None,
+    allow_single=True,
 ):
     """Training forward: y = act(BN(x) + residual) with batch statistics; returns
     (y, mean, var), the batch's mu_B and biased sigma2_B in float32 (C,).
@@ -217,7 +228,7 @@ def forward_train(
     ``momentum=None`` is the cumulative average. Arguments are validated by the caller
     (`batchnorm.kernels.batch_norm_act`); x has N > 0 and more than one value per channel.
     """
-    (x, y, r), geom, strides = _io(x, residual)
+    (x, y, r), geom, strides = _io(x, residual, out_dtype)
     launch = plan(geom, num_sms(x.device), allow_single)
     c = geom.channels
     mean = torch.empty(c, device=x.device, dtype=torch.float32)
@@ -259,10 +270,10 @@ def forward_train(
 
 
 def forward_eval(x, weight, bias, residual, running_mean, running_var, eps, activation,
-                 negative_slope):
-    """Eval forward, one elementwise launch: y = act(scale * x + shift (+ residual)) with
-    scale and shift from the running statistics (Algorithm 2, step 3)."""
-    (x, y, r), geom, strides = _io(x, residual)
+                 negative_slope, out_dtype=None):
+    """Eval forward, one elementwise launch: y = act((x - mean) * a + beta (+ residual)) with
+    the running statistics (Algorithm 2, step 3)."""
+    (x, y, r), geom, strides = _io(x, residual, out_dtype)
     launch = plan(geom, num_sms(x.device), allow_single=False)
     _forward_eval[(launch.c_blocks, launch.splits)](
         x, *strides[0:3], y, *strides[3:6], r, *strides[6:9],

@@ -9,34 +9,110 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from batchnorm.kernels import DTYPES, has_tangent, transformed
 from batchnorm.kernels import backward as B
 from batchnorm.kernels import forward as F
 from batchnorm.kernels.common import ACTIVATIONS
 
 GAMMA_MIN = 1e-3  # memory saving divides by gamma; below this |gamma| it keeps x instead
+# ... and it keeps x where rebuilding would add more than this to any |xhat' - xhat|
+# (bfloat16's unit roundoff: never more than storing xhat itself in bfloat16 would lose).
+XHAT_TOL = 2.0**-8
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 INVERTIBLE = ("identity", "leaky_relu")
 
 
-def gamma_invertible(weight: Tensor | None, gamma_min: float = GAMMA_MIN) -> bool:
-    """Whether memory saving may rebuild xhat = (u - beta) / gamma: every |gamma| >= gamma_min.
+def gamma_invertible(
+    weight: Tensor | None,
+    gamma_min: float = GAMMA_MIN,
+    *,
+    bias: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> bool:
+    """Whether memory saving may rebuild xhat = (u - beta) / gamma from an output of ``dtype``.
 
     The rebuilt xhat carries the output's rounding amplified by 1/|gamma|: with u_z the unit
-    roundoff of the output dtype (2^-24 float32, 2^-11 float16, 2^-8 bfloat16),
-    |xhat' - xhat| <= u_z * (|xhat| + |beta| / |gamma|) up to float32 rounding. Reads gamma
-    back to the host (one synchronization on a GPU).
+    roundoff of ``dtype`` (2^-24 float32, 2^-11 float16, 2^-8 bfloat16),
+    |xhat' - xhat| <= u_z * |xhat| + u_z * |beta| / |gamma| up to float32 rounding. So every
+    channel needs |gamma| >= ``gamma_min`` and u_z * |beta| <= XHAT_TOL * |gamma|; then
+    |xhat' - xhat| <= u_z * |xhat| + XHAT_TOL, and dl/dgamma is off by at most
+    u_z * sum |dy' xhat| + XHAT_TOL * sum |dy'| over the channel. In bfloat16 that allows
+    |beta| <= |gamma|, in float16 |beta| <= 8 |gamma|, in float32 |beta| <= 65536 |gamma|.
+    Reads gamma (and beta) back to the host: one synchronization on a GPU.
     """
     if weight is None:
         return True
-    return bool((weight.detach().abs() >= gamma_min).all())
+    gamma = weight.detach().abs()
+    ok = gamma >= gamma_min
+    if bias is not None:
+        ok &= bias.detach().abs() * UNIT_ROUNDOFF.get(dtype, 2.0**-8) <= XHAT_TOL * gamma
+    return bool(ok.all())
+
+
+def _unit_stride(t: Tensor | None) -> Tensor | None:
+    # The kernels address per-channel tensors as pointer + channel.
+    return t if t is None or t.stride(0) == 1 or t.shape[0] <= 1 else t.contiguous()
+
+
+def _torch_gradients(ctx, grad_output, saved):
+    """The backward pass in torch operations, for what the kernels cannot do: a backward
+    that is itself differentiated (``create_graph=True``) and batched gradients
+    (``is_grads_batched=True``, a vmap over grad_output). The statistics are recomputed
+    from x, so the gradients are differentiable functions of x, gamma, beta and the
+    residual, as torch's BN backward is."""
+    x, mean, var, weight, bias, residual, output = saved
+    x_dtype = (output if ctx.memory_saving else x).dtype  # no residual with memory saving
+    dims = [d for d in range(grad_output.dim()) if d != 1]
+    shape = [1, -1] + [1] * (grad_output.dim() - 2)
+    dy = grad_output.float()
+    gamma = 1.0 if weight is None else weight.float().view(shape)
+    beta = 0.0 if bias is None else bias.float().view(shape)
+    if ctx.memory_saving:  # batched gradients only (double backward was refused)
+        u = output.float()
+        if ctx.activation == "leaky_relu":
+            u = torch.where(u > 0, u, u / ctx.negative_slope)
+        xhat = (u - beta) / gamma
+        invstd = torch.rsqrt(var.float() + ctx.eps).view(shape)
+    else:
+        xf = x.float()
+        if ctx.training:
+            mean = xf.mean(dims, keepdim=True)
+            var = xf.var(dims, correction=0, keepdim=True)
+        else:
+            mean, var = mean.float().view(shape), var.float().view(shape)
+        invstd = torch.rsqrt(var + ctx.eps)
+        xhat = (xf - mean) * invstd
+        u = xhat * gamma + beta
+        if residual is not None:
+            u = u + residual.float()
+    if ctx.activation == "relu":
+        dy = torch.where(u > 0, dy, 0.0)
+    elif ctx.activation == "leaky_relu":
+        dy = torch.where(u > 0, dy, dy * ctx.negative_slope)
+    if ctx.training:
+        dx = dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True)
+    else:
+        dx = dy
+    dx = dx * (gamma * invstd)
+    needs = ctx.needs_input_grad
+    return (
+        dx.to(x_dtype) if needs[0] else None,
+        (dy * xhat).sum(dims).to(weight.dtype) if needs[1] and weight is not None else None,
+        dy.sum(dims).to(bias.dtype) if needs[2] and bias is not None else None,
+        dy.to(residual.dtype) if needs[3] and residual is not None else None,
+    )
 
 
 class BatchNormActFunction(torch.autograd.Function):
     """z = act(BN(x) + residual) by the Triton kernels, with the paper's backward (Sec. 3).
 
-    Saves x and z (z only for relu/leaky_relu, whose backward reads the mask off z, as
-    torch's ReLU does), or with memory saving only z: then x can be freed after the forward.
+    Saves what torch's BN + activation would (x, and z for relu, whose backward reads the
+    mask off z as torch's relu does; leaky_relu rebuilds its mask from x, as torch's saves
+    its input), or with memory saving only z: then x can be freed after the forward, and the
+    output must not be changed in place (the contract of torch's in-place activations).
+    A backward that is itself differentiated, or batched over grad_outputs, is computed in
+    torch operations (`_torch_gradients`).
     """
 
     @staticmethod
@@ -58,83 +134,102 @@ class BatchNormActFunction(torch.autograd.Function):
         memory_saving,
     ):  # noqa: D102
         ctx.activation, ctx.negative_slope, ctx.eps = activation, negative_slope, eps
-        ctx.has_residual = residual is not None
         use_batch = training or running_mean is None
         ctx.training = use_batch
-        if input.shape[0] == 0:
-            # Empty batch: nothing to normalize, nothing to learn from; buffers untouched.
+        out_dtype = input.dtype  # BN(x) + residual promotes as torch's add does
+        if residual is not None:
+            out_dtype = torch.promote_types(out_dtype, residual.dtype)
+        if input.numel() == 0:
+            # Empty batch, spatial size or channels: nothing to normalize, nothing to learn
+            # from; buffers untouched (as the torch path).
             ctx.empty = True
             ctx.save_for_backward(input, weight, bias, residual)
-            return torch.empty_like(input)
+            return torch.empty_like(input, dtype=out_dtype)
         ctx.empty = False
+        w, b = _unit_stride(weight), _unit_stride(bias)
+        rm, rv = _unit_stride(running_mean), _unit_stride(running_var)
         if use_batch:
+            commit = training and rm is not None
             output, mean, var = F.forward_train(
                 input,
-                weight,
-                bias,
+                w,
+                b,
                 residual,
-                running_mean if training else None,
-                running_var if training else None,
-                num_batches_tracked if training else None,
-                num_batches_skipped if training else None,
+                rm if commit else None,
+                rv if commit else None,
+                num_batches_tracked if commit else None,
+                num_batches_skipped if commit else None,
                 momentum,
                 eps,
                 activation,
                 negative_slope,
+                out_dtype,
             )
+            if commit and rm is not running_mean:
+                running_mean.copy_(rm)
+            if commit and rv is not running_var:
+                running_var.copy_(rv)
         else:
             output = F.forward_eval(
-                input,
-                weight,
-                bias,
-                residual,
-                running_mean,
-                running_var,
-                eps,
-                activation,
-                negative_slope,
+                input, w, b, residual, rm, rv, eps, activation, negative_slope, out_dtype
             )
-            mean, var = running_mean, running_var
-        ctx.memory_saving = memory_saving and gamma_invertible(weight)
+            mean, var = rm, rv
+        ctx.memory_saving = memory_saving and gamma_invertible(
+            weight, bias=bias, dtype=output.dtype
+        )
         if ctx.memory_saving:
-            ctx.save_for_backward(output, mean, var, weight, bias, residual)
+            ctx.save_for_backward(None, mean, var, weight, bias, residual, output)
         else:
-            keep_output = activation != "identity"
+            keep_output = activation == "relu"
             ctx.save_for_backward(
                 input, mean, var, weight, bias, residual, output if keep_output else None
             )
         return output
 
     @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, grad_output):  # noqa: D102
         needs = ctx.needs_input_grad[:4]
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:
+            if ctx.memory_saving and "inplace" in str(error):
+                raise RuntimeError(
+                    "the output of a memory_saving=True BN layer was changed in place (e.g. "
+                    "`out += x`): memory saving keeps only that output and rebuilds the input "
+                    "from it, like torch's in-place activations. Write `out = out + x`, or use "
+                    "memory_saving=False"
+                ) from error
+            raise
         if ctx.empty:
             input_grads = [
                 torch.zeros_like(t) if t is not None and need else None
-                for t, need in zip(ctx.saved_tensors, needs)
+                for t, need in zip(saved, needs)
             ]
             return (*input_grads, *([None] * 10))
-        if ctx.memory_saving:
-            output, mean, var, weight, bias, residual = ctx.saved_tensors
-            source = output
-        else:
-            source, mean, var, weight, bias, residual, output = ctx.saved_tensors
+        if torch.is_grad_enabled() or transformed(grad_output):
+            if ctx.memory_saving and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "a double backward (create_graph=True) through a memory_saving=True BN "
+                    "layer: the input was not kept, so the gradients cannot be differentiated "
+                    "with respect to it; use memory_saving=False"
+                )
+            return (*_torch_gradients(ctx, grad_output, saved), *([None] * 10))
+        x, mean, var, weight, bias, residual, output = saved
         dx, dw, db, dr = B.backward(
             grad_output,
-            source,
+            output if ctx.memory_saving else x,
             output,
+            residual,
             mean,
             var,
-            weight,
-            bias,
+            _unit_stride(weight),
+            _unit_stride(bias),
             ctx.eps,
             ctx.activation,
             ctx.negative_slope,
             ctx.training,
             ctx.memory_saving,
             needs,
-            residual_like=residual,
         )
         return dx, dw, db, dr, *([None] * 10)
 
@@ -155,10 +250,16 @@ def _check(
 ):
     if input.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, *), got {tuple(input.shape)}")
-    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"the Triton BN kernels take float32, float16 or bfloat16 input, got {input.dtype}: "
-            "use the torch path (backend='torch') for other dtypes"
+    for name, t in (("input", input), ("residual", residual)):
+        if t is not None and t.dtype not in DTYPES:
+            raise TypeError(
+                f"the Triton BN kernels take a float32, float16 or bfloat16 {name}, got "
+                f"{t.dtype}: use the torch path (backend='torch') for other dtypes"
+            )
+    if has_tangent(input, weight, bias, residual):
+        raise ValueError(
+            "the Triton BN kernels have no forward-mode AD (a forward_ad tangent was given): "
+            "use the torch path (backend='auto' and 'triton' layers take it by themselves)"
         )
     c = input.shape[1]
     for name, t in (
@@ -169,6 +270,12 @@ def _check(
     ):
         if t is not None and tuple(t.shape) != (c,):
             raise ValueError(f"expected {name} of shape ({c},), got {tuple(t.shape)}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and c > 1 and t.stride(0) == 0:
+            raise ValueError(
+                f"expected a {name} whose entries do not share memory (it is written in "
+                f"place), got stride 0"
+            )
     if residual is not None and residual.shape != input.shape:
         raise ValueError(
             f"expected residual of the input's shape {tuple(input.shape)}, "
@@ -180,8 +287,8 @@ def _check(
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if activation == "leaky_relu" and not negative_slope >= 0:
         raise ValueError(
-            f"the fused leaky_relu needs negative_slope >= 0 (its backward reads the sign off "
-            f"the output, like torch's in-place leaky_relu), got {negative_slope}"
+            f"the fused leaky_relu takes negative_slope >= 0 (memory saving inverts it, like "
+            f"torch's in-place leaky_relu), got {negative_slope}"
         )
     if memory_saving:
         if activation not in INVERTIBLE or (activation == "leaky_relu" and negative_slope == 0):
@@ -197,7 +304,7 @@ def _check(
             )
     if training and running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if training and input.shape[0] > 0 and input.numel() // c <= 1:
+    if training and input.numel() > 0 and input.numel() // c <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {input.numel() // c} "
             f"(input size {tuple(input.shape)}): the batch variance of a single value is "
@@ -236,19 +343,22 @@ def batch_norm_act(
         input: (N, C, *) float32, float16 or bfloat16 on a CUDA device (or on the CPU under
             ``TRITON_INTERPRET=1``), any of NCHW, channels_last, NCDHW, NDHWC, (N, C, L),
             (N, C) layouts; strides are used as they are.
-        weight, bias: gamma and beta (C,), or None.
-        running_mean, running_var: (C,) buffers, or None (``track_running_stats=False``).
+        weight, bias: gamma and beta (C,), or None; any stride.
+        running_mean, running_var: (C,) buffers, or None (``track_running_stats=False``);
+            any stride but 0 (written in place through it).
         num_batches_tracked, num_batches_skipped: 0-d int64 counters, or None.
         training: normalize with batch statistics (always when there are no running ones).
         activation: "identity", "relu" or "leaky_relu" (``negative_slope`` >= 0).
         residual: added after the affine map and before the activation (input's shape).
         memory_saving: keep only the output for the backward pass (In-Place ABN); needs an
-            invertible activation and no residual. Where some |gamma| < ``GAMMA_MIN`` the
-            call keeps x instead (the gradients are exact either way): see `gamma_invertible`.
+            invertible activation and no residual, and the output must not be changed in
+            place. Where some |gamma| < ``GAMMA_MIN`` or u_z |beta| > ``XHAT_TOL`` |gamma|
+            the call keeps x instead: see `gamma_invertible` for the accuracy bound.
 
     Returns:
-        The output, input's dtype and strides; an empty batch gives an empty output and
-        leaves every buffer untouched.
+        The output, with the input's strides and dtype (promoted with the residual's, as
+        torch's ``BN(x) + residual`` is); an empty input (N, C or the spatial size 0) gives
+        an empty output and leaves every buffer untouched.
     """
     _check(
         input,

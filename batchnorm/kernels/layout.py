@@ -5,7 +5,8 @@ element of (row n, position s, channel c) at ``n * stride_n + s * stride_s + c *
 NCHW, NCDHW and (N, C, L) give rows = N, cols = the spatial size; channels_last, NDHWC and
 (N, C) fold the batch into the positions (rows = 1, cols = N * spatial), because there the
 batch stride is the spatial one times the spatial size. Only spatial dimensions that do not
-flatten into one stride (a permuted or sliced spatial layout) cost a contiguous copy.
+flatten into one stride (a permuted or sliced spatial layout), and views whose addresses span
+2^31 elements or more (the kernels index with int32), cost a contiguous copy.
 """
 
 from __future__ import annotations
@@ -42,20 +43,33 @@ def _spatial_stride(t: Tensor) -> int | None:
     return dims[-1][1] if dims else 0
 
 
+def span(t: Tensor) -> int:
+    """Elements from ``t``'s first address to its last (``numel`` for a dense tensor)."""
+    if t.numel() == 0:
+        return 0
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1
+
+
+def addressable(t: Tensor) -> bool:
+    """Whether the kernels' int32 offsets reach every element of ``t`` as it is strided:
+    fewer than 2^31 elements, spread over fewer than 2^31 addresses."""
+    return t.numel() < INDEX_LIMIT and span(t) < INDEX_LIMIT
+
+
 def _check_indexable(t: Tensor) -> None:
-    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0) + 1
-    if t.numel() >= INDEX_LIMIT or span >= INDEX_LIMIT:
+    if t.numel() >= INDEX_LIMIT:
         raise ValueError(
             f"the Triton BN kernels index with int32 and take tensors of fewer than 2^31 "
-            f"elements, got shape {tuple(t.shape)} with strides {t.stride()}: use the torch path"
+            f"elements, got shape {tuple(t.shape)}: use the torch path"
         )
 
 
 def geometry(*tensors: Tensor) -> tuple[list[Tensor], Geometry]:
     """View same-shaped (N, C, *spatial) tensors through one Geometry.
 
-    Returns the tensors (a tensor whose spatial dims do not flatten is replaced by a
-    contiguous copy, the only case that copies) and their Geometry.
+    Returns the tensors (a tensor whose spatial dims do not flatten, or whose addresses span
+    2^31 elements or more, is replaced by a contiguous copy: the only cases that copy) and
+    their Geometry.
     """
     shape = tensors[0].shape
     for t in tensors[1:]:
@@ -65,11 +79,13 @@ def geometry(*tensors: Tensor) -> tuple[list[Tensor], Geometry]:
     s = math.prod(shape[2:])
     views, strides = [], []
     for t in tensors:
+        _check_indexable(t)
         ss = _spatial_stride(t)
-        if ss is None:
+        if ss is None or span(t) >= INDEX_LIMIT:
+            # Spatial dims that do not flatten, or a view spread over 2^31 addresses or more
+            # (`kernels.supports` sends those to the torch path; a direct call copies).
             t = t.contiguous()
             ss = _spatial_stride(t)
-        _check_indexable(t)
         views.append(t)
         strides.append((t.stride(0), ss, t.stride(1)))
     if s == 1:

@@ -56,65 +56,39 @@ def exercise():
     counters = torch.tensor(0), torch.tensor(0)
     x = torch.randn(8, c, 9, 9).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     for single in (True, False):
-        fw.forward_train(x, w, b, x, rm, rv, *counters, 0.1, 1e-5, "relu", 0.0, allow_single=single)
         fw.forward_train(
-            x, w, b, None, rm, rv, *counters, None, 1e-5, "leaky_relu", 0.1, allow_single=single
-        )
-        bw.backward(
-            x,
-            x,
-            x,
-            rm,
-            rv,
-            w,
-            b,
-            1e-5,
-            "relu",
-            0.0,
-            True,
-            False,
-            (True, True, True, True),
-            residual_like=x,
+            x, w, b, x, rm, rv, *counters, 0.1, 1e-5, "relu", 0.0, torch.float32,
             allow_single=single,
-        )
-        bw.backward(
-            x,
-            x,
-            x,
-            rm,
-            rv,
-            w,
-            b,
-            1e-5,
-            "leaky_relu",
-            0.1,
-            True,
-            True,
-            (True, True, True, False),
+        )  # fmt: skip
+        fw.forward_train(
+            x, w, b, None, rm.half(), rv.half(), *counters, None, 1e-5, "leaky_relu", 0.1,
             allow_single=single,
-        )
+        )  # fmt: skip
+        bw.backward(
+            x, x, x, x, rm, rv, w, b, 1e-5, "relu", 0.0, True, False,
+            (True, True, True, True), allow_single=single,
+        )  # fmt: skip
+        # leaky_relu's mask from x + residual, then from z (memory saving)
+        bw.backward(
+            x, x, None, x, rm, rv, w, b, 1e-5, "leaky_relu", 0.1, True, False,
+            (True, True, True, True), allow_single=single,
+        )  # fmt: skip
+        bw.backward(
+            x, x, None, None, rm, rv, w, b, 1e-5, "leaky_relu", 0.1, True, True,
+            (True, True, True, False), allow_single=single,
+        )  # fmt: skip
     x = torch.randn(8, c)
     fw.forward_train(
         x, None, None, None, None, None, None, None, 0.1, 1e-5, "identity", 0.0, allow_single=False
     )
     bw.backward(
-        x,
-        x,
-        None,
-        rm,
-        rv,
-        None,
-        None,
-        1e-5,
-        "identity",
-        0.0,
-        True,
-        False,
-        (True, False, False, False),
-        allow_single=False,
-    )
+        x, x, None, None, rm, rv, None, None, 1e-5, "identity", 0.0, True, False,
+        (True, False, False, False), allow_single=False,
+    )  # fmt: skip
     fw.forward_eval(x, w, b, x, rm, rv, 1e-5, "relu", 0.0)
-    bw.backward(x, x, x, rm, rv, w, b, 1e-5, "relu", 0.0, False, False, (True, True, False, False))
+    bw.backward(
+        x, x, x, None, rm, rv, w, b, 1e-5, "relu", 0.0, False, False, (True, True, False, False)
+    )
 
 
 def main():

@@ -17,6 +17,9 @@ def test_kernels_compile_for_sm90(tmp_path):
         pytest.skip("this Triton build ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
+    # this checkout's package, not whichever one the environment has installed
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     script = Path(__file__).with_name("sm90_compile.py")
     done = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600

@@ -43,6 +43,39 @@ def test_auto_takes_the_torch_path_on_cpu_tensors(spy):
     assert spy == [] and not dispatch.use_kernels(layer, x)
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CPU tensors pass for CUDA ones of compute capability 9.0 (the interpreter runs the
+    kernels): what ``backend="auto"`` sees on an H100/H200."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_auto_takes_the_kernels_only_on_measured_architectures(fake_gpu, spy, monkeypatch, fused):
+    layer = batchnorm.BatchNormAct2d(3) if fused else batchnorm.BatchNorm2d(3)
+    ref = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    expected = ref(x)
+    if fused:
+        expected = torch.relu(expected)
+    assert dispatch.MEASURED == {}  # shipped empty: no card has run the kernels yet
+    torch.testing.assert_close(layer(x), expected)
+    assert spy == [] and not dispatch.use_kernels(layer, x)
+    monkeypatch.setitem(dispatch.MEASURED, (8, 0), "results/gpu/a100.md")
+    layer(x)
+    assert spy == []  # another architecture's results say nothing about this one
+    monkeypatch.setitem(dispatch.MEASURED, (9, 0), "results/gpu/h200.md")
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(spy) == 1 and dispatch.use_kernels(layer, x)
+
+
+def test_triton_is_opt_in_on_unmeasured_architectures(fake_gpu, spy):
+    layer = batchnorm.BatchNorm2d(3, backend="triton")
+    layer(torch.randn(4, 3, 5, 5))
+    assert len(spy) == 1
+
+
 def test_auto_rules_where_the_device_qualifies(monkeypatch):
     # auto's device rule is CUDA only; pretend the CPU qualifies to test every other rule.
     monkeypatch.setattr(dispatch, "_auto_takes", lambda t: True)
@@ -197,3 +230,94 @@ def test_memory_saving_gradients_equal_the_standard_ones_and_free_the_input(rand
     assert kept_std and not kept_save
     with pytest.raises(ValueError, match="residual"):
         saving(x, torch.zeros_like(x))
+
+
+# Regressions of an audit of the kernels (issue 16), through the layers.
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's float16 overflow, interpreted
+def test_half_precision_layer_skips_what_float16_cannot_store(spy):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5) * 1000).half()
+    kernel = batchnorm.BatchNorm2d(3, backend="triton").half()
+    torch_path = batchnorm.BatchNorm2d(3, backend="torch").half()
+    kernel(x)
+    torch_path(x)
+    assert len(spy) == 1
+    for name, value in torch_path.named_buffers():
+        torch.testing.assert_close(kernel.get_buffer(name), value, msg=name)
+    assert kernel.num_batches_skipped.item() == 1
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 0, 5), (4, 0, 5, 5)])
+def test_empty_input_on_the_kernels_is_the_torch_paths(spy, shape):
+    for training in (True, False):
+        kernel = batchnorm.BatchNormAct2d(shape[1], backend="triton").train(training)
+        torch_path = batchnorm.BatchNormAct2d(shape[1], backend="torch").train(training)
+        x = torch.randn(shape, requires_grad=True)
+        y = kernel(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        if shape[1] == 0 and not training:
+            continue  # torch.nn's BN (and so the torch path) fails on C = 0 in eval mode
+        torch_path(x)
+        for name, value in torch_path.named_buffers():
+            torch.testing.assert_close(kernel.get_buffer(name), value, msg=name)
+    assert len(spy) == 2
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_forward_mode_ad_takes_the_torch_path(fake_gpu, spy, monkeypatch, backend, randomize):
+    from torch.autograd import forward_ad
+
+    monkeypatch.setitem(dispatch.MEASURED, (9, 0), "results/gpu/h200.md")
+    layer = randomize(batchnorm.BatchNormAct2d(3, activation="leaky_relu", backend=backend))
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(layer.state_dict())
+    x, t = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    with forward_ad.dual_level():
+        y = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, t)))
+        y_ref = forward_ad.unpack_dual(TF.leaky_relu(ref(forward_ad.make_dual(x, t)), 0.01))
+    torch.testing.assert_close(y.primal, y_ref.primal)
+    torch.testing.assert_close(y.tangent, y_ref.tangent)
+    assert spy == []
+    torch.testing.assert_close(layer.running_mean, ref.running_mean)
+    layer(x)  # no forward AD: the kernels again
+    assert len(spy) == 1
+
+
+def test_huge_address_span_takes_the_torch_path(fake_gpu, spy, monkeypatch, huge_view):
+    # 24 values over 2^31 + 12 addresses: auto falls back, triton says why.
+    monkeypatch.setitem(dispatch.MEASURED, (9, 0), "results/gpu/h200.md")
+    x = huge_view
+    torch.testing.assert_close(batchnorm.BatchNorm2d(3)(x), nn.BatchNorm2d(3)(x.clone()))
+    assert spy == []
+    with pytest.raises(ValueError, match="address span"):
+        batchnorm.BatchNorm2d(3, backend="triton")(x)
+    # Such a residual: the fused call is refused; BN alone runs on the kernels (its input
+    # qualifies), the add and the activation in torch.
+    ref = nn.BatchNorm2d(3)
+    torch.testing.assert_close(
+        batchnorm.BatchNormAct2d(3)(x.clone(), x), torch.relu(ref(x.clone()) + x),
+        atol=2e-3, rtol=2e-3,
+    )  # fmt: skip
+    assert spy == ["identity"]
+
+
+def test_double_backward_and_batched_grads_through_a_triton_layer(spy, randomize):
+    # issue 15: torch's BN supports create_graph and is_grads_batched; so does the kernel path.
+    layer = randomize(batchnorm.BatchNormAct2d(3, activation="leaky_relu", backend="triton"))
+    ref = nn.BatchNorm2d(3).double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 3, 3, 3)
+    results = []
+    for model, t in ((layer, x), (lambda t: TF.leaky_relu(ref(t), 0.01), x.double())):
+        t = t.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(t).pow(2).sum(), t, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), t)
+        jac = torch.autograd.functional.jacobian(model, t, vectorize=True)
+        results.append((g, gg, jac))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=2e-4)
+    assert len(spy) == 2

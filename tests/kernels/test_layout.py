@@ -92,3 +92,18 @@ def test_plan_uses_one_program_for_small_inputs():
     launch = heuristics.plan(geom, sms=132)
     assert launch.single and launch.splits == 1
     assert not heuristics.plan(geom, sms=132, allow_single=False).single
+
+
+def test_address_span_is_arithmetic_on_sizes_and_strides():
+    # The kernels index with int32: a view over 2^31 addresses or more is not addressable,
+    # however few elements it has (meta tensors: no memory behind them).
+    from batchnorm.kernels.layout import INDEX_LIMIT, addressable, span
+
+    big = torch.empty(2**31 + 16, device="meta")
+    x = big.as_strided((2, 3, 2, 2), (2**31, 4, 2, 1))
+    assert x.numel() == 24 and span(x) == 2**31 + 12 and not addressable(x)
+    assert addressable(big.as_strided((2, 3, 2, 2), (12, 4, 2, 1)))
+    assert span(torch.empty(0, 3)) == 0 and span(torch.empty(4, 3).t()) == 12
+    assert not addressable(torch.empty(2**31, device="meta").view(2**30, 2))
+    assert addressable(torch.empty(1, 1, device="meta").expand(2**15, 2**15))  # stride 0
+    assert INDEX_LIMIT == 2**31
