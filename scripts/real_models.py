@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-import batchnorm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from realmodels import (  # noqa: E402  (tests/ is not a package)
+# This checkout's batchnorm (not whichever one the environment has installed) and
+# tests/realmodels.py (tests/ is not a package).
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from realmodels import (  # noqa: E402
     MODELS,
     batches,
     bn_layers,
@@ -46,6 +47,8 @@ from realmodels import (  # noqa: E402  (tests/ is not a package)
     inputs,
     rel_err,
 )
+
+import batchnorm  # noqa: E402
 
 
 def row(name: str, errors: list[str]) -> dict:
@@ -146,11 +149,12 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(cell(c, r.get(c)) for c in COLUMNS) + " |")
     revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
     print(
         f"\ngit {revision}; torch {torch.__version__}, {args.threads} thread(s), "
-        f"Python {platform.python_version()}, {platform.machine()}"
+        f"Python {platform.python_version()}, {platform.machine()}; batchnorm from "
+        f"{Path(batchnorm.__file__).parent}"
     )
     for line in errors:
         print(line)
