@@ -23,9 +23,9 @@ from __future__ import annotations
 import datetime
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from batchnorm import functional as F
 from batchnorm.inference.swap import rebuild, restore, swap_modules
@@ -72,17 +72,53 @@ def _collective(op: str, fn, group, timeout: datetime.timedelta | None) -> None:
         ) from err
 
 
-def _local_moments(input: Tensor, mask: Tensor | None) -> tuple[int, Tensor, Tensor]:
+def _local_moments(input: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's n, mu and M2 = n * sigma2_B per channel (axis 1), from `F.batch_stats`.
 
-    With a mask, n counts (and the moments cover) the selected positions only."""
+    n is a (1,) float64 tensor (with a mask: the number of selected positions, counted on the
+    device, never read back). An empty rank gives n = 0 and zero moments."""
     input = input.detach()  # the statistics enter _SyncBatchNormFunction as constants
-    n = F._values_per_channel(input, 1) if mask is None else int(mask.sum().item())
-    if n == 0:  # the mean of nothing is NaN; an empty rank contributes count 0 instead
-        zeros = torch.zeros(input.shape[1], dtype=F._stats_dtype(input), device=input.device)
-        return 0, zeros, zeros.clone()
-    mean, var, _ = F.batch_stats(input, 1, mask)
-    return n, mean, var * n
+    if mask is None:
+        n = F._values_per_channel(input, 1)
+        count = torch.full((1,), float(n), dtype=torch.float64, device=input.device)
+        if n == 0:  # the mean of nothing is NaN; an empty rank contributes count 0 instead
+            zeros = torch.zeros(input.shape[1], dtype=F._stats_dtype(input), device=input.device)
+            return count, zeros, zeros.clone()
+        # F.batch_stats's two passes, with the square taken in place (no autograd here).
+        x = input.to(F._stats_dtype(input))
+        dims = F._reduce_dims(input, 1)
+        mean = x.mean(dims, keepdim=True)
+        deviation = x - mean
+        return count, mean.reshape(-1), deviation.mul_(deviation).sum(dims)
+    F._check_mask(mask, input, 1)
+    keep = mask.unsqueeze(1)
+    count = mask.sum().reshape(1).to(torch.float64)
+    x = torch.where(keep, input.to(F._stats_dtype(input)), 0.0)
+    dims = F._reduce_dims(input, 1)
+    # n = 0 gives 0/0 = NaN: clamp the divisor (the sums are 0 then, so the mean is 0).
+    mean = x.sum(dims, keepdim=True) / count.clamp_min(1).to(x.dtype)
+    m2 = torch.square(torch.where(keep, x - mean, 0.0)).sum(dims)
+    return count, mean.reshape(-1), m2
+
+
+def _pack_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
+    """(n, mu, M2) as the sums an all_reduce adds: [n, n*mu_1.., M2_1 + n*mu_1^2 ..], float64.
+
+    Summed over ranks they give N, S = sum n_r mu_r and Q = sum (M2_r + n_r mu_r^2), from
+    which `_unpack_moments` takes mu = S / N and M2 = Q - S^2 / N. In float64 the subtraction
+    loses about log10(mu^2 / sigma2) of float64's 16 digits: invisible in float32 statistics
+    unless |mu| > 10^4 sigma (the per-rank mean and M2 themselves are two-pass)."""
+    mean, m2 = mean.double(), m2.double()
+    weighted = count * mean
+    return torch.cat([count, weighted, torch.addcmul(m2, weighted, mean)])
+
+
+def _unpack_moments(sums: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(N as a 0-d tensor, mu (C,), M2 (C,)) from all-reduced `_pack_moments`; N = 0 gives NaN."""
+    c = (sums.numel() - 1) // 2
+    total, s, q = sums[0], sums[1 : 1 + c], sums[1 + c :]
+    mean = s / total
+    return total, mean, (q - s * mean).clamp_min(0)
 
 
 def global_batch_stats(
@@ -93,10 +129,11 @@ def global_batch_stats(
 ) -> F.BatchStats:
     """mu_B and the biased sigma2_B over the union of every rank's batch, channel axis 1.
 
-    Each rank computes its local statistics in two passes (float32 for half input), then one
-    all_gather exchanges (n_r, mu_r, M2_r) per channel and every rank merges them identically
-    with the formula of this module's docstring, in float64 so the merge adds no rounding of
-    its own. A rank whose batch is empty contributes n_r = 0 and must still call this.
+    Each rank computes its local statistics in two passes (float32 for half input), then ONE
+    all_reduce of 2C + 1 float64 values adds every rank's (n_r, n_r mu_r, M2_r + n_r mu_r^2)
+    and every rank merges identically (this module's docstring; `_pack_moments` says what
+    precision the float64 sums keep). Nothing is read back to the host. A rank whose batch is
+    empty contributes n_r = 0 and must still call this.
 
     Args:
         input: (N, C, *) local batch; N may be 0.
@@ -112,34 +149,105 @@ def global_batch_stats(
         (exact integers up to 2^53), the same on every rank: turning it into a Python int
         would make an accelerator wait for the collective.
     """
-    n, mean, m2 = _local_moments(input, mask)
-    stats_dtype = mean.dtype
-    # One message per rank: [n, mu_1..mu_C, M2_1..M2_C]. float64 counts stay exact past 2^24
-    # values per channel (a large 3D batch), where float32 would round them.
-    count = torch.full((1,), float(n), dtype=torch.float64, device=input.device)
-    packed = torch.cat([count, mean.double(), m2.double()])
-    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    count, mean, m2 = _local_moments(input, mask)
+    sums = _pack_moments(count, mean, m2)
     _collective(
-        "all_gather of batch statistics",
-        lambda async_op: dist.all_gather(gathered, packed, group=group, async_op=async_op),
+        "all_reduce of batch statistics",
+        lambda async_op: dist.all_reduce(sums, group=group, async_op=async_op),
         group,
         _as_timedelta(timeout),
     )
-    table = torch.stack(gathered)  # (W, 1 + 2C)
-    c = mean.numel()
-    counts, means, m2s = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]  # (W,1),(W,C),(W,C)
     # total: () float64, on the input's device, never read back here. With N = 0 the
     # merge gives NaN; the caller checks N before using it.
-    total, global_mean, global_m2 = F.merge_stats(counts, means, m2s)
-    return F.BatchStats(global_mean.to(stats_dtype), (global_m2 / total).to(stats_dtype), total)
+    total, global_mean, global_m2 = _unpack_moments(sums)
+    return F.BatchStats(global_mean.to(mean.dtype), (global_m2 / total).to(mean.dtype), total)
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum a tensor over the ranks of a group, differentiably (backward and forward mode).
+
+    Every rank gets out = sum_r t_r. For the loss sum_r loss_r(out), dl/dt_r = sum_s
+    dl_s/dout: the backward is again this all_reduce (so it is differentiable in turn, for
+    a double backward), and so is the forward-mode tangent. Every rank must call it, and
+    its backward and tangent, together."""
+
+    @staticmethod
+    def forward(ctx, t, group, timeout, what):  # noqa: D102
+        out = t.clone()
+        _collective(
+            what,
+            lambda async_op: dist.all_reduce(out, group=group, async_op=async_op),
+            group,
+            timeout,
+        )
+        ctx.args = group, timeout, what
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return _AllReduce.apply(grad, *ctx.args), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):  # noqa: D102
+        return _AllReduce.apply(tangent, *ctx.args)
+
+
+def _differentiable_sync(input, weight, bias, eps, group, timeout, mask):
+    """SyncBatchNorm's training transform from differentiable operations alone.
+
+    The statistics are taken in two all-reduced passes (n and sum x, then sum (x - mu)^2)
+    through `_AllReduce`, so autograd sees their dependence on every rank's input, to any
+    order, and forward-mode AD works. Slower than `_SyncBatchNormFunction` (two collectives
+    in forward, and autograd's generic backward); used for forward-mode AD, and by the
+    Function's backward when a graph of it is requested (a double backward). With a mask,
+    padding is normalized with the detached statistics, as in the single-process transform.
+
+    Returns (output, BatchStats detached)."""
+    dtype = F._stats_dtype(input)
+    dims = F._reduce_dims(input, 1)
+    x = input.to(dtype)
+    keep = None if mask is None else mask.unsqueeze(1)
+    if keep is None:
+        n = torch.full((1,), float(F._values_per_channel(input, 1)), dtype=torch.float64,
+                       device=input.device)  # fmt: skip
+        xs = x
+    else:
+        n = mask.sum().reshape(1).to(torch.float64)
+        xs = torch.where(keep, x, 0.0)
+    sums = _AllReduce.apply(
+        torch.cat([n, xs.sum(dims).double()]), group, timeout, "all_reduce of batch sums"
+    )
+    count = sums[0]
+    mean = (sums[1:] / count).to(dtype)
+    deviation = xs - F._per_channel(mean, x, 1)
+    if keep is not None:
+        deviation = torch.where(keep, deviation, 0.0)
+    m2 = _AllReduce.apply(
+        torch.square(deviation).sum(dims).double(), group, timeout, "all_reduce of batch M2"
+    )
+    var = (m2 / count).to(dtype)
+    scale, shift = F.inference_affine(mean, var, weight, bias, eps)
+    scale_c, shift_c = F._per_channel(scale, x, 1), F._per_channel(shift, x, 1)
+    output = torch.addcmul(shift_c, xs, scale_c)
+    if keep is not None:
+        padding = torch.addcmul(shift_c.detach(), x, scale_c.detach())
+        output = torch.where(keep, output, padding)
+    stats = F.BatchStats(mean.detach(), var.detach(), count.detach())
+    return output.to(input.dtype), stats
+
+
+def _forward_ad(*tensors) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent (torch.autograd.forward_ad)."""
+    if _fwad._current_level < 0:  # no dual level entered: no tangents anywhere
+        return False
+    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     """y = gamma * xhat + beta with given global statistics; backward all-reduces its two sums.
 
-    Forward uses `batchnorm.functional.normalize`. Backward is the library's one gradient
-    helper, `batchnorm.functional.batch_norm_backward`, with m = N, the global count, and the
-    two per-channel sums taken over ALL ranks:
+    Backward is the paper's compact form with m = N, the global count, and the two
+    per-channel sums taken over ALL ranks:
 
         dl/dx = gamma / (N s) * (N dl/dy - sum_all dl/dy - xhat * sum_all(dl/dy * xhat))
 
@@ -149,58 +257,138 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     single-process gradients of sum_r loss_r, and DistributedDataParallel's averaging of
     them (1/W sum_r) is consistent with the averaging it applies to every other parameter.
     With a mask, padding is normalized with the same statistics and adds nothing to the sums
-    (as in the single-process masked transform). Differentiable once: a double backward
-    raises instead of silently dropping the statistics' dependence on x.
+    (as in the single-process masked transform).
+
+    The fast case (no mask; float32/float64 input in the parameters' dtype) runs torch's own
+    kernels: forward is the eval-mode ``torch.batch_norm`` with the global statistics; the
+    backward's ``native_batch_norm_backward`` in eval mode gives dl/dy * gamma / s and the
+    two local sums in one call, one all_reduce adds the sums, and a per-channel correction
+    ``- gamma/s * (sum_all dl/dy / N + (x - mu) / s * sum_all(dl/dy * xhat) / N)`` completes
+    dl/dx. Other cases use the library's one gradient helper,
+    `batchnorm.functional.batch_norm_backward`, with the sums all-reduced.
+
+    Twice differentiable: when a graph of the backward is requested (``create_graph=True``),
+    the backward recomputes the forward with `_differentiable_sync` and differentiates it,
+    so the second derivative includes the statistics' dependence on every rank's input.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, mean, var, count, eps, group, timeout, mask):  # noqa: D102
-        invstd = torch.rsqrt(var + eps)
-        output = F.normalize(input, mean, var, weight, bias, eps, 1)
-        ctx.save_for_backward(input, weight, mean, invstd, mask)
-        ctx.count, ctx.group, ctx.timeout = count, group, timeout
-        ctx.has_bias = bias is not None
+        if _native_eval_ok(input, weight, mean):
+            output = torch.batch_norm(
+                input, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled
+            )
+        else:
+            output = F.normalize(input, mean, var, weight, bias, eps, 1)
+        ctx.save_for_backward(input, weight, bias, mean, var, mask)
+        ctx.count, ctx.eps, ctx.group, ctx.timeout = count, eps, group, timeout
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):  # noqa: D102
-        input, weight, mean, invstd, mask = ctx.saved_tensors
-        dims = F._reduce_dims(input, 1)
-        dtype = invstd.dtype
-        invstd_c = F._per_channel(invstd, input, 1)
-        xhat = input.to(dtype) * invstd_c
-        xhat.add_(F._per_channel(-mean * invstd, input, 1))  # as `normalize` computes it
-
-        def all_reduce(sums):
-            # The same on every rank (same model, same requires_grad), so every rank joins.
-            _collective(
-                "all_reduce of gradient sums",
-                lambda async_op: dist.all_reduce(sums, group=ctx.group, async_op=async_op),
-                ctx.group,
-                ctx.timeout,
+        input, weight, bias, mean, var, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the differentiable transform
+            return _double_backward(ctx, grad_output, input, weight, bias, mask)
+        sums_fn = _sums_all_reduce(ctx.group, ctx.timeout)
+        needs = ctx.needs_input_grad
+        # (torch's CPU kernel divides by zero on an empty input: SIGFPE, not an error)
+        fast = mask is None and input.numel() > 0 and grad_output.dtype == input.dtype
+        if fast and _same_dtype(input, weight, mean):
+            grad_input, grad_weight, grad_bias = _fast_backward(
+                grad_output, input, weight, mean, var, ctx.count, ctx.eps, sums_fn, needs[0]
             )
-
-        grad_input, grad_gamma, grad_beta = F.batch_norm_backward(
-            grad_output.to(dtype),
-            xhat,
-            invstd_c,
-            None if weight is None else F._per_channel(weight.to(dtype), input, 1),
-            dims,
-            count=ctx.count,
-            mask=None if mask is None else mask.unsqueeze(1),
-            all_reduce=all_reduce,
-            input_grad=ctx.needs_input_grad[0],
-        )
-        grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = grad_gamma.reshape(-1).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dtype = grad_output.dtype if weight is None else weight.dtype
-            grad_bias = grad_beta.reshape(-1).to(dtype)
+        else:
+            grad_input, grad_weight, grad_bias = _generic_backward(
+                grad_output, input, weight, mean, var, ctx.count, ctx.eps, sums_fn, mask,
+                needs[0],
+            )  # fmt: skip
+        grad_weight = grad_weight.to(weight.dtype) if weight is not None and needs[1] else None
+        if bias is not None and needs[2]:
+            grad_bias = grad_bias.to(grad_output.dtype if weight is None else weight.dtype)
+        else:
+            grad_bias = None
         if grad_input is not None:
             grad_input = grad_input.to(input.dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _same_dtype(input: Tensor, weight: Tensor | None, mean: Tensor) -> bool:
+    return input.dtype == mean.dtype and (weight is None or weight.dtype == mean.dtype)
+
+
+def _native_eval_ok(input: Tensor, weight: Tensor | None, mean: Tensor) -> bool:
+    # torch's eval-mode kernel takes half input with float32 statistics and parameters.
+    half = input.dtype in (torch.float16, torch.bfloat16) and mean.dtype == torch.float32
+    return (weight is None or weight.dtype == mean.dtype) and (half or input.dtype == mean.dtype)
+
+
+def _sums_all_reduce(group, timeout):
+    def all_reduce(sums):
+        # The same on every rank (same model, same requires_grad), so every rank joins.
+        _collective(
+            "all_reduce of gradient sums",
+            lambda async_op: dist.all_reduce(sums, group=group, async_op=async_op),
+            group,
+            timeout,
+        )
+
+    return all_reduce
+
+
+def _fast_backward(grad_output, input, weight, mean, var, count, eps, all_reduce, input_grad):
+    # dl/dy * gamma / s, sum dl/dy * xhat (= dl/dgamma) and sum dl/dy (= dl/dbeta), local.
+    grad_scaled, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+        grad_output, input, weight, mean, var, None, None, False, eps, [input_grad, True, True]
+    )
+    if not input_grad:
+        return None, grad_gamma, grad_beta
+    sums = torch.cat([grad_beta, grad_gamma])
+    all_reduce(sums)
+    sum_dy, sum_dy_xhat = sums.chunk(2)
+    invstd = torch.rsqrt(var + eps)
+    k = invstd if weight is None else invstd * weight  # gamma / s
+    slope = F._per_channel(-k * invstd * (sum_dy_xhat / count), input, 1)
+    offset = F._per_channel(-k * (sum_dy / count), input, 1)
+    # dl/dx = gamma/s * dl/dy - gamma/s * sum dl/dy / N - gamma/s^2 * (x - mu) * sum(..) / N
+    grad_scaled.addcmul_(input - F._per_channel(mean, input, 1), slope).add_(offset)
+    return grad_scaled, grad_gamma, grad_beta
+
+
+def _generic_backward(grad_output, input, weight, mean, var, count, eps, all_reduce, mask,
+                      input_grad):  # fmt: skip
+    dims = F._reduce_dims(input, 1)
+    invstd = torch.rsqrt(var + eps)
+    dtype = invstd.dtype
+    invstd_c = F._per_channel(invstd, input, 1)
+    xhat = input.to(dtype) * invstd_c
+    xhat.add_(F._per_channel(-mean * invstd, input, 1))  # as `normalize` computes it
+    grad_input, grad_gamma, grad_beta = F.batch_norm_backward(
+        grad_output.to(dtype),
+        xhat,
+        invstd_c,
+        None if weight is None else F._per_channel(weight.to(dtype), input, 1),
+        dims,
+        count=count,
+        mask=None if mask is None else mask.unsqueeze(1),
+        all_reduce=all_reduce,
+        input_grad=input_grad,
+    )
+    return grad_input, grad_gamma.reshape(-1), grad_beta.reshape(-1)
+
+
+def _double_backward(ctx, grad_output, input, weight, bias, mask):
+    """The backward as a graph: recompute the transform differentiably and differentiate it.
+
+    Every rank takes this path together (create_graph is the same call on every rank)."""
+    needs = ctx.needs_input_grad[:3]
+    wrt = [t for t, need in zip((input, weight, bias), needs, strict=True) if need]
+    output, _ = _differentiable_sync(
+        input, weight, bias, ctx.eps, ctx.group, ctx.timeout, mask
+    )
+    grads = iter(torch.autograd.grad(output, wrt, grad_output, create_graph=True,
+                                     allow_unused=True, materialize_grads=True))  # fmt: skip
+    out = [next(grads) if need else None for need in needs]
+    return (*out, None, None, None, None, None, None, None)
 
 
 class SyncBatchNorm(_BatchNormBase):
@@ -282,10 +470,14 @@ class SyncBatchNorm(_BatchNormBase):
         # The transform step over every rank; the base layer's forward validates and commits.
         if not self.training or _group_size(self.process_group) == 1:
             return super()._transform(input, mask)
-        stats = global_batch_stats(input, self.process_group, self.timeout, mask)
+        timeout = _as_timedelta(self.timeout)
+        if _forward_ad(input, self.weight, self.bias):
+            return self._transform_forward_ad(input, mask, timeout)
+        stats = global_batch_stats(input, self.process_group, timeout, mask)
         # N >= n: only a rank with at most one local value needs to read N back (a device
         # sync). If N <= 1 every rank has n <= 1, so every rank reads it and acts together.
-        local = F._values_per_channel(input, 1) if mask is None else int(mask.sum().item())
+        # With a mask n is the mask's count, read back (on an accelerator, a sync).
+        local = F._values_per_channel(input, 1) if mask is None else int(mask.sum())
         if local <= 1 and int(stats.count) <= 1:
             if int(stats.count) == 0:  # every rank's batch is empty: nothing to normalize by
                 return F._empty_output(input, self.weight, self.bias, 1), None
@@ -297,8 +489,24 @@ class SyncBatchNorm(_BatchNormBase):
             )
         output = _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, stats.mean, stats.var, stats.count, self.eps,
-            self.process_group, _as_timedelta(self.timeout), mask,
+            self.process_group, timeout, mask,
         )  # fmt: skip
+        return output, stats
+
+    def _transform_forward_ad(self, input, mask, timeout):
+        # Forward-mode AD (dual tensors): the differentiable transform, whose collectives
+        # carry the tangents. Every rank must run forward AD through the layer together.
+        output, stats = _differentiable_sync(
+            input, self.weight, self.bias, self.eps, self.process_group, timeout, mask
+        )
+        if int(stats.count) <= 1:
+            if int(stats.count) == 0:
+                return F._empty_output(input, self.weight, self.bias, 1), None
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got "
+                f"{int(stats.count)} over all {dist.get_world_size(self.process_group)} ranks "
+                f"(this rank's input size {tuple(input.shape)})"
+            )
         return output, stats
 
     def _settings(self) -> dict:
