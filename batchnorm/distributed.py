@@ -382,9 +382,7 @@ def _double_backward(ctx, grad_output, input, weight, bias, mask):
     Every rank takes this path together (create_graph is the same call on every rank)."""
     needs = ctx.needs_input_grad[:3]
     wrt = [t for t, need in zip((input, weight, bias), needs, strict=True) if need]
-    output, _ = _differentiable_sync(
-        input, weight, bias, ctx.eps, ctx.group, ctx.timeout, mask
-    )
+    output, _ = _differentiable_sync(input, weight, bias, ctx.eps, ctx.group, ctx.timeout, mask)
     grads = iter(torch.autograd.grad(output, wrt, grad_output, create_graph=True,
                                      allow_unused=True, materialize_grads=True))  # fmt: skip
     out = [next(grads) if need else None for need in needs]
