@@ -283,3 +283,64 @@ def test_recalibrate_process_group_needs_initialized_distributed():
         batchnorm.recalibrate(
             torch.nn.BatchNorm1d(3), [torch.randn(4, 3)], progress=False, process_group=object()
         )
+
+
+def _accelerate_worker(rank, port, results):
+    """HF Accelerate on 2 CPU processes: our SyncBatchNorm through `accelerator.prepare`
+    trains 2 steps; its running statistics are identical on both ranks and equal torch's BN
+    fed the concatenated BN input of both ranks (captured by a hook)."""
+    import os
+
+    from accelerate import Accelerator
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+    )  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        accelerator = Accelerator(cpu=True)
+        assert accelerator.num_processes == WORLD, accelerator.state
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(27, 2),
+        )  # fmt: skip
+        net = SyncBatchNorm.convert_sync_batchnorm(net)
+        bn = net[1]
+        seen = []
+        bn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+        g = torch.Generator().manual_seed(7)
+        data = torch.utils.data.TensorDataset(torch.randn(32, 2, 3, 3, generator=g))
+        loader = torch.utils.data.DataLoader(data, batch_size=8)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        model, opt, loader = accelerator.prepare(net, opt, loader)
+        ref = torch.nn.BatchNorm2d(3)
+        for step, (x,) in enumerate(loader):
+            if step == 2:
+                break
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            accelerator.backward(loss)
+            opt.step()
+            ref(torch.cat(_gather(seen[-1])))
+        assert type(accelerator.unwrap_model(model)[1]) is SyncBatchNorm
+        a, b = _gather(bn.running_mean)
+        assert torch.equal(a, b)
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-6, atol=1e-7)
+        results.put(None)
+    except Exception as err:
+        results.put(f"rank {rank}: {type(err).__name__}: {err}"[:2000])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_accelerate_trains_sync_batchnorm_on_two_cpu_processes():
+    """A trainer users run (issue 17, item 5): HF Accelerate, 2 CPU processes, gloo."""
+    pytest.importorskip("accelerate")
+    queue = mp.get_context("spawn").SimpleQueue()
+    _launch(_accelerate_worker, queue, deadline=90.0)
+    errors = [e for e in (queue.get() for _ in range(WORLD)) if e]
+    assert not errors, "\n".join(errors)
