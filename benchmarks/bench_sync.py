@@ -7,12 +7,14 @@ float64 in forward and one of 2C values in backward, per layer and step). Layers
 interleaved (A B C D, then D C B A) after a warm-up; each sample is the mean over a batch of steps,
 started after a barrier, and the table reports rank 0's median sample. Running on the same
 CPU cores, the ranks also compete with each other: that is part of the measured cost.
+On a machine shared with other jobs, ``--clock cpu`` times each rank's CPU time instead of
+the elapsed time (waiting for a peer costs no CPU time, spinning does).
 
 The last line gives SyncBatchNorm's step time over plain BN's, both measured in this run.
 Run it from the repository root with PYTHONPATH=. to time the working tree's package.
 
 Usage: python benchmarks/bench_sync.py [--shape 16 64 28 28] [--world-size 2] [--threads 1]
-       [--rounds 15] [--steps 10] [--quick]
+       [--rounds 15] [--steps 10] [--quick] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def _worker(rank, port, args, queue):
         timeout=datetime.timedelta(seconds=120),
     )
     torch.manual_seed(rank)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     steps = _steps(tuple(args.shape))
     for fn in steps.values():
         for _ in range(3):
@@ -92,10 +95,10 @@ def _worker(rank, port, args, queue):
     for r in range(args.rounds):
         for name in ROWS if r % 2 == 0 else ROWS[::-1]:
             dist.barrier()  # start every sample together, so no rank waits for a laggard
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 steps[name]()
-            samples[name].append((time.perf_counter() - t0) / args.steps)
+            samples[name].append((clock() - t0) / args.steps)
     if rank == 0:
         queue.put({name: statistics.median(v) for name, v in samples.items()})
     dist.barrier()
@@ -120,6 +123,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="samples per row")
     parser.add_argument("--steps", type=int, default=10, help="steps per sample")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 3 steps (smoke run)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: the rank's CPU time (all its threads, gloo's "
+        "included), which time-slicing on a loaded machine does not inflate",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 3, 3
@@ -144,7 +154,7 @@ def main(argv=None) -> int:
     print(
         f"{args.world_size} gloo ranks on 127.0.0.1, {args.threads} thread(s) each, input "
         f"{tuple(args.shape)} per rank, float32; median of {args.rounds} samples of "
-        f"{args.steps} steps (forward + backward), rank 0"
+        f"{args.steps} steps (forward + backward), rank 0, {args.clock} clock"
     )
     base = medians["batchnorm.BatchNorm2d"]
     print()
