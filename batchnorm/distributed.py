@@ -262,10 +262,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     The fast case (no mask; float32/float64 input in the parameters' dtype) runs torch's own
     kernels: forward is the eval-mode ``torch.batch_norm`` with the global statistics; the
     backward's ``native_batch_norm_backward`` in eval mode gives dl/dy * gamma / s and the
-    two local sums in one call, one all_reduce adds the sums, and a per-channel correction
-    ``- gamma/s * (sum_all dl/dy / N + (x - mu) / s * sum_all(dl/dy * xhat) / N)`` completes
-    dl/dx. Other cases use the library's one gradient helper,
-    `batchnorm.functional.batch_norm_backward`, with the sums all-reduced.
+    two local sums in one call, one all_reduce adds the sums, and the correction
+    ``- gamma/s * (sum_all dl/dy / N + xhat * sum_all(dl/dy * xhat) / N)``, an affine map of
+    xhat per channel, is the eval-mode kernel again, applied to x. Other cases use the
+    library's one gradient helper, `batchnorm.functional.batch_norm_backward`, with the sums
+    all-reduced.
 
     Twice differentiable: when a graph of the backward is requested (``create_graph=True``),
     the backward recomputes the forward with `_differentiable_sync` and differentiates it,
@@ -345,13 +346,17 @@ def _fast_backward(grad_output, input, weight, mean, var, count, eps, all_reduce
     sums = torch.cat([grad_beta, grad_gamma])
     all_reduce(sums)
     sum_dy, sum_dy_xhat = sums.chunk(2)
-    invstd = torch.rsqrt(var + eps)
-    k = invstd if weight is None else invstd * weight  # gamma / s
-    slope = F._per_channel(-k * invstd * (sum_dy_xhat / count), input, 1)
-    offset = F._per_channel(-k * (sum_dy / count), input, 1)
-    # dl/dx = gamma/s * dl/dy - gamma/s * sum dl/dy / N - gamma/s^2 * (x - mu) * sum(..) / N
-    grad_scaled.addcmul_(input - F._per_channel(mean, input, 1), slope).add_(offset)
-    return grad_scaled, grad_gamma, grad_beta
+    k = torch.rsqrt(var + eps)
+    if weight is not None:
+        k = k * weight  # gamma / s
+    # dl/dx = gamma/s * dl/dy - gamma/s * (sum dl/dy / N + xhat * sum(dl/dy * xhat) / N):
+    # the correction is an affine map of xhat per channel, which torch's eval-mode kernel
+    # computes from x in one pass (x - mu inside, no cancellation).
+    correction = torch.batch_norm(
+        input, -k * (sum_dy_xhat / count), -k * (sum_dy / count), mean, var, False, 0.0, eps,
+        torch.backends.cudnn.enabled,
+    )  # fmt: skip
+    return grad_scaled.add_(correction), grad_gamma, grad_beta
 
 
 def _generic_backward(grad_output, input, weight, mean, var, count, eps, all_reduce, mask,
