@@ -10,12 +10,15 @@ and sum of squared deviations M2_r = n_r * sigma2_r:
 
     N     = sum_r n_r
     mu    = sum_r n_r * mu_r / N
-    M2    = sum_r M2_r + sum_r n_r * (mu_r - mu)^2
+    M2    = sum_r M2_r + sum_r n_r * (mu_r - mu)^2 = sum_r (M2_r + n_r mu_r^2) - N mu^2
     sigma2_B = M2 / N                     (biased, for normalizing)
     running_var target = M2 / (N - 1)     (unbiased, with the GLOBAL count)
 
-It is exact (no E[x^2] - E[x]^2 cancellation) and count-weighted, so uneven batches and empty
-ones (n_r = 0: the rank still joins every collective and adds nothing) merge correctly.
+Each rank's mu_r and M2_r are two-pass (no E[x^2] - E[x]^2 cancellation inside a rank); the
+ranks' (n_r, n_r mu_r, M2_r + n_r mu_r^2) are added by one all_reduce in float64 (see
+`_pack_moments` for the precision of the between-rank term). It is count-weighted, so uneven
+batches and empty ones (n_r = 0: the rank still joins every collective and adds nothing)
+merge correctly.
 """
 
 from __future__ import annotations
@@ -415,7 +418,11 @@ class SyncBatchNorm(_BatchNormBase):
       non-finite, so every rank skips the update (``num_batches_skipped``);
     - input gradients are exact (those of single-process BN on the concatenated batch for
       the loss sum_r loss_r); gamma/beta gradients are local sums, see
-      `_SyncBatchNormFunction`.
+      `_SyncBatchNormFunction`;
+    - one all_reduce per forward and one per backward, and no read-back to the host (unless
+      a rank holds at most one value per channel, or a mask is given);
+    - twice differentiable, and forward-mode AD works (`_differentiable_sync`); every rank
+      must take the same path (a double backward on one rank only waits for the others).
 
     It is a transform step (`_transform`) under the base layer's one forward, which checks
     the input and commits the running statistics. In eval mode, without an initialized
