@@ -14,7 +14,7 @@ The last line gives SyncBatchNorm's step time over plain BN's, both measured in 
 Run it from the repository root with PYTHONPATH=. to time the working tree's package.
 
 Usage: python benchmarks/bench_sync.py [--shape 16 64 28 28] [--world-size 2] [--threads 1]
-       [--rounds 15] [--steps 10] [--quick] [--clock wall|cpu]
+       [--rounds 15] [--steps 10] [--quick] [--clock wall|cpu] [--stat median|min] [--local]
 """
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ def _worker(rank, port, args, queue):
         world_size=args.world_size,
         timeout=datetime.timedelta(seconds=120),
     )
+    if args.local:
+        # The synchronized transform on a 1-rank group: its compute, collectives that move
+        # nothing. (With world size 1 the layer would take the plain path.)
+        import batchnorm.distributed
+
+        batchnorm.distributed._group_size = lambda group: 2
     torch.manual_seed(rank)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     steps = _steps(tuple(args.shape))
@@ -100,7 +106,8 @@ def _worker(rank, port, args, queue):
                 steps[name]()
             samples[name].append((clock() - t0) / args.steps)
     if rank == 0:
-        queue.put({name: statistics.median(v) for name, v in samples.items()})
+        stat = statistics.median if args.stat == "median" else min
+        queue.put({name: stat(v) for name, v in samples.items()})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -130,7 +137,20 @@ def main(argv=None) -> int:
         help="wall: elapsed time; cpu: the rank's CPU time (all its threads, gloo's "
         "included), which time-slicing on a loaded machine does not inflate",
     )
+    parser.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="per row, the median sample or the fastest (min is steadier on a loaded machine)",
+    )
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="one process, SyncBatchNorm's synchronized path forced on: its compute alone",
+    )
     args = parser.parse_args(argv)
+    if args.local:
+        args.world_size = 1
     if args.quick:
         args.rounds, args.steps = 3, 3
 
@@ -154,7 +174,8 @@ def main(argv=None) -> int:
     print(
         f"{args.world_size} gloo ranks on 127.0.0.1, {args.threads} thread(s) each, input "
         f"{tuple(args.shape)} per rank, float32; median of {args.rounds} samples of "
-        f"{args.steps} steps (forward + backward), rank 0, {args.clock} clock"
+        f"{args.steps} steps (forward + backward), rank 0, {args.clock} clock, {args.stat}"
+        + (", synchronized path forced on one process (--local)" if args.local else "")
     )
     base = medians["batchnorm.BatchNorm2d"]
     print()
