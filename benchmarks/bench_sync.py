@@ -2,8 +2,8 @@
 
 Spawns W gloo ranks on 127.0.0.1, each with its own (N, C, H, W) batch, and times one
 training step of a lone BN layer (forward + backward) for: our BatchNorm2d, torch.nn's, our
-SyncBatchNorm, and the two collectives SyncBatchNorm adds, alone (an all_reduce of 2C + 1
-float64 in forward and one of 2C values in backward, per layer and step). Layers are timed
+SyncBatchNorm, and the two collectives SyncBatchNorm adds on gloo, alone (an all_gather of
+2C + 1 float64 in forward and one of 2C values in backward, per layer and step). Layers are timed
 interleaved (A B C D, then D C B A) after a warm-up; each sample is the mean over a batch of steps,
 started after a barrier, and the table reports rank 0's median sample. Running on the same
 CPU cores, the ranks also compete with each other: that is part of the measured cost.
@@ -66,10 +66,13 @@ def _steps(shape) -> dict:
     steps = {name: train_step(layer) for name, layer in layers.items()}
     packed = torch.zeros(2 * c + 1, dtype=torch.float64)
     sums = torch.zeros(2 * c)
+    world = dist.get_world_size()
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    gathered_sums = [torch.empty_like(sums) for _ in range(world)]
 
     def collectives():
-        dist.all_reduce(packed)
-        dist.all_reduce(sums)
+        dist.all_gather(gathered, packed)
+        dist.all_gather(gathered_sums, sums)
 
     steps["collectives"] = collectives
     return steps
