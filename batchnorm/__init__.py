@@ -6,7 +6,7 @@ inference side (recalibration, freezing, folding, conversion) in `batchnorm.infe
 
 from batchnorm import functional
 from batchnorm.diagnose import diagnose, monitor
-from batchnorm.distributed import SyncBatchNorm
+from batchnorm.distributed import SyncBatchNorm, sync_buffers
 from batchnorm.fused import (
     BatchNormAct,
     BatchNormAct1d,
@@ -42,6 +42,7 @@ __all__ = ["functional", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d
 __all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 __all__ += ["recalibrate", "FrozenBatchNorm", "freeze", "unfreeze", "fold", "FoldReport", "convert"]
 __all__ += ["diagnose", "monitor"]
+__all__ += ["sync_buffers"]
 __all__ += ["BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 __all__ += ["FrozenBatchNormAct", "fuse_activations", "FuseReport"]
 __all__ += ["accumulate", "Accumulation", "checkpoint_safe", "ema_update"]

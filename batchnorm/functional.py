@@ -268,7 +268,10 @@ def batch_norm_inference(
     The native path is torch's kernel, which does not write to the running statistics in
     eval mode; the paper path (and any channel axis but 1) is `normalize`.
     """
-    if backward == "native" and axis in (1, 1 - input.dim()):
+    # torch's kernel has no case for parameters in another dtype than the statistics (bf16
+    # parameters with fp32 buffers, as FSDP2's mixed precision casts them).
+    same = weight is None or weight.dtype == running_var.dtype
+    if backward == "native" and axis in (1, 1 - input.dim()) and same:
         return torch.batch_norm(
             input, weight, bias, running_mean, running_var, False, 0.0, eps,
             torch.backends.cudnn.enabled,

@@ -351,6 +351,9 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         if channels == 0 or input.numel() // channels < 2:
             return None
         running_var = buffers["running_var"]
+        weight = self._parameters["weight"]
+        if weight is not None and weight.dtype != running_var.dtype:
+            return None  # bf16 parameters, fp32 buffers (FSDP2 mixed precision): no such kernel
         readable = _host_readable(running_var)
         momentum = self.momentum
         if momentum is None:

@@ -2,14 +2,19 @@
 
 Spawns W gloo ranks on 127.0.0.1, each with its own (N, C, H, W) batch, and times one
 training step of a lone BN layer (forward + backward) for: our BatchNorm2d, torch.nn's, our
-SyncBatchNorm, and the two collectives SyncBatchNorm adds, alone (an all_gather of 2C + 1
-float64 and an all_reduce of 2C values per layer and step). Layers are timed interleaved
-(A B C D, then D C B A) after a warm-up; each sample is the mean over a batch of steps,
+SyncBatchNorm, and the two collectives SyncBatchNorm adds on gloo, alone (an all_gather of
+2C + 1 float64 in forward and one of 2C values in backward, per layer and step). Layers are timed
+interleaved (A B C D, then D C B A) after a warm-up; each sample is the mean over a batch of steps,
 started after a barrier, and the table reports rank 0's median sample. Running on the same
 CPU cores, the ranks also compete with each other: that is part of the measured cost.
+On a machine shared with other jobs, ``--clock cpu`` times each rank's CPU time instead of
+the elapsed time (waiting for a peer costs no CPU time, spinning does).
+
+The last line gives SyncBatchNorm's step time over plain BN's, both measured in this run.
+Run it from the repository root with PYTHONPATH=. to time the working tree's package.
 
 Usage: python benchmarks/bench_sync.py [--shape 16 64 28 28] [--world-size 2] [--threads 1]
-       [--rounds 15] [--steps 10] [--quick]
+       [--rounds 15] [--steps 10] [--quick] [--clock wall|cpu] [--stat median|min] [--local]
 """
 
 from __future__ import annotations
@@ -60,12 +65,14 @@ def _steps(shape) -> dict:
 
     steps = {name: train_step(layer) for name, layer in layers.items()}
     packed = torch.zeros(2 * c + 1, dtype=torch.float64)
-    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
     sums = torch.zeros(2 * c)
+    world = dist.get_world_size()
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    gathered_sums = [torch.empty_like(sums) for _ in range(world)]
 
     def collectives():
         dist.all_gather(gathered, packed)
-        dist.all_reduce(sums)
+        dist.all_gather(gathered_sums, sums)
 
     steps["collectives"] = collectives
     return steps
@@ -81,7 +88,14 @@ def _worker(rank, port, args, queue):
         world_size=args.world_size,
         timeout=datetime.timedelta(seconds=120),
     )
+    if args.local:
+        # The synchronized transform on a 1-rank group: its compute, collectives that move
+        # nothing. (With world size 1 the layer would take the plain path.)
+        import batchnorm.distributed
+
+        batchnorm.distributed._group_size = lambda group: 2
     torch.manual_seed(rank)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     steps = _steps(tuple(args.shape))
     for fn in steps.values():
         for _ in range(3):
@@ -90,12 +104,13 @@ def _worker(rank, port, args, queue):
     for r in range(args.rounds):
         for name in ROWS if r % 2 == 0 else ROWS[::-1]:
             dist.barrier()  # start every sample together, so no rank waits for a laggard
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 steps[name]()
-            samples[name].append((time.perf_counter() - t0) / args.steps)
+            samples[name].append((clock() - t0) / args.steps)
     if rank == 0:
-        queue.put({name: statistics.median(v) for name, v in samples.items()})
+        stat = statistics.median if args.stat == "median" else min
+        queue.put({name: stat(v) for name, v in samples.items()})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -118,7 +133,27 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="samples per row")
     parser.add_argument("--steps", type=int, default=10, help="steps per sample")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 3 steps (smoke run)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: the rank's CPU time (all its threads, gloo's "
+        "included), which time-slicing on a loaded machine does not inflate",
+    )
+    parser.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="per row, the median sample or the fastest (min is steadier on a loaded machine)",
+    )
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="one process, SyncBatchNorm's synchronized path forced on: its compute alone",
+    )
     args = parser.parse_args(argv)
+    if args.local:
+        args.world_size = 1
     if args.quick:
         args.rounds, args.steps = 3, 3
 
@@ -135,13 +170,15 @@ def main(argv=None) -> int:
     command = "python benchmarks/bench_sync.py " + " ".join(argv if argv else sys.argv[1:])
     print(f"command: {command.strip()}")
     print(
+        f"batchnorm from {os.path.dirname(batchnorm.__file__)}, "
         f"torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, git {_revision()}"
     )
     print(
         f"{args.world_size} gloo ranks on 127.0.0.1, {args.threads} thread(s) each, input "
         f"{tuple(args.shape)} per rank, float32; median of {args.rounds} samples of "
-        f"{args.steps} steps (forward + backward), rank 0"
+        f"{args.steps} steps (forward + backward), rank 0, {args.clock} clock, {args.stat}"
+        + (", synchronized path forced on one process (--local)" if args.local else "")
     )
     base = medians["batchnorm.BatchNorm2d"]
     print()
@@ -149,6 +186,12 @@ def main(argv=None) -> int:
     print("|---|---:|---:|")
     for name in ROWS:
         print(f"| {name} | {medians[name] * 1e3:.3f} | {medians[name] / base:.2f}x |")
+    sync = medians["batchnorm.SyncBatchNorm"]
+    print()
+    print(
+        f"SyncBatchNorm / plain BN per step: {sync / base:.2f}x (batchnorm.BatchNorm2d), "
+        f"{sync / medians['torch.nn.BatchNorm2d']:.2f}x (torch.nn.BatchNorm2d)"
+    )
     return 0
 
 

@@ -253,6 +253,143 @@ def _check_all_empty(rank, device):
     assert int(sync.num_batches_tracked) == 0 and int(sync.num_batches_skipped) == 0
 
 
+def _check_collectives(rank, device):
+    """Item 6 of issue 17: one collective per training forward and one per backward, whatever
+    the per-rank batch sizes (here 6 and 0): all_gathers on gloo, where they are faster than
+    all_reduce for a BN layer's few values."""
+    calls = []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "broadcast")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    sync = SyncBatchNorm(3, device=device)
+    x = torch.randn(6 if rank == 0 else 0, 3, 2, 2, device=device, requires_grad=True)
+    try:
+        for name in originals:
+            setattr(dist, name, counting(name))
+        y = sync(x)
+        forward = list(calls)
+        y.sum().backward()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    assert forward == ["all_gather"], forward
+    assert calls == ["all_gather", "all_gather"], calls
+
+
+class _Replicated(torch.autograd.Function):
+    """A value every rank holds alike, used by each rank's part: identity forward (and
+    tangent); the gradient is the sum of every rank's part's (`_SumOfParts`)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SumOfParts.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent.view_as(tangent)
+
+
+class _SumOfParts(torch.autograd.Function):
+    """Every rank's part summed into one value every rank holds: all_reduce forward (and
+    tangent); the gradient of each part is the replicated gradient (`_Replicated`)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Replicated.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return _SumOfParts.apply(tangent)
+
+
+def _global_function(rank, sizes, sync):
+    """f(x_all, gamma, beta) = SyncBatchNorm over the concatenated batch, one function that
+    every rank computes alike: gradcheck's perturbations (made on every rank in lockstep)
+    and its analytic derivatives (of every order) are then those of one process. Inputs
+    enter as `_Replicated`, each rank normalizes its slice, and the slices are summed into
+    the full output (`_SumOfParts`)."""
+    start, n = sum(sizes[:rank]), sizes[rank]
+
+    def f(x_all, weight, bias):
+        sync.weight, sync.bias = _Replicated.apply(weight), _Replicated.apply(bias)
+        y = sync(_Replicated.apply(x_all)[start : start + n])
+        zeros = torch.zeros_like(x_all)
+        return _SumOfParts.apply(torch.cat([zeros[:start], y, zeros[start + n :]]))
+
+    return f
+
+
+def _check_gradgradcheck(rank, device):
+    """Issue 15 item 6: gradcheck (backward and forward mode) and gradgradcheck of the
+    synchronized layer over 2 ranks, float64, as one function of the concatenated batch."""
+    torch.manual_seed(5)
+    c, sizes = 2, (2, 2)  # equal sizes: gradcheck perturbs each input element in lockstep
+    sync = SyncBatchNorm(c, device=device, dtype=torch.float64)
+    del sync.weight, sync.bias  # set per call by _global_function
+    f = _global_function(rank, sizes, sync)
+    x = torch.randn(sum(sizes), c, 3, dtype=torch.float64, device=device, requires_grad=True)
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, w, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def _check_double_backward_oracle(rank, device):
+    """Double backward over uneven and empty ranks equals torch's BN on the concatenated
+    batch: d/dx of sum(h * dl/dx) for l = sum(y * g), and the same for gamma."""
+    torch.manual_seed(6)
+    shape = (3, 2, 2)
+    for sizes in ((5, 3), (6, 0)):
+        sync, ref = _pair(shape, 0.1, device)
+        x_all = torch.randn(sum(sizes), *shape, dtype=torch.float64, device=device) * 2 + 1
+        g_all, h_all = torch.randn_like(x_all), torch.randn_like(x_all)
+        x_ref = x_all.clone().requires_grad_()
+        (gx,) = torch.autograd.grad((ref(x_ref) * g_all).sum(), x_ref, create_graph=True)
+        (gx * h_all).sum().backward()
+        start, n = sum(sizes[:rank]), sizes[rank]
+        mine = slice(start, start + n)
+        x = x_all[mine].clone().requires_grad_()
+        (gx_mine,) = torch.autograd.grad((sync(x) * g_all[mine]).sum(), x, create_graph=True)
+        torch.testing.assert_close(gx_mine, gx[mine].detach(), **TOL)
+        (gx_mine * h_all[mine]).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad[mine], **TOL)
+        torch.testing.assert_close(_sum_over_ranks(sync.weight.grad), ref.weight.grad, **TOL)
+
+
+def _check_forward_ad_oracle(rank, device):
+    """Forward-mode AD (dual tensors) over ranks 4 + 2 equals torch's BN's jvp on the
+    concatenated batch."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(7)
+    shape, sizes = (3, 2), (4, 2)
+    sync, ref = _pair(shape, 0.1, device)
+    x_all = torch.randn(sum(sizes), *shape, dtype=torch.float64, device=device)
+    t_all = torch.randn_like(x_all)
+    with fwAD.dual_level():
+        y_ref = fwAD.unpack_dual(ref(fwAD.make_dual(x_all, t_all))).tangent
+        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        out = fwAD.unpack_dual(sync(fwAD.make_dual(x_all[mine], t_all[mine])))
+    torch.testing.assert_close(out.tangent, y_ref[mine], **TOL)
+    torch.testing.assert_close(sync.running_var, ref.running_var, **TOL)
+
+
 def _check_dead_rank(rank, device, short, spare):
     """Rank 1 first stalls (alive, never joining), then exits; rank 0 must never hang.
 
@@ -291,7 +428,8 @@ def _expect_failure(group, layer_timeout, limit):
 
 
 CHECKS = [name for name, *_ in CASES] + [
-    "ddp", "nonfinite", "too_few_values", "half", "convert", "mask", "all_empty", "dead_rank",
+    "ddp", "nonfinite", "too_few_values", "half", "convert", "mask", "all_empty",
+    "collectives", "gradgradcheck", "double_backward", "forward_ad", "dead_rank",
 ]  # fmt: skip
 
 
@@ -314,6 +452,10 @@ def _worker(rank, port, device, flag, results):
         convert=(_check_convert, ()),
         mask=(_check_mask, ()),
         all_empty=(_check_all_empty, ()),
+        collectives=(_check_collectives, ()),
+        gradgradcheck=(_check_gradgradcheck, ()),
+        double_backward=(_check_double_backward_oracle, ()),
+        forward_ad=(_check_forward_ad_oracle, ()),
         dead_rank=(_check_dead_rank, (short, spare)),
     )
     report = {}

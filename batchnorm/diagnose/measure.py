@@ -112,6 +112,16 @@ class _LayerStats(PopulationStats):
             self.sums[k] = self.sums[k] + t if k in self.sums else t
         return True
 
+    def merge(self, other: _LayerStats) -> None:
+        # Another rank's sums; sum d^2 moves to this ref: d' = d + delta, delta = ref_o - ref.
+        terms = dict(other.sums)
+        if other.ref is not None and self.ref is not None and "d2" in terms:
+            delta = other.ref - self.ref
+            terms["d2"] = terms["d2"] + 2 * delta * other.sum_d + other.batches * delta * delta
+        for k, t in terms.items():
+            self.sums[k] = self.sums[k] + t if k in self.sums else t
+        super().merge(other)
+
     def spread2(self, pm: Tensor) -> Tensor:
         """Mean over batches of (mu_B - pm)^2, from the shifted sums."""
         k = self.batches
@@ -150,6 +160,21 @@ class _OutputStats:
         if yt.dim() >= 2 and yt.shape[1] >= 2:
             self.agree += (yt.argmax(1) == ye.argmax(1)).sum().item()
             self.votes += yt.argmax(1).numel()
+
+    def merge(self, other: _OutputStats) -> None:
+        # Another rank's sums, the shifted ones moved to this ref (as `_LayerStats.merge`).
+        if other.n == 0:
+            return
+        if self.ref is None:
+            self.__dict__.update(other.__dict__)
+            return
+        delta = other.ref - self.ref
+        self.s2 += other.s2 + 2 * delta * other.s1 + other.n * delta * delta
+        self.s1 += other.s1 + other.n * delta
+        self.n += other.n
+        self.diff2 += other.diff2
+        self.agree += other.agree
+        self.votes += other.votes
 
     def result(self) -> tuple[float | None, float | None]:
         if self.n == 0:
@@ -197,6 +222,7 @@ def diagnose(
     *,
     estimator: str = "algorithm2",
     thresholds: Thresholds | None = None,
+    process_group=None,
 ) -> DiagnosisReport:
     """Measure why a BN model behaves differently in eval mode, layer by layer (Alg. 2, Sec. 3.1).
 
@@ -241,6 +267,11 @@ def diagnose(
             with the same estimator has exactly its population statistics.
         thresholds: when each problem is reported (`Thresholds`; the defaults are explained
             in docs/diagnose.md).
+        process_group: diagnose over every rank of this torch.distributed group
+            (``torch.distributed.group.WORLD`` for all ranks): each rank passes its own
+            batches and every rank gets the report of all of them, as one process would
+            over the concatenated batches (the pooling of `batchnorm.recalibrate`, in
+            `batchnorm.inference.population`). Every rank must call it. None: this process.
 
     Returns:
         A `DiagnosisReport`: ``print(report)`` shows a table of every layer and the problems,
@@ -283,7 +314,8 @@ def diagnose(
         stats[name] = _LayerStats(estimator, bn.eps, running)
     output = _OutputStats()
     any_batch_mode = any(_mode(bn) == "batch" for _, bn in layers)
-    with StatisticsPass(model, {n: (bn, stats[n]) for n, bn in layers}, "diagnose") as run:
+    layer_stats = {n: (bn, stats[n]) for n, bn in layers}
+    with StatisticsPass(model, layer_stats, "diagnose", process_group) as run:
         for x in run.inputs(data, batches, progress):
             y_train = run.record(x)
             if y_train is SKIPPED:
@@ -292,7 +324,7 @@ def diagnose(
             y_eval = _output_tensor(run.eval_output(x)) if any_batch_mode else y_train
             if y_train is not None and y_eval is not None and y_train.shape == y_eval.shape:
                 output.add(y_train, y_eval)
-    used = run.finish()
+    used = run.finish(output)
 
     results = {name: _measure(name, bn, stats[name], limits) for name, bn in layers}
     accumulated = None

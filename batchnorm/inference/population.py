@@ -16,6 +16,7 @@ of `batchnorm.functional`.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import warnings
@@ -82,6 +83,31 @@ class PopulationStats:
         self.sum_d = self.sum_d + (mean - self.ref)
         self.sum_unbiased = self.sum_unbiased + var * (count / (count - 1))
         return True
+
+    def merge(self, other: PopulationStats) -> None:
+        """Add another accumulator's batches (another rank's: `StatisticsPass` with a process
+        group) as if they had been added here: counts and sums add, the shifted sum of mu_B
+        moves to this accumulator's ``ref``, and the pooled (n, mean, M2) merge exactly
+        with `F.merge_stats` (Chan et al.)."""
+        self.nonfinite += other.nonfinite
+        if other.ref is None:  # the other saw no usable batch
+            return
+        if self.ref is None:
+            self.ref, self.mean, self.m2 = other.ref, other.mean, other.m2
+            self.batches, self.n = other.batches, other.n
+            self.sum_d, self.sum_unbiased = other.sum_d, other.sum_unbiased
+            return
+        if self.estimator == "pooled":
+            counts = torch.tensor([[self.n], [other.n]], dtype=self.mean.dtype)
+            _, self.mean, self.m2 = F.merge_stats(
+                counts.to(self.mean.device),
+                torch.stack([self.mean, other.mean]),
+                torch.stack([self.m2, other.m2]),
+            )
+        self.sum_d = self.sum_d + other.sum_d + other.batches * (other.ref - self.ref)
+        self.sum_unbiased = self.sum_unbiased + other.sum_unbiased
+        self.batches += other.batches
+        self.n += other.n
 
     def result(self) -> tuple[Tensor, Tensor]:
         """(E[x], Var[x]) per channel; needs at least one batch added."""
@@ -169,18 +195,34 @@ class StatisticsPass:
     exit, also after an exception, the hooks are removed and every module's train/eval mode
     is restored. Runs under ``torch.no_grad``; parameters are never touched.
 
+    Across processes (``process_group``): each rank runs its own batches, and `finish` pools
+    every rank's accumulators into every rank's, as if one process had seen all the batches
+    (rank 0's first, then rank 1's, ...): counts add, the pooled estimator merges exactly
+    (`PopulationStats.merge`), and every rank ends with the same statistics. One
+    ``all_gather_object`` of the accumulators (moved to the CPU; with NCCL the current CUDA
+    device must be set, as torch requires for object collectives). Every rank of the group
+    must run the pass, also with no batch of its own.
+
     Args:
         model: the model.
-        layers: qualified name -> (layer, accumulator with ``add(mean, var, count)``).
+        layers: qualified name -> (layer, accumulator with ``add(mean, var, count)`` and
+            ``merge(other)``).
         who: the caller's name, for messages and the progress bar.
+        process_group: pool over the ranks of this group (``torch.distributed.group.WORLD``
+            for all of them); None: this process alone.
     """
 
     def __init__(
-        self, model: nn.Module, layers: dict[str, tuple[nn.Module, PopulationStats]], who: str
+        self,
+        model: nn.Module,
+        layers: dict[str, tuple[nn.Module, PopulationStats]],
+        who: str,
+        process_group=None,
     ) -> None:
         self.model = model
         self.layers = layers
         self.who = who
+        self.process_group = process_group
         self.used = 0
         self.skipped: list[_TooFewValues] = []
         self._bn = [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -275,12 +317,19 @@ class StatisticsPass:
         finally:
             self._restore_buffers()
 
-    def finish(self) -> int:
-        """After the pass: warn once about skipped batches; the number of batches used.
+    def finish(self, *extra) -> int:
+        """After the pass: pool over the process group (if any), warn once about skipped
+        batches; the number of batches used (over every rank).
+
+        Args:
+            extra: further accumulators of the caller's (with ``merge(other)``) to pool
+                over the ranks with the layers' ones.
 
         Raises:
-            ValueError: no batch was used.
+            ValueError: no batch was used (on any rank).
         """
+        if self.process_group is not None:
+            self._pool(list(extra))
         if self.skipped:
             first = self.skipped[0]
             warnings.warn(
@@ -297,3 +346,48 @@ class StatisticsPass:
                 "model is unchanged"
             )
         return self.used
+
+    def _pool(self, extra: list) -> None:
+        """Merge every rank's accumulators (and counts) into this rank's, in rank order."""
+        import torch.distributed as dist
+
+        group = self.process_group
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"{self.who} was given a process_group, but torch.distributed is not "
+                "initialized (call torch.distributed.init_process_group first)"
+            )
+        if dist.get_world_size(group) == 1:
+            return
+        mine = [acc for _, acc in self.layers.values()] + extra
+        skipped = [(s.layer, s.count) for s in self.skipped]
+        local = ([_map_tensors(acc, lambda t: t.cpu()) for acc in mine], self.used, skipped)
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+        pooled = [copy.copy(acc) for acc in gathered[0][0]]
+        for accs, _, _ in gathered[1:]:
+            for total, acc in zip(pooled, accs, strict=True):
+                total.merge(acc)
+        device = self.device if self.device is not None else torch.device("cpu")
+        for acc, total in zip(mine, pooled, strict=True):
+            acc.__dict__.update(_map_tensors(total, lambda t: t.to(device)).__dict__)
+        self.used = sum(used for _, used, _ in gathered)
+        self.skipped = [_TooFewValues(*s) for _, _, skips in gathered for s in skips]
+
+
+def _map_tensors(obj, fn):
+    """A shallow copy of ``obj`` with ``fn`` applied to every tensor among its attributes
+    (also inside dicts, tuples and lists)."""
+
+    def convert(v):
+        if isinstance(v, Tensor):
+            return fn(v)
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return type(v)(convert(x) for x in v)
+        return v
+
+    new = copy.copy(obj)
+    new.__dict__ = {k: convert(v) for k, v in obj.__dict__.items()}
+    return new

@@ -27,6 +27,7 @@ def recalibrate(
     num_batches: int | None = None,
     estimator: str = "algorithm2",
     progress: bool = True,
+    process_group=None,
 ) -> int:
     """Recompute every BN layer's population statistics with the weights frozen (Algorithm 2).
 
@@ -45,7 +46,7 @@ def recalibrate(
 
     Covers every ``torch.nn.modules.batchnorm._BatchNorm`` with running statistics: ours,
     ``torch.nn.BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (whose statistics are recorded per
-    process; average the buffers across processes afterwards if the batches differ). Layers
+    process, each batch normalized on its own: pass ``process_group`` to pool them). Layers
     with ``track_running_stats=False`` always use batch statistics and are skipped, and so are
     `FrozenBatchNorm` layers (frozen means frozen: unfreeze them first). A layer
     that receives no input (e.g. an auxiliary head the eval-mode model never runs) keeps its
@@ -79,9 +80,16 @@ def recalibrate(
             sizes the two means coincide; the pooled variance also counts the spread of the
             batch means, which Algorithm 2 leaves out.
         progress: show a tqdm progress bar (if tqdm is installed).
+        process_group: recalibrate over every rank of this torch.distributed group
+            (``torch.distributed.group.WORLD`` for all ranks): each rank passes its own
+            batches (its shard), and every rank writes the statistics of all of them,
+            exactly as one process would over the concatenated batches (rank 0's first),
+            whatever the per-rank numbers of batches (fvcore#152: precise BN per rank
+            otherwise gives each rank different statistics). Every rank must call it.
+            None (the default): this process's batches alone.
 
     Returns:
-        The number of batches used (skipped ones not counted).
+        The number of batches used (skipped ones not counted), over every rank.
 
     Raises:
         ValueError: no BN layer with running statistics, no usable batch, an unknown
@@ -103,7 +111,8 @@ def recalibrate(
             "(track_running_stats=False layers always normalize with batch statistics)"
         )
     stats = {name: PopulationStats(estimator) for name, _ in layers}
-    with StatisticsPass(model, {n: (bn, stats[n]) for n, bn in layers}, "recalibrate") as run:
+    layer_stats = {n: (bn, stats[n]) for n, bn in layers}
+    with StatisticsPass(model, layer_stats, "recalibrate", process_group) as run:
         for x in run.inputs(batches, num_batches, progress):
             run.record(x)
     used = run.finish()
