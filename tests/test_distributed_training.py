@@ -339,7 +339,7 @@ def _accelerate_worker(rank, port, results):
 
 def test_accelerate_trains_sync_batchnorm_on_two_cpu_processes():
     """A trainer users run (issue 17, item 5): HF Accelerate, 2 CPU processes, gloo."""
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401  (a dev dependency: a missing install fails here, not skips)
     queue = mp.get_context("spawn").SimpleQueue()
     _launch(_accelerate_worker, queue, deadline=90.0)
     errors = [e for e in (queue.get() for _ in range(WORLD)) if e]
