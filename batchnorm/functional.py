@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 __all__ = [
     "BatchStats",
@@ -101,6 +102,26 @@ def _channel_axis(input: Tensor, axis: int) -> int:
             f"channel axis {axis} is out of range for input of shape {tuple(input.shape)}"
         )
     return axis % input.dim()
+
+
+def transformed(t: Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform or a vmap (the legacy one batches
+    ``autograd.grad(..., is_grads_batched=True)``): no in-place ``out=`` writes, no data
+    pointer for a kernel."""
+    functorch = torch._C._functorch
+    return (
+        functorch.is_functorch_wrapped_tensor(t)
+        or functorch.is_batchedtensor(t)
+        or functorch.is_legacy_batchedtensor(t)
+    )
+
+
+def has_tangent(*tensors) -> bool:
+    """Whether forward-mode AD (`torch.autograd.forward_ad`) carries a tangent on any of
+    ``tensors`` (``None`` entries allowed)."""
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered: the fast answer
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _reduce_dims(input: Tensor, axis: int) -> list[int]:
@@ -442,8 +463,9 @@ def batch_norm_backward(
         if count is None:
             count = math.prod(xhat.shape[d] for d in dims)
     k = invstd if weight is None else invstd * weight
-    if torch.is_grad_enabled():
-        # Out of place, so that autograd can differentiate this backward (double backward).
+    if torch.is_grad_enabled() or transformed(dy):
+        # Out of place, so that autograd can differentiate this backward (double backward)
+        # and vmap can batch it (is_grads_batched, jacobian(vectorize=True)).
         grad_input = (dy - sum_dy / count - xh * (sum_dy_xhat / count)) * k
     else:
         # dl/dx = (dy - sum(dy)/m - xhat * sum(dy * xhat)/m) * gamma / s, in the buffer of
@@ -514,7 +536,13 @@ def batch_norm_transform(
         return _masked_transform(input, weight, bias, eps, axis, mask)
     _check_training_batch(input, axis, count)
     x = input.movedim(axis, 1) if axis != 1 else input
-    if backward == "paper":
+    if backward == "paper" and has_tangent(x, weight, bias):
+        # Forward-mode AD: the paper's backward has no jvp, so Algorithm 1 in torch's
+        # operations, whose forward derivatives torch knows (the same values).
+        batch = batch_stats(x, 1)
+        output = normalize(x, batch.mean, batch.var, weight, bias, eps, 1)
+        batch = batch._replace(mean=batch.mean.detach(), var=batch.var.detach())  # as the paper's
+    elif backward == "paper":
         output, mean, var = BatchNormFunction.apply(x, weight, bias, eps)
         batch = BatchStats(mean, var, count)
     else:

@@ -332,6 +332,44 @@ def test_paper_backward_second_derivative_matches_torch():
     torch.testing.assert_close(second["native"], second["torch"], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5)])
+def test_paper_backward_batches_gradients_and_has_forward_mode_ad(shape):
+    # Issue 15 item 6: the paper's backward wrote into an out= buffer, which vmap cannot batch
+    # (is_grads_batched, jacobian(vectorize=True) raised), and BatchNormFunction had no jvp.
+    # Oracle: torch.nn's BN (its kernel's derivatives), on the same layer state, in float64.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    cotangents = torch.randn(3, *shape, dtype=torch.float64, generator=gen)
+    tangent = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    paper = batchnorm.BatchNorm1d(3, backward="paper").double()
+    reference = nn.BatchNorm1d(3).double()
+    with torch.no_grad():
+        for bn in (paper, reference):
+            bn.weight.copy_(torch.tensor([0.5, -2.0, 1.5]))
+            bn.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+
+    (batched,) = torch.autograd.grad(paper(x), x, cotangents, is_grads_batched=True)
+    (expected,) = torch.autograd.grad(reference(x), x, cotangents, is_grads_batched=True)
+    torch.testing.assert_close(batched, expected, rtol=1e-10, atol=1e-10)
+
+    jacobian = torch.autograd.functional.jacobian(paper, x, vectorize=True)
+    expected = torch.autograd.functional.jacobian(reference, x, vectorize=True)
+    torch.testing.assert_close(jacobian, expected, rtol=1e-10, atol=1e-10)
+
+    import torch.autograd.forward_ad as fwAD
+
+    before = paper.running_mean.clone(), paper.num_batches_tracked.clone()
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(paper(fwAD.make_dual(x.detach(), tangent)))
+        ref = fwAD.unpack_dual(reference(fwAD.make_dual(x.detach(), tangent)))
+    torch.testing.assert_close(out.primal, ref.primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangent, ref.tangent, rtol=1e-10, atol=1e-10)
+    # The forward-AD call is a training step like any other: it commits once, and only primals.
+    assert paper.num_batches_tracked == before[1] + 1
+    torch.testing.assert_close(paper.running_mean, reference.running_mean, rtol=1e-12, atol=0)
+    assert fwAD.unpack_dual(paper.running_mean).tangent is None
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
 def test_layer_mask_keeps_any_padding_value_out(bad):
     # Defect 2 at the layer: the running statistics are those of the valid positions.

@@ -15,8 +15,10 @@ import importlib.util
 import os
 
 import torch
-from torch.autograd import forward_ad
 
+# Re-exported: the kernels refuse a transformed tensor or one with a tangent.
+from batchnorm.functional import has_tangent as has_tangent
+from batchnorm.functional import transformed as transformed
 from batchnorm.kernels.layout import addressable
 
 __all__ = [
@@ -55,25 +57,6 @@ def supports(input: torch.Tensor) -> bool:
         and addressable(input)
         and is_available()
     )
-
-
-def transformed(t: torch.Tensor) -> bool:
-    """Whether ``t`` is wrapped by a torch.func transform or a vmap (the legacy one batches
-    ``autograd.grad(..., is_grads_batched=True)``): no data pointer to hand to a kernel."""
-    functorch = torch._C._functorch
-    return (
-        functorch.is_functorch_wrapped_tensor(t)
-        or functorch.is_batchedtensor(t)
-        or functorch.is_legacy_batchedtensor(t)
-    )
-
-
-def has_tangent(*tensors) -> bool:
-    """Whether forward-mode AD (`torch.autograd.forward_ad`) carries a tangent on any of
-    ``tensors``: the kernels have no forward-mode derivative."""
-    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered: the fast answer
-        return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def batch_norm_act(*args, **kwargs):
