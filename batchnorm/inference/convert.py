@@ -1,6 +1,6 @@
 """Sec. 3's BN layers across libraries: `convert` swaps ``torch.nn``'s BN layers and ours.
 
-Both directions go through `batchnorm.inference.swap`: the new layer shares the tensors and
+Both directions go through `batchnorm.swap`: the new layer shares the tensors and
 keeps every setting, or the conversion is refused with the setting named.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from batchnorm import modules as M
-from batchnorm.inference.swap import (
+from batchnorm.distributed import SyncBatchNorm
+from batchnorm.fused import fused_class
+from batchnorm.swap import (
     NORM_ACT_CLASSES,
     _qualname,
     bn_kind,
@@ -29,9 +31,6 @@ _TORCH_DROPS = frozenset({"backward", "timeout", "backend"})
 
 
 def _to_ours() -> dict[type, type]:
-    # Imported here: batchnorm.distributed itself imports this package's swap module.
-    from batchnorm.distributed import SyncBatchNorm
-
     return {
         nn.BatchNorm1d: M.BatchNorm1d,
         nn.BatchNorm2d: M.BatchNorm2d,
@@ -71,7 +70,7 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     values) and SyncBatchNorm's ``timeout`` (torch's waits for the process group's).
 
     To ours, a BN + activation layer of another library (timm's ``BatchNormAct2d``, see
-    `batchnorm.inference.swap.bn_kind`) whose act is an activation of
+    `batchnorm.swap.bn_kind`) whose act is an activation of
     `batchnorm.activations` becomes our fused layer with that activation
     (`batchnorm.BatchNormAct2d`; timm's ``SyncBatchNormAct``: `batchnorm.fused.SyncBatchNormAct`).
     Every other BN layer without a counterpart in the target library is left alone, and one
@@ -136,7 +135,5 @@ def _native(cls: type, to: str) -> bool:
 def _fused_form(cls: type, mapping: dict) -> type | None:
     """Our fused layer for a BN + activation class of another library: the fused form of our
     counterpart of the torch class it subclasses."""
-    from batchnorm.fused import fused_class  # fused.py builds on this package
-
     base = next((c for c in cls.__mro__ if c in mapping), None)
     return None if base is None else fused_class(mapping[base])

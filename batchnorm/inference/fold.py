@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from batchnorm import functional as F
-from batchnorm.inference.frozen import FrozenBatchNorm
+from batchnorm.frozen import FrozenBatchNorm
 from batchnorm.inference.graph import GraphReport, capture, find_sites
-from batchnorm.inference.swap import (
+from batchnorm.swap import (
     bn_kind,
     channel_axis,
     foreign_reason,

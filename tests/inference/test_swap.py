@@ -1,4 +1,4 @@
-"""The one swap utility (batchnorm.inference.swap): every layer class rebuilds itself from the
+"""The one swap utility (batchnorm.swap): every layer class rebuilds itself from the
 settings it reports, tensors are shared, shared modules stay shared, refusals name the
 setting and change nothing."""
 
@@ -13,7 +13,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import FrozenBatchNorm
-from batchnorm.inference.swap import layer_settings, rebuild, restore, swap_modules
+from batchnorm.swap import layer_settings, rebuild, restore, swap_modules
 
 # Every BN class, with settings away from the defaults wherever the class takes them.
 LAYERS = {

@@ -50,6 +50,8 @@ __all__ = [
     "swap_modules",
     "channel_axis",
     "tracks_running_stats",
+    "FixedBatchNorm",
+    "TRAINING_ONLY",
 ]
 
 # Settings whose value here makes a layer plain BN over channel axis 1: a target class that
@@ -76,6 +78,24 @@ _MEANING = {
     "timeout": "synchronized statistics",
     "backend": "a choice of kernels",
 }
+
+# Settings that only shape training (the update of the statistics, the batch transform, its
+# backward): every BN's eval-mode map is the same without them. A frozen layer remembers them
+# for `unfreeze` instead of expressing them.
+TRAINING_ONLY = frozenset(
+    {
+        "momentum",
+        "track_running_stats",
+        "backward",
+        "virtual_batch_size",
+        "r_max",
+        "d_max",
+        "process_group",
+        "timeout",
+        "backend",  # how it is computed (batchnorm.dispatch), remembered for unfreeze
+        "memory_saving",  # a fused layer's backward (batchnorm.fused)
+    }
+)
 
 # The state a BN layer holds, shared (not copied) by a rebuilt layer.
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -119,12 +139,19 @@ def _known_forward(cls: type) -> bool:
     return module == _BatchNorm.__module__ or module.split(".")[0] == "batchnorm"
 
 
+class FixedBatchNorm(nn.Module):
+    """The base of this library's BN layers that are not ``_BatchNorm``s: a BN's state
+    (weight, bias, running_mean, running_var, num_batches_tracked) applied with fixed
+    statistics (`batchnorm.FrozenBatchNorm`). It adds nothing; it tells `is_bn_like` that
+    the layer is a BN layer without this module importing the layer, which is built on
+    `rebuild`."""
+
+
 def is_bn_like(m: nn.Module) -> bool:
     """Whether ``m`` is a BN layer: any ``_BatchNorm`` (torch's, ours, foreign subclasses)
-    or a `FrozenBatchNorm`. The graph passes keep these as calls and report each one."""
-    from batchnorm.inference.frozen import FrozenBatchNorm  # frozen.py imports this module
-
-    return isinstance(m, (_BatchNorm, FrozenBatchNorm))
+    or a `FixedBatchNorm` (`FrozenBatchNorm`). The graph passes keep these as calls and
+    report each one."""
+    return isinstance(m, (_BatchNorm, FixedBatchNorm))
 
 
 def bn_kind(m: nn.Module) -> str | None:
