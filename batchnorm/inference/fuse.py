@@ -23,6 +23,7 @@ from batchnorm.inference.graph import (
     GraphReport,
     _first_line,
     _LeafTracer,
+    call_problem,
     capture,
     find_sites,
 )
@@ -156,9 +157,7 @@ def fuse_activations(
     replace: dict[int, nn.Module] = {}
     residual: dict[int, tuple] = {}  # BN + add candidates: id(bn) -> (name, bn, fused class)
     seen: set[int] = set()
-    sites = find_sites(graph, is_bn_like)
-    called_by_bn = Counter(id(s.call.module) for s in sites)
-    for site in sites:
+    for site in find_sites(graph, is_bn_like):
         bn, name = site.call.module, site.call.name
         if id(bn) in seen:
             continue
@@ -178,17 +177,13 @@ def fuse_activations(
                 why = foreign_reason(bn)
             else:
                 why = f"{type(bn).__name__} has no fused form (only plain BN layers are fused)"
-        elif graph.times_called[id(bn)] > 1 or called_by_bn[id(bn)] > 1:
-            why = "called more than once per forward"
-        elif _unfused_origin(bn) is not None:
+        else:
+            why = call_problem(
+                graph, site.call, "(a mask?): the fused layer's second argument is the "
+                "residual, so the call would change meaning",
+            )  # fmt: skip
+        if why is None and _unfused_origin(bn) is not None:
             why = f"frozen from {_unfused_origin(bn).__name__}, which has no fused form"
-        elif site.call.touched:
-            why = "the forward reads its tensors outside its call"
-        elif site.call.extra or len(site.call.inputs) > 1:
-            why = (
-                "called with more than its input (a mask?): the fused layer's second argument "
-                "is the residual, so the call would change meaning"
-            )
         consumer = site.consumer
         act = of_module(consumer.module) if consumer is not None else None
         if why is None and act is None:
