@@ -13,6 +13,7 @@ from batchnorm.distributed import SyncBatchNorm
 from batchnorm.fused import fused_class
 from batchnorm.swap import (
     NORM_ACT_CLASSES,
+    TORCH_DROPS,
     _qualname,
     bn_kind,
     foreign_reason,
@@ -24,11 +25,6 @@ from batchnorm.swap import (
 )
 
 __all__ = ["convert"]
-
-# Settings that change how a gradient is computed or how long a collective waits, never a
-# value: converting to torch's layers (only torch's kernel, the group's own timeout) drops them.
-_TORCH_DROPS = frozenset({"backward", "timeout", "backend"})
-
 
 def _to_ours() -> dict[type, type]:
     return {
@@ -97,7 +93,7 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     if to not in ("batchnorm", "torch"):
         raise ValueError(f"to must be 'batchnorm' or 'torch', got {to!r}")
     mapping = _to_ours() if to == "batchnorm" else _to_torch()
-    drop = _TORCH_DROPS if to == "torch" else ()
+    drop = TORCH_DROPS if to == "torch" else ()  # torch has its own kernel and timeout
 
     left: dict[int, str] = {}
 
