@@ -121,3 +121,24 @@ def test_no_library_module_imports_a_floor_above_it(floor):
         checked += 1
         offenders += [f"{module}:{a}" for a in back_arrows(path.read_text(), module, package)]
     assert checked >= (10 if floor == "layers" else 8) and offenders == []
+
+
+def test_kernels_and_the_activation_registry_import_only_what_they_may():
+    """The Triton kernels read their activation names from batchnorm.activations (issue 18,
+    step 4), which may therefore import only torch: nothing of the library but itself and
+    the registry reaches the kernels."""
+    allowed = {
+        "batchnorm.kernels": ("torch", "triton", "batchnorm.kernels", "batchnorm.activations"),
+        "batchnorm.activations": ("torch",),
+    }
+    offenders = []
+    for path, module, package in library_modules():
+        mine = next((allowed[p] for p in allowed if _within(module, (p,))), None)
+        if mine is None:
+            continue
+        for line, names in imported(path.read_text(), package):
+            if names[0].split(".")[0] in ("torch", "triton", "batchnorm") and not _within(
+                names[0], mine
+            ):
+                offenders.append(f"{module}:{line}: {names[0]}")
+    assert offenders == []
