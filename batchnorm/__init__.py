@@ -13,15 +13,15 @@ from batchnorm.fused import (
     BatchNormAct2d,
     BatchNormAct3d,
     FrozenBatchNormAct,
-    FuseReport,
-    fuse_activations,
 )
 from batchnorm.inference import (
     FoldReport,
     FrozenBatchNorm,
+    FuseReport,
     convert,
     fold,
     freeze,
+    fuse_activations,
     recalibrate,
     unfreeze,
 )

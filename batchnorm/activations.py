@@ -36,7 +36,8 @@ class Activation:
             ``inplace``, and ``attributes`` as keywords).
         invertible: (negative_slope) -> whether the output determines the input (memory
             saving needs it).
-        kernel: the Triton kernels (`batchnorm.kernels`) implement it.
+        kernel: the code of its branch in the Triton kernels (``ACT`` in
+            `batchnorm.kernels.common.activate`), None where they do not implement it.
     """
 
     name: str
@@ -45,7 +46,7 @@ class Activation:
     attributes: dict = field(default_factory=dict)
     functions: tuple = ()
     invertible: Callable[[float], bool] = lambda slope: False
-    kernel: bool = False
+    kernel: int | None = None
 
     def make_module(self, negative_slope: float = 0.01) -> nn.Module:
         """The ``torch.nn`` module of this activation (``nn.Identity`` for identity)."""
@@ -57,20 +58,20 @@ class Activation:
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("identity", lambda x, s: x, None, invertible=lambda s: True, kernel=True),
+        Activation("identity", lambda x, s: x, None, invertible=lambda s: True, kernel=0),
         Activation(
             "relu",
             lambda x, s: torch.relu(x),
             nn.ReLU,
             functions=(torch.relu, TF.relu, "relu"),
-            kernel=True,
+            kernel=1,
         ),
         Activation(
             "leaky_relu",
             lambda x, s: TF.leaky_relu(x, s),
             nn.LeakyReLU,
             invertible=lambda s: s > 0,
-            kernel=True,
+            kernel=2,
         ),
         Activation("silu", lambda x, s: TF.silu(x), nn.SiLU, functions=(TF.silu,)),
         Activation(

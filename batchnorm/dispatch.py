@@ -82,8 +82,8 @@ def _setting_refusal(layer) -> str | None:
     if layer.virtual_batch_size is not None:
         return "the kernels do not implement Ghost BN (virtual_batch_size); use backend='torch'"
     activation = getattr(layer, "activation", "identity")  # a fused layer's (batchnorm.fused)
-    if not ACTIVATIONS[activation].kernel:
-        kernel = [name for name, act in ACTIVATIONS.items() if act.kernel]
+    if ACTIVATIONS[activation].kernel is None:
+        kernel = [name for name, act in ACTIVATIONS.items() if act.kernel is not None]
         return (
             f"the kernels implement the activations {', '.join(kernel)}, not {activation!r}; "
             "use backend='torch'"

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.inference.swap import (
+from batchnorm.modules import BatchNorm, _BatchNormBase
+from batchnorm.swap import (
     foreign_reason,
     layer_settings,
     rebuild,
@@ -38,7 +39,6 @@ from batchnorm.inference.swap import (
     swap_modules,
     warn_left_alone,
 )
-from batchnorm.modules import BatchNorm, _BatchNormBase
 
 __all__ = ["SyncBatchNorm", "global_batch_stats", "sync_buffers"]
 
@@ -545,7 +545,7 @@ class SyncBatchNorm(_BatchNormBase):
 
         Converts this library's BatchNorm1d/2d/3d (and `BatchNorm` with axis 1) as well as
         ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``, through the one swap
-        utility (`batchnorm.inference.swap.rebuild`): the parameters are the same Parameter
+        utility (`batchnorm.swap.rebuild`): the parameters are the same Parameter
         objects (an optimizer built before conversion still updates them); the buffers,
         train/eval mode, eps, momentum, backward and ``requires_grad`` carry over; a layer
         registered at several places becomes one shared SyncBatchNorm. The original class

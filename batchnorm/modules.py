@@ -439,7 +439,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
 
     def _settings(self) -> dict:
         """The constructor keywords that rebuild this layer (all but num_features, device and
-        dtype); `batchnorm.inference.swap` rebuilds layers as other classes from them."""
+        dtype); `batchnorm.swap` rebuilds layers as other classes from them."""
         return {
             "eps": self.eps,
             "momentum": self.momentum,

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchnorm
-from batchnorm.inference.swap import rebuild
+from batchnorm.swap import rebuild
 
 GOALS = """\
 | goal (issue 9) | threshold |

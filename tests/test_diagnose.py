@@ -569,7 +569,7 @@ def test_the_root_import_check_finds_root_imports():
     assert root_imports("from batchnorm import FrozenBatchNorm\n", "batchnorm") == [1]
     assert root_imports("from .. import recalibrate\n", "batchnorm.diagnose") == [1]
     assert root_imports("import batchnorm.functional\nfrom batchnorm import functional as F\n"
-                        "from batchnorm.inference.frozen import FrozenBatchNorm\n"
+                        "from batchnorm.frozen import FrozenBatchNorm\n"
                         "from . import report\n", "batchnorm.diagnose") == []
 
 

@@ -17,9 +17,8 @@ from realmodels import import_timm
 from torch import nn
 
 import batchnorm
-from batchnorm import fold, freeze, fuse_activations, unfreeze
+from batchnorm import fold, freeze, fuse_activations, swap, unfreeze
 from batchnorm.fused import BatchNormAct2d, FrozenBatchNormAct, SyncBatchNormAct
-from batchnorm.inference import swap
 
 
 class MirrorBatchNormAct2d(nn.BatchNorm2d):

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.diagnose.problems import _accumulated_problem, _layer_problems
 from batchnorm.diagnose.report import DiagnosisReport, LayerDiagnosis, Thresholds
-from batchnorm.inference.frozen import FrozenBatchNorm
+from batchnorm.frozen import FrozenBatchNorm
 from batchnorm.inference.population import (
     SKIPPED,
     PopulationStats,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from batchnorm.diagnose.measure import _is_bn
 from batchnorm.diagnose.report import _jsonable, _pyplot
 from batchnorm.inference.population import _mask_argument
-from batchnorm.inference.swap import channel_axis
+from batchnorm.swap import channel_axis
 
 # --------------------------------------------------------------------------------------------
 # monitor: Figure 1(b, c) for any model

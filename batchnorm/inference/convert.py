@@ -1,6 +1,6 @@
 """Sec. 3's BN layers across libraries: `convert` swaps ``torch.nn``'s BN layers and ours.
 
-Both directions go through `batchnorm.inference.swap`: the new layer shares the tensors and
+Both directions go through `batchnorm.swap`: the new layer shares the tensors and
 keeps every setting, or the conversion is refused with the setting named.
 """
 
@@ -9,8 +9,11 @@ from __future__ import annotations
 from torch import nn
 
 from batchnorm import modules as M
-from batchnorm.inference.swap import (
+from batchnorm.distributed import SyncBatchNorm
+from batchnorm.fused import fused_class
+from batchnorm.swap import (
     NORM_ACT_CLASSES,
+    TORCH_DROPS,
     _qualname,
     bn_kind,
     foreign_reason,
@@ -23,15 +26,7 @@ from batchnorm.inference.swap import (
 
 __all__ = ["convert"]
 
-# Settings that change how a gradient is computed or how long a collective waits, never a
-# value: converting to torch's layers (only torch's kernel, the group's own timeout) drops them.
-_TORCH_DROPS = frozenset({"backward", "timeout", "backend"})
-
-
 def _to_ours() -> dict[type, type]:
-    # Imported here: batchnorm.distributed itself imports this package's swap module.
-    from batchnorm.distributed import SyncBatchNorm
-
     return {
         nn.BatchNorm1d: M.BatchNorm1d,
         nn.BatchNorm2d: M.BatchNorm2d,
@@ -71,7 +66,7 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     values) and SyncBatchNorm's ``timeout`` (torch's waits for the process group's).
 
     To ours, a BN + activation layer of another library (timm's ``BatchNormAct2d``, see
-    `batchnorm.inference.swap.bn_kind`) whose act is an activation of
+    `batchnorm.swap.bn_kind`) whose act is an activation of
     `batchnorm.activations` becomes our fused layer with that activation
     (`batchnorm.BatchNormAct2d`; timm's ``SyncBatchNormAct``: `batchnorm.fused.SyncBatchNormAct`).
     Every other BN layer without a counterpart in the target library is left alone, and one
@@ -98,7 +93,7 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     if to not in ("batchnorm", "torch"):
         raise ValueError(f"to must be 'batchnorm' or 'torch', got {to!r}")
     mapping = _to_ours() if to == "batchnorm" else _to_torch()
-    drop = _TORCH_DROPS if to == "torch" else ()
+    drop = TORCH_DROPS if to == "torch" else ()  # torch has its own kernel and timeout
 
     left: dict[int, str] = {}
 
@@ -136,7 +131,5 @@ def _native(cls: type, to: str) -> bool:
 def _fused_form(cls: type, mapping: dict) -> type | None:
     """Our fused layer for a BN + activation class of another library: the fused form of our
     counterpart of the torch class it subclasses."""
-    from batchnorm.fused import fused_class  # fused.py builds on this package
-
     base = next((c for c in cls.__mro__ if c in mapping), None)
     return None if base is None else fused_class(mapping[base])

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from batchnorm import functional as F
-from batchnorm.inference.frozen import FrozenBatchNorm
-from batchnorm.inference.graph import GraphReport, capture, find_sites
-from batchnorm.inference.swap import (
+from batchnorm.frozen import FrozenBatchNorm
+from batchnorm.inference.graph import GraphReport, call_problem, capture, find_sites
+from batchnorm.swap import (
     bn_kind,
     channel_axis,
     foreign_reason,
@@ -266,15 +266,11 @@ def fold(
         why = foreign_reason(bn) if bn_kind(bn) == "foreign" else None
         if why is None:
             why = _not_fixed_reason(bn)
-        if why is None and graph.times_called[id(bn)] > 1:
-            why = "called more than once per forward"
-        if why is None and site.call.touched:
-            why = "the forward reads its tensors outside its call"
-        if why is None and (site.call.extra or len(site.call.inputs) > 1):
-            why = (
-                "called with more than its input (a mask, a residual): the module left in its "
-                "place takes the input alone"
-            )
+        if why is None:
+            why = call_problem(
+                graph, site.call, "(a mask, a residual): the module left in its place takes the "
+                "input alone",
+            )  # fmt: skip
         if why is not None:
             report.skipped.append((name, why))
             continue

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "CallGraph", "GraphReport", "Site", "capture", "find_sites"]
+__all__ = ["Call", "CallGraph", "GraphReport", "Site", "call_problem", "capture", "find_sites"]
 
 
 @dataclass(eq=False)
@@ -119,6 +119,25 @@ def find_sites(graph: CallGraph, match: Callable[[nn.Module], bool]) -> list[Sit
             consumer = call.users[0]
         sites.append(Site(call, producer, consumer))
     return sites
+
+
+def call_problem(graph: CallGraph, call: Call, takes: str) -> str | None:
+    """Why a BN's ``call`` cannot be replaced by another module in place, or None when it can.
+
+    The one check `batchnorm.inference.fold` (the BN becomes ``nn.Identity`` or its
+    activation) and `batchnorm.inference.fuse` (the BN becomes its fused layer) share: the
+    module is called once per forward, its tensors are read nowhere else, and the call passes
+    it nothing but its input. ``takes`` completes the last reason: what the replacement makes
+    of a second argument.
+    """
+    module = call.module
+    if graph.times_called[id(module)] > 1 or sum(c.module is module for c in graph.calls) > 1:
+        return "called more than once per forward"
+    if call.touched:
+        return "the forward reads its tensors outside its call"
+    if call.extra or len(call.inputs) > 1:
+        return f"called with more than its input {takes}"
+    return None
 
 
 def _link(calls: list[Call]) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import functional as F
-from batchnorm.inference.swap import channel_axis
+from batchnorm.swap import channel_axis
 
 __all__ = ["ESTIMATORS", "check_estimator", "PopulationStats", "StatisticsPass", "SKIPPED"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from batchnorm.inference.population import PopulationStats, StatisticsPass, check_estimator
-from batchnorm.inference.swap import tracks_running_stats
+from batchnorm.swap import tracks_running_stats
 
 __all__ = ["recalibrate"]
 

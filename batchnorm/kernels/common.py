@@ -6,8 +6,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-IDENTITY, RELU, LEAKY_RELU = 0, 1, 2
-ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU}
+from batchnorm.activations import ACTIVATIONS as REGISTRY
+
+# The activations the kernels implement, name -> the ACT code `activate` branches on: read
+# from the one registry (batchnorm.activations, which imports only torch).
+ACTIVATIONS = {name: act.kernel for name, act in REGISTRY.items() if act.kernel is not None}
 FLT_MAX = 3.4028234663852886e38  # |v| <= FLT_MAX is "finite" (NaN compares false)
 
 
@@ -41,6 +44,7 @@ def store(ptr, value, mask):
 
 @triton.jit
 def activate(u, slope, ACT: tl.constexpr):
+    # ACT is the registry's kernel code (ACTIVATIONS above): 0 identity, 1 relu, 2 leaky_relu.
     # `u < 0` (not `u > 0`) keeps NaN as NaN, like torch's relu and leaky_relu.
     if ACT == 1:
         u = tl.where(u < 0.0, 0.0, u)

@@ -13,14 +13,13 @@ from torch import Tensor
 from batchnorm.kernels import DTYPES, has_tangent, transformed
 from batchnorm.kernels import backward as B
 from batchnorm.kernels import forward as F
-from batchnorm.kernels.common import ACTIVATIONS
+from batchnorm.kernels.common import ACTIVATIONS, REGISTRY
 
 GAMMA_MIN = 1e-3  # memory saving divides by gamma; below this |gamma| it keeps x instead
 # ... and it keeps x where rebuilding would add more than this to any |xhat' - xhat|
 # (bfloat16's unit roundoff: never more than storing xhat itself in bfloat16 would lose).
 XHAT_TOL = 2.0**-8
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-INVERTIBLE = ("identity", "leaky_relu")
 
 
 def gamma_invertible(
@@ -291,7 +290,7 @@ def _check(
             f"torch's in-place leaky_relu), got {negative_slope}"
         )
     if memory_saving:
-        if activation not in INVERTIBLE or (activation == "leaky_relu" and negative_slope == 0):
+        if not REGISTRY[activation].invertible(negative_slope):
             raise ValueError(
                 f"memory_saving rebuilds the input from the output and needs an invertible "
                 f"activation (identity, or leaky_relu with negative_slope > 0), got "

@@ -12,7 +12,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.inference.population import PopulationStats, StatisticsPass
-from batchnorm.inference.swap import channel_axis
+from batchnorm.swap import channel_axis
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

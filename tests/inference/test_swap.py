@@ -1,4 +1,4 @@
-"""The one swap utility (batchnorm.inference.swap): every layer class rebuilds itself from the
+"""The one swap utility (batchnorm.swap): every layer class rebuilds itself from the
 settings it reports, tensors are shared, shared modules stay shared, refusals name the
 setting and change nothing."""
 
@@ -13,7 +13,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import FrozenBatchNorm
-from batchnorm.inference.swap import layer_settings, rebuild, restore, swap_modules
+from batchnorm.swap import layer_settings, rebuild, restore, swap_modules
 
 # Every BN class, with settings away from the defaults wherever the class takes them.
 LAYERS = {
@@ -146,3 +146,33 @@ def test_restore_undoes_a_remembered_rebuild_only():
     state = copy.deepcopy(bn.state_dict())
     for key, value in back.state_dict().items():
         assert torch.equal(value, state[key])
+
+
+def test_every_setting_of_every_layer_has_a_row_in_the_one_settings_table():
+    """Issue 18, step 4: swap.SETTINGS is the one table of settings (plain value, meaning,
+    training-only, dropped for torch). Every constructor keyword our layers report either has
+    a row there or carries over as it is (eps, affine, the activation, trainable_affine), and
+    a frozen layer can take every setting of a trainable one that is not training-only."""
+    from batchnorm.fused import BatchNormAct2d, FrozenBatchNormAct, SyncBatchNormAct
+    from batchnorm.swap import SETTINGS, TORCH_DROPS, TRAINING_ONLY
+
+    carried = {"eps", "affine", "activation", "negative_slope", "trainable_affine"}
+    trainable = [
+        batchnorm.BatchNorm1d, batchnorm.BatchNorm2d, batchnorm.BatchNorm3d, batchnorm.BatchNorm,
+        batchnorm.BatchRenorm2d, batchnorm.SyncBatchNorm, BatchNormAct2d, SyncBatchNormAct,
+    ]  # fmt: skip
+    frozen = {FrozenBatchNorm: None, FrozenBatchNormAct: None}
+    for cls in [*trainable, *frozen]:
+        keys = set(layer_settings(cls(2, device="meta")))
+        assert keys - set(SETTINGS) <= carried, cls.__name__
+        if cls in frozen:
+            frozen[cls] = keys
+    for cls in trainable:
+        keys = set(layer_settings(cls(2, device="meta")))
+        target = FrozenBatchNormAct if "activation" in keys else FrozenBatchNorm
+        lost = keys - frozen[target] - TRAINING_ONLY
+        assert lost == set(), (cls.__name__, lost)
+    # The views the passes read are the table's: the three lists the library kept before.
+    assert TORCH_DROPS == {"backward", "timeout", "backend"}
+    assert {"momentum", "r_max", "virtual_batch_size", "memory_saving"} <= TRAINING_ONLY
+    assert not TRAINING_ONLY & ({"axis", "bias"} | carried)

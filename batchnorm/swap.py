@@ -11,6 +11,9 @@ freeze/unfreeze, convert, ``SyncBatchNorm.convert_sync_batchnorm`` and
   device, dtype and ``requires_grad``. A setting the target class cannot express is refused
   with an error that names it, unless it has its plain-BN value (``axis=1``,
   ``virtual_batch_size=None``, ...) or the caller lists it in ``drop``.
+- `SETTINGS` is the one table of the settings treated specially: each one's plain value,
+  meaning (for refusals), whether it only shapes training (`TRAINING_ONLY`: freezing forgets
+  it) and whether converting to torch drops it (`TORCH_DROPS`).
 - `restore` undoes a `rebuild` made with ``remember=True`` (the original class, settings
   and Parameter objects).
 - `swap_modules` replaces modules inside a model, in place; a module registered at several
@@ -50,32 +53,55 @@ __all__ = [
     "swap_modules",
     "channel_axis",
     "tracks_running_stats",
+    "FixedBatchNorm",
+    "Setting",
+    "SETTINGS",
+    "TRAINING_ONLY",
+    "TORCH_DROPS",
 ]
 
-# Settings whose value here makes a layer plain BN over channel axis 1: a target class that
-# cannot express such a setting loses nothing when it has this value.
-_PLAIN = {
-    "axis": 1,
-    "bias": True,
-    "backward": "native",
-    "virtual_batch_size": None,
-    "process_group": None,
-    "timeout": None,
-    "backend": "auto",  # auto is the torch path wherever the kernels do not apply
+class Setting(NamedTuple):
+    """What the library knows of one constructor keyword of a BN layer (a row of `SETTINGS`)."""
+
+    plain: object = None  # its value in plain BN over channel axis 1 (when has_plain)
+    has_plain: bool = False  # a target that cannot express it loses nothing at that value
+    meaning: str | None = None  # for refusals: "<target> does not implement <meaning>"
+    training_only: bool = False  # shapes only training: a frozen layer remembers it for unfreeze
+    torch_drops: bool = False  # never a value (a gradient's method, a wait): convert(to="torch")
+    # drops it, torch's layers having their own
+
+
+def _plain(value: object, meaning: str, **flags: bool) -> Setting:
+    return Setting(value, True, meaning, **flags)
+
+
+# The constructor keywords of the BN layers that the swap utility treats specially, one row
+# each: a new keyword is added here and nowhere else. Those not listed (eps, affine,
+# activation, negative_slope, trainable_affine) carry over as they are or are refused by name.
+SETTINGS: dict[str, Setting] = {
+    "axis": _plain(1, "a channel axis other than 1"),
+    "bias": _plain(True, "gamma without beta"),
+    "backward": _plain(
+        "native", "the paper's backward pass", training_only=True, torch_drops=True
+    ),
+    "virtual_batch_size": _plain(None, "Ghost BN", training_only=True),
+    "r_max": Setting(meaning="Batch Renormalization", training_only=True),
+    "d_max": Setting(meaning="Batch Renormalization", training_only=True),
+    "process_group": _plain(None, "synchronized statistics", training_only=True),
+    "timeout": _plain(None, "synchronized statistics", training_only=True, torch_drops=True),
+    # How a layer is computed (batchnorm.dispatch); auto is the torch path wherever the
+    # kernels do not apply.
+    "backend": _plain("auto", "a choice of kernels", training_only=True, torch_drops=True),
+    # The update of the statistics: every BN's eval-mode map is the same without them.
+    "momentum": Setting(training_only=True),
+    "track_running_stats": Setting(training_only=True),
+    "memory_saving": Setting(training_only=True),  # a fused layer's backward (batchnorm.fused)
 }
 
-# What a setting means, for refusals: "<target> does not implement <meaning> (<settings>)".
-_MEANING = {
-    "axis": "a channel axis other than 1",
-    "bias": "gamma without beta",
-    "backward": "the paper's backward pass",
-    "virtual_batch_size": "Ghost BN",
-    "r_max": "Batch Renormalization",
-    "d_max": "Batch Renormalization",
-    "process_group": "synchronized statistics",
-    "timeout": "synchronized statistics",
-    "backend": "a choice of kernels",
-}
+# Views of `SETTINGS`, read by `rebuild`, `FrozenBatchNorm.from_batchnorm` and `convert`.
+_PLAIN = {key: row.plain for key, row in SETTINGS.items() if row.has_plain}
+TRAINING_ONLY = frozenset(key for key, row in SETTINGS.items() if row.training_only)
+TORCH_DROPS = frozenset(key for key, row in SETTINGS.items() if row.torch_drops)
 
 # The state a BN layer holds, shared (not copied) by a rebuilt layer.
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -119,12 +145,19 @@ def _known_forward(cls: type) -> bool:
     return module == _BatchNorm.__module__ or module.split(".")[0] == "batchnorm"
 
 
+class FixedBatchNorm(nn.Module):
+    """The base of this library's BN layers that are not ``_BatchNorm``s: a BN's state
+    (weight, bias, running_mean, running_var, num_batches_tracked) applied with fixed
+    statistics (`batchnorm.FrozenBatchNorm`). It adds nothing; it tells `is_bn_like` that
+    the layer is a BN layer without this module importing the layer, which is built on
+    `rebuild`."""
+
+
 def is_bn_like(m: nn.Module) -> bool:
     """Whether ``m`` is a BN layer: any ``_BatchNorm`` (torch's, ours, foreign subclasses)
-    or a `FrozenBatchNorm`. The graph passes keep these as calls and report each one."""
-    from batchnorm.inference.frozen import FrozenBatchNorm  # frozen.py imports this module
-
-    return isinstance(m, (_BatchNorm, FrozenBatchNorm))
+    or a `FixedBatchNorm` (`FrozenBatchNorm`). The graph passes keep these as calls and
+    report each one."""
+    return isinstance(m, (_BatchNorm, FixedBatchNorm))
 
 
 def bn_kind(m: nn.Module) -> str | None:
@@ -267,7 +300,8 @@ def _describe(layer: nn.Module) -> str:
 def _refusal(layer: nn.Module, cls: type, lost: dict) -> ValueError:
     groups: dict[str, list[str]] = {}
     for key, value in lost.items():
-        groups.setdefault(_MEANING.get(key, key), []).append(f"{key}={value!r}")
+        meaning = SETTINGS[key].meaning if key in SETTINGS else None
+        groups.setdefault(meaning or key, []).append(f"{key}={value!r}")
     what = "; ".join(f"{meaning} ({', '.join(items)})" for meaning, items in groups.items())
     return ValueError(
         f"cannot rebuild {_describe(layer)} as {cls.__name__}: {cls.__name__} does not "
