@@ -6,7 +6,7 @@ inference side (recalibration, freezing, folding, conversion) in `batchnorm.infe
 
 from batchnorm import functional
 from batchnorm.diagnose import diagnose, monitor
-from batchnorm.distributed import SyncBatchNorm, sync_buffers
+from batchnorm.distributed import SyncBatchNorm
 from batchnorm.fused import (
     BatchNormAct,
     BatchNormAct1d,
@@ -34,6 +34,7 @@ from batchnorm.modules import (
     BatchRenorm2d,
     BatchRenorm3d,
 )
+from batchnorm.parallel import sync_buffers
 from batchnorm.training import Accumulation, accumulate, checkpoint_safe, ema_update
 
 __version__ = "0.1.0"
