@@ -8,10 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from batchnorm.diagnose.measure import _is_bn
 from batchnorm.diagnose.report import _jsonable, _pyplot
 from batchnorm.inference.population import _mask_argument
-from batchnorm.swap import channel_axis
+from batchnorm.swap import channel_axis, is_bn_like
 
 # --------------------------------------------------------------------------------------------
 # monitor: Figure 1(b, c) for any model
@@ -68,7 +67,7 @@ class Monitor:
             raise ValueError(f"max_values must be a positive integer, got {max_values}")
         modules = dict(model.named_modules())
         if layers is None:
-            names = [n for n, m in modules.items() if _is_bn(m)]
+            names = [n for n, m in modules.items() if is_bn_like(m)]
             if not names:
                 raise ValueError(
                     f"monitor found no BN layer in {type(model).__name__}; name the modules "
