@@ -99,6 +99,14 @@ class SyncBatchNorm(_BatchNormBase):
         >>> # under torchrun: model = SyncBatchNorm.convert_sync_batchnorm(model)
     """
 
+    # What `convert_sync_batchnorm` makes of a layer that applies an activation (its settings
+    # carry one: our fused layers, timm's BatchNormAct2d), and what `revert_sync_batchnorm`
+    # makes of a layer of this class built directly. The fused layers (batchnorm.fused) build
+    # on this module, so this module never imports them: fused.py enters its SyncBatchNormAct
+    # here when it defines it, and SyncBatchNormAct names BatchNormAct as its own _unsynced.
+    _activated: type | None = None
+    _unsynced: type = BatchNorm
+
     def __init__(
         self,
         num_features: int,
@@ -209,8 +217,6 @@ class SyncBatchNorm(_BatchNormBase):
             >>> type(net[1]).__name__
             'SyncBatchNorm'
         """
-        from batchnorm.fused import SyncBatchNormAct  # fused.py builds on this module
-
         left: dict[int, str] = {}
 
         def fn(m):
@@ -220,7 +226,7 @@ class SyncBatchNorm(_BatchNormBase):
             if why is not None:
                 left[id(m)] = why
                 return None
-            target = SyncBatchNormAct if "activation" in layer_settings(m) else cls
+            target = cls._activated if "activation" in layer_settings(m) else cls
             return rebuild(
                 m, target, remember=True, process_group=process_group, timeout=timeout
             )
@@ -249,9 +255,6 @@ class SyncBatchNorm(_BatchNormBase):
             restored = restore(m)
             if restored is not None:
                 return restored
-            from batchnorm.fused import BatchNormAct  # fused.py builds on this module
-
-            target = BatchNormAct if "activation" in layer_settings(m) else BatchNorm
-            return rebuild(m, target, drop={"process_group", "timeout"})
+            return rebuild(m, m._unsynced, drop={"process_group", "timeout"})
 
         return swap_modules(module, fn)

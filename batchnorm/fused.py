@@ -193,6 +193,13 @@ class SyncBatchNormAct(_BatchNormActMixin, SyncBatchNorm):
     `SyncBatchNorm.revert_sync_batchnorm` brings the original layer back. The torch path
     always (the kernels do not synchronize)."""
 
+    _unsynced = BatchNormAct  # what revert_sync_batchnorm makes of one built directly
+
+
+# convert_sync_batchnorm's target for a layer with an activation (ours or timm's): read by
+# batchnorm.distributed, which cannot import this module (built on it).
+SyncBatchNorm._activated = SyncBatchNormAct
+
 
 def fused_class(cls: type) -> type | None:
     """Our fused layer for our BN class ``cls`` (BatchNorm2d -> BatchNormAct2d, SyncBatchNorm

@@ -160,9 +160,6 @@ KNOWN_CYCLES = [
     # The package's __init__ imports function.py (Triton) only when Triton is there; function.py
     # reads DTYPES and has_tangent from the package. One package, an optional dependency.
     {"batchnorm.kernels", "batchnorm.kernels.function"},
-    # SyncBatchNormAct subclasses SyncBatchNorm; convert_sync_batchnorm/revert_sync_batchnorm
-    # import the fused classes inside the methods (the one layer-to-layer cycle left).
-    {"batchnorm.distributed", "batchnorm.fused"},
 ]
 
 
