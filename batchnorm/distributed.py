@@ -19,12 +19,11 @@ from torch import Tensor, nn
 
 from batchnorm import functional as F
 from batchnorm.collectives import (
-    _as_timedelta,
-    _differentiable_sync,
-    _forward_ad,
-    _group_size,
-    _SyncBatchNormFunction,
+    SyncBatchNormFunction,
+    as_timedelta,
+    differentiable_sync,
     global_batch_stats,
+    group_size,
 )
 from batchnorm.modules import BatchNorm, _BatchNormBase
 from batchnorm.parallel import sync_buffers
@@ -61,12 +60,12 @@ class SyncBatchNorm(_BatchNormBase):
       non-finite, so every rank skips the update (``num_batches_skipped``);
     - input gradients are exact (those of single-process BN on the concatenated batch for
       the loss sum_r loss_r); gamma/beta gradients are local sums, see
-      `_SyncBatchNormFunction`;
+      `SyncBatchNormFunction`;
     - one collective per forward (an all_gather of 2C + 1 values) and one per backward (2C
       values: an all_gather on gloo, faster there at this size, an all_reduce elsewhere),
       and no read-back to the host (unless a rank holds at most one value per channel, or
       a mask is given);
-    - twice differentiable, and forward-mode AD works (`_differentiable_sync`); every rank
+    - twice differentiable, and forward-mode AD works (`differentiable_sync`); every rank
       must take the same path (a double backward on one rank only waits for the others).
 
     It is a transform step (`_transform`) under the base layer's one forward, which checks
@@ -131,10 +130,10 @@ class SyncBatchNorm(_BatchNormBase):
 
     def _transform(self, input: Tensor, mask: Tensor | None):
         # The transform step over every rank; the base layer's forward validates and commits.
-        if not self.training or _group_size(self.process_group) == 1:
+        if not self.training or group_size(self.process_group) == 1:
             return super()._transform(input, mask)
-        timeout = _as_timedelta(self.timeout)
-        if _forward_ad(input, self.weight, self.bias):
+        timeout = as_timedelta(self.timeout)
+        if F.has_tangent(input, self.weight, self.bias):
             return self._transform_forward_ad(input, mask, timeout)
         stats = global_batch_stats(input, self.process_group, timeout, mask)
         # N >= n: only a rank with at most one local value needs to read N back (a device
@@ -150,7 +149,7 @@ class SyncBatchNorm(_BatchNormBase):
                 f"(this rank's input size {tuple(input.shape)}): the batch variance of a single "
                 "value is undefined."
             )
-        output = _SyncBatchNormFunction.apply(
+        output = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, stats.mean, stats.var, stats.count, self.eps,
             self.process_group, timeout, mask,
         )  # fmt: skip
@@ -159,7 +158,7 @@ class SyncBatchNorm(_BatchNormBase):
     def _transform_forward_ad(self, input, mask, timeout):
         # Forward-mode AD (dual tensors): the differentiable transform, whose collectives
         # carry the tangents. Every rank must run forward AD through the layer together.
-        output, stats = _differentiable_sync(
+        output, stats = differentiable_sync(
             input, self.weight, self.bias, self.eps, self.process_group, timeout, mask
         )
         if int(stats.count) <= 1:

@@ -33,6 +33,7 @@ __all__ = [
     "FrozenBatchNormAct",
     "SyncBatchNormAct",
     "fused_class",
+    "is_fused",
 ]
 
 
@@ -205,6 +206,12 @@ def fused_class(cls: type) -> type | None:
     """Our fused layer for our BN class ``cls`` (BatchNorm2d -> BatchNormAct2d, SyncBatchNorm
     -> SyncBatchNormAct, FrozenBatchNorm -> FrozenBatchNormAct), or None."""
     return {**_targets(), SyncBatchNorm: SyncBatchNormAct}.get(cls)
+
+
+def is_fused(layer: nn.Module) -> bool:
+    """Whether ``layer`` is one of the fused layers here (`BatchNormAct2d` and its kin,
+    `SyncBatchNormAct`, `FrozenBatchNormAct`): it applies its activation itself."""
+    return isinstance(layer, _Activated)
 
 
 class FrozenBatchNormAct(_Activated, FrozenBatchNorm):

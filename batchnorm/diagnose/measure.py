@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from batchnorm.diagnose.problems import _accumulated_problem, _layer_problems
+from batchnorm.diagnose.problems import accumulated_problem, layer_problems
 from batchnorm.diagnose.report import DiagnosisReport, LayerDiagnosis, Thresholds
 from batchnorm.inference.population import (
     SKIPPED,
@@ -316,7 +316,7 @@ def diagnose(
     gap, agreement = output.result()
     problems = []
     for d in results.values():
-        problems += _layer_problems(d, limits)
+        problems += layer_problems(d, limits)
     unseen = [name for name, d in results.items() if d.batches == 0 and d.nonfinite_batches == 0]
     if unseen:
         warnings.warn(
@@ -326,7 +326,7 @@ def diagnose(
         )
     caused = any(p.kind in ("stale_statistics", "small_batch") for p in problems)
     if not caused and accumulated is not None and accumulated > limits.train_eval_gap:
-        problems.append(_accumulated_problem(results, accumulated, gap, agreement, limits))
+        problems.append(accumulated_problem(results, accumulated, gap, agreement, limits))
     problems.sort(key=lambda p: -p.severity)
     return DiagnosisReport(results, problems, used, gap, agreement, accumulated, limits)
 

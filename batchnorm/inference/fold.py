@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from batchnorm import functional as F
+from batchnorm.fused import is_fused
 from batchnorm.inference.graph import GraphReport, call_problem, capture, find_sites
 from batchnorm.swap import (
     bn_kind,
@@ -86,7 +87,7 @@ def _residue(bn: nn.Module) -> nn.Module:
     """What stays in a folded BN's place: nothing (``nn.Identity``), a fused layer's activation
     module (`batchnorm.fused`), or a BN + activation layer's own ``drop`` and ``act`` children
     (timm's ``BatchNormAct2d``), under those names."""
-    if hasattr(bn, "activation_module"):
+    if is_fused(bn):
         return bn.activation_module()
     if bn_kind(bn) == "norm_act":
         kept = [(k, m) for k in ("drop", "act") if (m := bn._modules.get(k)) is not None]
