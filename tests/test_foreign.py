@@ -241,6 +241,7 @@ def test_fold_folds_torchvision_frozen_layers_in_training_mode_too():
     with pytest.warns(UserWarning, match="another library's frozen BN layer"):
         batchnorm.convert(copy.deepcopy(model), to="batchnorm")
     assert type(freeze(copy.deepcopy(model))[1]) is type(frozen)  # already frozen: unchanged
+    assert type(unfreeze(copy.deepcopy(model))[1]) is type(frozen)  # not made by freeze
 
 
 @pytest.mark.parametrize("activation", list(ACTS))
