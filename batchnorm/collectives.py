@@ -2,10 +2,13 @@
 
 `global_batch_stats` takes mu_B and sigma2_B over the union of the ranks' mini-batches; the
 autograd Functions carry SyncBatchNorm's training transform and its backward (whose two
-per-channel sums are added over the ranks); `_collective` runs every collective of the
+per-channel sums are added over the ranks); `run_collective` runs every collective of the
 package and turns a dead peer into an error that says so. Only torch and
 `batchnorm.functional` are imported: the layer (`batchnorm.distributed`) and the pass over a
-model's buffers (`batchnorm.parallel`) build on this module.
+model's buffers (`batchnorm.parallel`) build on this module, through its public names:
+`global_batch_stats`, `SyncBatchNormFunction` and `differentiable_sync` (the training
+transform, fast and differentiable to any order), `run_collective`, `group_size` and
+`as_timedelta` (a layer's ``timeout`` in seconds or as a timedelta).
 
 The merge (Chan, Golub & LeVeque 1979), per channel, from each rank's count n_r, mean mu_r
 and sum of squared deviations M2_r = n_r * sigma2_r:
@@ -27,29 +30,35 @@ from __future__ import annotations
 import datetime
 
 import torch
-import torch.autograd.forward_ad as _fwad
 import torch.distributed as dist
 from torch import Tensor
 
 from batchnorm import functional as F
 
-__all__ = ["global_batch_stats"]
+__all__ = [
+    "SyncBatchNormFunction",
+    "as_timedelta",
+    "differentiable_sync",
+    "global_batch_stats",
+    "group_size",
+    "run_collective",
+]
 
 
-def _group_size(group) -> int:
+def group_size(group) -> int:
     """World size of ``group``, or 1 when torch.distributed is unavailable or not initialized."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
-def _as_timedelta(timeout) -> datetime.timedelta | None:
+def as_timedelta(timeout) -> datetime.timedelta | None:
     if timeout is None or isinstance(timeout, datetime.timedelta):
         return timeout
     return datetime.timedelta(seconds=float(timeout))
 
 
-def _collective(op: str, fn, group, timeout: datetime.timedelta | None) -> None:
+def run_collective(op: str, fn, group, timeout: datetime.timedelta | None) -> None:
     """Run one collective; turn a dead or missing peer into a RuntimeError that says so.
 
     With ``timeout`` the call is issued asynchronously and waited on for at most that long;
@@ -79,7 +88,7 @@ def _local_moments(input: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, 
 
     n is a (1,) float64 tensor (with a mask: the number of selected positions, counted on the
     device, never read back). An empty rank gives n = 0 and zero moments."""
-    input = input.detach()  # the statistics enter _SyncBatchNormFunction as constants
+    input = input.detach()  # the statistics enter SyncBatchNormFunction as constants
     if mask is None:
         n = F._values_per_channel(input, 1)
         count = torch.full((1,), float(n), dtype=torch.float64, device=input.device)
@@ -110,7 +119,7 @@ def _gather_rows(t: Tensor, group, timeout, what: str) -> Tensor:
     about a third of the time of its all_reduce (2 ranks on loopback: 0.5-0.7 ms against
     1.5-1.9 ms, median of 40 x 20 calls), and summing the W rows locally costs nothing."""
     gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    _collective(
+    run_collective(
         what,
         lambda async_op: dist.all_gather(gathered, t, group=group, async_op=async_op),
         group,
@@ -151,7 +160,7 @@ def global_batch_stats(
     # One message per rank: [n, mu_1..mu_C, M2_1..M2_C]. float64 counts stay exact past 2^24
     # values per channel (a large 3D batch), where float32 would round them.
     packed = torch.cat([count, mean.double(), m2.double()])
-    table = _gather_rows(packed, group, _as_timedelta(timeout), "all_gather of batch statistics")
+    table = _gather_rows(packed, group, as_timedelta(timeout), "all_gather of batch statistics")
     c = mean.numel()
     counts, means, m2s = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]  # (W,1),(W,C),(W,C)
     # total: () float64, on the input's device, never read back here. With N = 0 the
@@ -171,7 +180,7 @@ class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group, timeout, what):  # noqa: D102
         out = t.clone()
-        _collective(
+        run_collective(
             what,
             lambda async_op: dist.all_reduce(out, group=group, async_op=async_op),
             group,
@@ -189,12 +198,12 @@ class _AllReduce(torch.autograd.Function):
         return _AllReduce.apply(tangent, *ctx.args)
 
 
-def _differentiable_sync(input, weight, bias, eps, group, timeout, mask):
+def differentiable_sync(input, weight, bias, eps, group, timeout, mask):
     """SyncBatchNorm's training transform from differentiable operations alone.
 
     The statistics are taken in two all-reduced passes (n and sum x, then sum (x - mu)^2)
     through `_AllReduce`, so autograd sees their dependence on every rank's input, to any
-    order, and forward-mode AD works. Slower than `_SyncBatchNormFunction` (two collectives
+    order, and forward-mode AD works. Slower than `SyncBatchNormFunction` (two collectives
     in forward, and autograd's generic backward); used for forward-mode AD, and by the
     Function's backward when a graph of it is requested (a double backward). With a mask,
     padding is normalized with the detached statistics, as in the single-process transform.
@@ -233,14 +242,7 @@ def _differentiable_sync(input, weight, bias, eps, group, timeout, mask):
     return output.to(input.dtype), stats
 
 
-def _forward_ad(*tensors) -> bool:
-    """Whether any of ``tensors`` carries a forward-mode tangent (torch.autograd.forward_ad)."""
-    if _fwad._current_level < 0:  # no dual level entered: no tangents anywhere
-        return False
-    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
-
-
-class _SyncBatchNormFunction(torch.autograd.Function):
+class SyncBatchNormFunction(torch.autograd.Function):
     """y = gamma * xhat + beta with given global statistics; backward all-reduces its two sums.
 
     Backward is the paper's compact form with m = N, the global count, and the two
@@ -266,7 +268,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     all-reduced.
 
     Twice differentiable: when a graph of the backward is requested (``create_graph=True``),
-    the backward recomputes the forward with `_differentiable_sync` and differentiates it,
+    the backward recomputes the forward with `differentiable_sync` and differentiates it,
     so the second derivative includes the statistics' dependence on every rank's input.
     """
 
@@ -328,7 +330,7 @@ def _sums_all_reduce(group, timeout):
         if gather:  # the rows summed in rank order: identical on every rank
             sums.copy_(_gather_rows(sums, group, timeout, "all_gather of gradient sums").sum(0))
             return
-        _collective(
+        run_collective(
             "all_reduce of gradient sums",
             lambda async_op: dist.all_reduce(sums, group=group, async_op=async_op),
             group,
@@ -389,7 +391,7 @@ def _double_backward(ctx, grad_output, input, weight, bias, mask):
     Every rank takes this path together (create_graph is the same call on every rank)."""
     needs = ctx.needs_input_grad[:3]
     wrt = [t for t, need in zip((input, weight, bias), needs, strict=True) if need]
-    output, _ = _differentiable_sync(input, weight, bias, ctx.eps, ctx.group, ctx.timeout, mask)
+    output, _ = differentiable_sync(input, weight, bias, ctx.eps, ctx.group, ctx.timeout, mask)
     grads = iter(torch.autograd.grad(output, wrt, grad_output, create_graph=True,
                                      allow_unused=True, materialize_grads=True))  # fmt: skip
     out = [next(grads) if need else None for need in needs]

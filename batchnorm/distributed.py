@@ -19,12 +19,11 @@ from torch import Tensor, nn
 
 from batchnorm import functional as F
 from batchnorm.collectives import (
-    _as_timedelta,
-    _differentiable_sync,
-    _forward_ad,
-    _group_size,
-    _SyncBatchNormFunction,
+    SyncBatchNormFunction,
+    as_timedelta,
+    differentiable_sync,
     global_batch_stats,
+    group_size,
 )
 from batchnorm.modules import BatchNorm, _BatchNormBase
 from batchnorm.parallel import sync_buffers
@@ -61,12 +60,12 @@ class SyncBatchNorm(_BatchNormBase):
       non-finite, so every rank skips the update (``num_batches_skipped``);
     - input gradients are exact (those of single-process BN on the concatenated batch for
       the loss sum_r loss_r); gamma/beta gradients are local sums, see
-      `_SyncBatchNormFunction`;
+      `SyncBatchNormFunction`;
     - one collective per forward (an all_gather of 2C + 1 values) and one per backward (2C
       values: an all_gather on gloo, faster there at this size, an all_reduce elsewhere),
       and no read-back to the host (unless a rank holds at most one value per channel, or
       a mask is given);
-    - twice differentiable, and forward-mode AD works (`_differentiable_sync`); every rank
+    - twice differentiable, and forward-mode AD works (`differentiable_sync`); every rank
       must take the same path (a double backward on one rank only waits for the others).
 
     It is a transform step (`_transform`) under the base layer's one forward, which checks
@@ -99,6 +98,14 @@ class SyncBatchNorm(_BatchNormBase):
         >>> # under torchrun: model = SyncBatchNorm.convert_sync_batchnorm(model)
     """
 
+    # What `convert_sync_batchnorm` makes of a layer that applies an activation (its settings
+    # carry one: our fused layers, timm's BatchNormAct2d), and what `revert_sync_batchnorm`
+    # makes of a layer of this class built directly. The fused layers (batchnorm.fused) build
+    # on this module, so this module never imports them: fused.py enters its SyncBatchNormAct
+    # here when it defines it, and SyncBatchNormAct names BatchNormAct as its own _unsynced.
+    _activated: type | None = None
+    _unsynced: type = BatchNorm
+
     def __init__(
         self,
         num_features: int,
@@ -123,10 +130,10 @@ class SyncBatchNorm(_BatchNormBase):
 
     def _transform(self, input: Tensor, mask: Tensor | None):
         # The transform step over every rank; the base layer's forward validates and commits.
-        if not self.training or _group_size(self.process_group) == 1:
+        if not self.training or group_size(self.process_group) == 1:
             return super()._transform(input, mask)
-        timeout = _as_timedelta(self.timeout)
-        if _forward_ad(input, self.weight, self.bias):
+        timeout = as_timedelta(self.timeout)
+        if F.has_tangent(input, self.weight, self.bias):
             return self._transform_forward_ad(input, mask, timeout)
         stats = global_batch_stats(input, self.process_group, timeout, mask)
         # N >= n: only a rank with at most one local value needs to read N back (a device
@@ -142,7 +149,7 @@ class SyncBatchNorm(_BatchNormBase):
                 f"(this rank's input size {tuple(input.shape)}): the batch variance of a single "
                 "value is undefined."
             )
-        output = _SyncBatchNormFunction.apply(
+        output = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, stats.mean, stats.var, stats.count, self.eps,
             self.process_group, timeout, mask,
         )  # fmt: skip
@@ -151,7 +158,7 @@ class SyncBatchNorm(_BatchNormBase):
     def _transform_forward_ad(self, input, mask, timeout):
         # Forward-mode AD (dual tensors): the differentiable transform, whose collectives
         # carry the tangents. Every rank must run forward AD through the layer together.
-        output, stats = _differentiable_sync(
+        output, stats = differentiable_sync(
             input, self.weight, self.bias, self.eps, self.process_group, timeout, mask
         )
         if int(stats.count) <= 1:
@@ -209,8 +216,6 @@ class SyncBatchNorm(_BatchNormBase):
             >>> type(net[1]).__name__
             'SyncBatchNorm'
         """
-        from batchnorm.fused import SyncBatchNormAct  # fused.py builds on this module
-
         left: dict[int, str] = {}
 
         def fn(m):
@@ -220,7 +225,7 @@ class SyncBatchNorm(_BatchNormBase):
             if why is not None:
                 left[id(m)] = why
                 return None
-            target = SyncBatchNormAct if "activation" in layer_settings(m) else cls
+            target = cls._activated if "activation" in layer_settings(m) else cls
             return rebuild(
                 m, target, remember=True, process_group=process_group, timeout=timeout
             )
@@ -249,9 +254,6 @@ class SyncBatchNorm(_BatchNormBase):
             restored = restore(m)
             if restored is not None:
                 return restored
-            from batchnorm.fused import BatchNormAct  # fused.py builds on this module
-
-            target = BatchNormAct if "activation" in layer_settings(m) else BatchNorm
-            return rebuild(m, target, drop={"process_group", "timeout"})
+            return rebuild(m, m._unsynced, drop={"process_group", "timeout"})
 
         return swap_modules(module, fn)

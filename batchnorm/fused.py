@@ -33,6 +33,7 @@ __all__ = [
     "FrozenBatchNormAct",
     "SyncBatchNormAct",
     "fused_class",
+    "is_fused",
 ]
 
 
@@ -193,11 +194,24 @@ class SyncBatchNormAct(_BatchNormActMixin, SyncBatchNorm):
     `SyncBatchNorm.revert_sync_batchnorm` brings the original layer back. The torch path
     always (the kernels do not synchronize)."""
 
+    _unsynced = BatchNormAct  # what revert_sync_batchnorm makes of one built directly
+
+
+# convert_sync_batchnorm's target for a layer with an activation (ours or timm's): read by
+# batchnorm.distributed, which cannot import this module (built on it).
+SyncBatchNorm._activated = SyncBatchNormAct
+
 
 def fused_class(cls: type) -> type | None:
     """Our fused layer for our BN class ``cls`` (BatchNorm2d -> BatchNormAct2d, SyncBatchNorm
     -> SyncBatchNormAct, FrozenBatchNorm -> FrozenBatchNormAct), or None."""
     return {**_targets(), SyncBatchNorm: SyncBatchNormAct}.get(cls)
+
+
+def is_fused(layer: nn.Module) -> bool:
+    """Whether ``layer`` is one of the fused layers here (`BatchNormAct2d` and its kin,
+    `SyncBatchNormAct`, `FrozenBatchNormAct`): it applies its activation itself."""
+    return isinstance(layer, _Activated)
 
 
 class FrozenBatchNormAct(_Activated, FrozenBatchNorm):

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from batchnorm.collectives import _as_timedelta, _collective, _group_size
+from batchnorm.collectives import as_timedelta, group_size, run_collective
 
 __all__ = ["sync_buffers"]
 
@@ -77,7 +77,7 @@ def sync_buffers(
         and m.running_mean is not None
         and m.running_var is not None
     ]
-    world = _group_size(process_group)
+    world = group_size(process_group)
     if world == 1 or not layers:
         return 0
     buffers = [t for m in layers for t in (m.running_mean, m.running_var)]
@@ -87,12 +87,12 @@ def sync_buffers(
     groups: dict[tuple, list[Tensor]] = {}
     for t in buffers:
         groups.setdefault((t.dtype, t.device), []).append(t)
-    limit = _as_timedelta(timeout)
+    limit = as_timedelta(timeout)
     with torch.no_grad():
         for tensors in groups.values():
             flat = torch.cat([t.reshape(-1) for t in tensors])
             if mode == "broadcast":
-                _collective(
+                run_collective(
                     f"broadcast of BN buffers from rank {src}",
                     lambda async_op, flat=flat: dist.broadcast(
                         flat, root, group=process_group, async_op=async_op
@@ -101,7 +101,7 @@ def sync_buffers(
                     limit,
                 )
             else:
-                _collective(
+                run_collective(
                     "all_reduce of BN buffers",
                     lambda async_op, flat=flat: dist.all_reduce(
                         flat, group=process_group, async_op=async_op

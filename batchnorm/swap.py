@@ -22,9 +22,11 @@ freeze/unfreeze, convert, ``SyncBatchNorm.convert_sync_batchnorm`` and
 - `bn_kind` is the one predicate of what a BN layer is to the library (every pass asks it):
   one it reads exactly (torch.nn's, ours, or a subclass that keeps their forward and adds no
   child module), a known BN + activation layer of another library (timm's ``BatchNormAct2d``:
-  its forward is torch's batch norm, then its ``drop`` and ``act`` children), or a foreign
-  subclass whose own forward or children the library cannot read: never changed, always
-  reported (`ForeignLayer`, `warn_left_alone`).
+  its forward is torch's batch norm, then its ``drop`` and ``act`` children), a known frozen
+  BN layer of another library (torchvision's ``FrozenBatchNorm2d``), or a foreign subclass
+  whose own forward or children the library cannot read: never changed, always reported
+  (`ForeignLayer`, `warn_left_alone`). `is_bn_like` is its yes/no form, `is_frozen` says
+  which BN layers have fixed statistics (ours and the known frozen ones).
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ from batchnorm.activations import of_module
 
 __all__ = [
     "NORM_ACT_CLASSES",
+    "FROZEN_CLASSES",
     "ForeignLayer",
     "bn_kind",
     "foreign_reason",
     "is_bn_like",
+    "is_frozen",
+    "qualified_name",
     "warn_left_alone",
     "layer_settings",
     "rebuild",
@@ -128,13 +133,25 @@ NORM_ACT_CLASSES = frozenset(
 )
 _NORM_ACT_CHILDREN = frozenset({"drop", "act"})
 
+# Frozen BN layers of other libraries, read from their source: buffers weight, bias,
+# running_mean and running_var, an ``eps`` attribute, no settings besides, and a forward that
+# is Algorithm 2's map over channel axis 1 in train and eval mode alike (torchvision's
+# FrozenBatchNorm2d: x * scale + (bias - running_mean * scale), scale = weight *
+# rsqrt(running_var + eps)). Exact classes only (a subclass may change the forward), keyed as
+# NORM_ACT_CLASSES. fold folds them, diagnose and monitor measure them; no layer here is
+# rebuilt from them (they have no settings to read), so freeze, convert and the sync
+# conversions leave them as they are.
+FROZEN_CLASSES = frozenset({"torchvision.ops.misc.FrozenBatchNorm2d"})
+
 
 class ForeignLayer(ValueError):
     """A BN layer whose forward, children or settings the library cannot read exactly: it is
     left alone (passes report it; `rebuild` refuses it with this error)."""
 
 
-def _qualname(cls: type) -> str:
+def qualified_name(cls: type) -> str:
+    """"module.qualname" of a class: how `NORM_ACT_CLASSES` and `FROZEN_CLASSES` name the
+    classes of other libraries, which the library never imports."""
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -154,10 +171,21 @@ class FixedBatchNorm(nn.Module):
 
 
 def is_bn_like(m: nn.Module) -> bool:
-    """Whether ``m`` is a BN layer: any ``_BatchNorm`` (torch's, ours, foreign subclasses)
-    or a `FixedBatchNorm` (`FrozenBatchNorm`). The graph passes keep these as calls and
-    report each one."""
-    return isinstance(m, (_BatchNorm, FixedBatchNorm))
+    """Whether ``m`` is a BN layer (`bn_kind` is not None): any ``_BatchNorm`` (torch's,
+    ours, foreign subclasses), a `FixedBatchNorm` (`FrozenBatchNorm`) or a frozen layer of
+    another library listed in `FROZEN_CLASSES` (torchvision's ``FrozenBatchNorm2d``). Every
+    pass looks for these: the graph passes keep them as calls and report each one, diagnose
+    and monitor measure each one."""
+    return isinstance(m, (_BatchNorm, FixedBatchNorm)) or qualified_name(type(m)) in FROZEN_CLASSES
+
+
+def is_frozen(m: nn.Module) -> bool:
+    """Whether ``m`` is a BN layer with fixed statistics: it applies Algorithm 2's map with its
+    running statistics in train and eval mode alike and updates nothing. Ours
+    (`FixedBatchNorm`: `batchnorm.FrozenBatchNorm`, the fused `FrozenBatchNormAct`) and those
+    of other libraries listed in `FROZEN_CLASSES` (`bn_kind` "frozen"). A BN layer in eval mode
+    is not frozen: ``model.train()`` brings its batch statistics back."""
+    return isinstance(m, FixedBatchNorm) or qualified_name(type(m)) in FROZEN_CLASSES
 
 
 def bn_kind(m: nn.Module) -> str | None:
@@ -170,14 +198,20 @@ def bn_kind(m: nn.Module) -> str | None:
         "norm_act": a BN + activation layer of another library listed in
             `NORM_ACT_CLASSES` (timm's ``BatchNormAct2d``): BN, then its ``drop`` and
             ``act`` children.
+        "frozen": a frozen BN layer of another library listed in `FROZEN_CLASSES`
+            (torchvision's ``FrozenBatchNorm2d``): Algorithm 2's map with its own buffers in
+            train and eval mode, no settings but eps (ours are "exact"; `is_frozen` covers
+            both).
         "foreign": any other ``_BatchNorm`` subclass (its own forward or child modules):
             the library never changes it and reports it.
         None: not a BN layer (`is_bn_like` is False).
     """
     if not is_bn_like(m):
         return None
+    if qualified_name(type(m)) in FROZEN_CLASSES:
+        return "frozen"
     children = {name for name, child in m._modules.items() if child is not None}
-    if _qualname(type(m)) in NORM_ACT_CLASSES and children <= _NORM_ACT_CHILDREN:
+    if qualified_name(type(m)) in NORM_ACT_CLASSES and children <= _NORM_ACT_CHILDREN:
         return "norm_act"
     if _known_forward(type(m)) and not children:
         return "exact"
@@ -189,10 +223,15 @@ def foreign_reason(m: nn.Module) -> str | None:
 
     A "norm_act" layer can be rebuilt when its ``drop`` is ``nn.Identity`` (or absent) and its
     ``act`` an activation of `batchnorm.activations` (or ``nn.Identity``): the settings then
-    carry ``activation`` and ``negative_slope``.
+    carry ``activation`` and ``negative_slope``. A "frozen" one never (no settings to read).
     """
     kind = bn_kind(m)
     name = type(m).__name__
+    if kind == "frozen":
+        return (
+            f"{name} is another library's frozen BN layer ({qualified_name(type(m))}): it has "
+            "fixed statistics and no settings but eps, so no layer here is rebuilt from it"
+        )
     if kind == "foreign":
         return (
             f"{name} subclasses {_BatchNorm.__name__} with its own forward or child modules, "
@@ -250,11 +289,11 @@ def layer_settings(layer: nn.Module) -> dict:
     own = getattr(layer, "_settings", None)
     if own is not None:
         return own()
-    if not isinstance(layer, _BatchNorm):
-        raise TypeError(f"expected a BN layer, got {type(layer).__name__}")
     why = foreign_reason(layer)
     if why is not None:
         raise ForeignLayer(why)
+    if not isinstance(layer, _BatchNorm):
+        raise TypeError(f"expected a BN layer, got {type(layer).__name__}")
     settings = {
         "eps": layer.eps,
         "momentum": layer.momentum,
@@ -391,7 +430,7 @@ def rebuild(
     if lost:
         raise _refusal(layer, cls, lost)
     kwargs = {key: value for key, value in wanted.items() if key in accepted}
-    norm_act = _qualname(cls) in NORM_ACT_CLASSES
+    norm_act = qualified_name(cls) in NORM_ACT_CLASSES
     if norm_act:  # its activation is a child module, not a constructor keyword of ours
         kwargs = {key: value for key, value in kwargs.items() if key in _init_keywords(cls)}
     try:

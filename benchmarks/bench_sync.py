@@ -93,7 +93,7 @@ def _worker(rank, port, args, queue):
         # nothing. (With world size 1 the layer would take the plain path.)
         import batchnorm.distributed
 
-        batchnorm.distributed._group_size = lambda group: 2
+        batchnorm.distributed.group_size = lambda group: 2
     torch.manual_seed(rank)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     steps = _steps(tuple(args.shape))

@@ -9,11 +9,12 @@ forward, read from timm 1.0's source) and against timm's class itself when ``imp
 
 import copy
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as TF
-from realmodels import import_timm
+from realmodels import import_timm, import_torchvision
 from torch import nn
 
 import batchnorm
@@ -142,9 +143,105 @@ def test_bn_kind_is_the_one_predicate(norm_act):
     with pytest.raises(swap.ForeignLayer, match="OwnForward subclasses _BatchNorm"):
         swap.rebuild(OwnForward(4), batchnorm.BatchNorm2d)
     assert swap.bn_kind(nn.ReLU()) is None
+    assert swap.bn_kind(import_torchvision().ops.FrozenBatchNorm2d(4)) == "frozen"
     assert swap.foreign_reason(norm_act(4, act_layer=nn.SiLU)) is None
     assert "act child is ELU" in swap.foreign_reason(norm_act(4, act_layer=nn.ELU))
     assert "drop child is Dropout" in swap.foreign_reason(norm_act(4, drop_layer=nn.Dropout))
+
+
+class NamedLikeFrozen(nn.Module):
+    """maskrcnn-benchmark's FrozenBatchNorm2d: a frozen BN by its name, but no eps (its forward
+    divides by sqrt(running_var)), so not Algorithm 2's map: no pass may read it as a BN."""
+
+    def __init__(self, n):
+        super().__init__()
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0)):
+            self.register_buffer(name, torch.full((n,), value))
+        self.register_buffer("running_var", torch.full((n,), 2.0))
+
+    def forward(self, x):
+        scale = self.weight * self.running_var.rsqrt()
+        return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
+
+
+NamedLikeFrozen.__qualname__ = "FrozenBatchNorm2d"
+
+
+def test_every_pass_sees_the_bn_layers_of_the_one_predicate():
+    """One predicate (swap.bn_kind, is_bn_like, is_frozen) for fold, fuse_activations,
+    diagnose and monitor, over a table of layer types. Before, diagnose had its own (any
+    module named like FrozenBatchNorm, which then failed on NamedLikeFrozen's missing eps),
+    and fold and fuse_activations did not see torchvision's FrozenBatchNorm2d at all."""
+
+    class OwnForward(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    table = {  # name: (layer, bn_kind, is_frozen, folded by fold in eval mode)
+        "torch": (nn.BatchNorm2d(4), "exact", False, True),
+        "ours": (batchnorm.BatchNorm2d(4), "exact", False, True),
+        "fused": (BatchNormAct2d(4), "exact", False, True),
+        "frozen": (batchnorm.FrozenBatchNorm(4), "exact", True, True),
+        "torchvision": (import_torchvision().ops.FrozenBatchNorm2d(4), "frozen", True, True),
+        "timm": (_timm().layers.norm_act.BatchNormAct2d(4), "norm_act", False, True),
+        "foreign": (OwnForward(4), "foreign", False, False),
+        "named_like_frozen": (NamedLikeFrozen(4), None, False, False),
+    }
+    torch.manual_seed(0)
+    blocks = []
+    for name, (layer, _, _, _) in table.items():
+        with torch.no_grad():
+            for t, low in (("weight", 0.5), ("running_var", 0.5)):
+                getattr(layer, t).copy_(torch.rand(4) + low)
+            for t in ("bias", "running_mean"):
+                getattr(layer, t).copy_(torch.randn(4))
+        blocks += [(f"conv_{name}", nn.Conv2d(4, 4, 1)), (name, layer)]
+    model = nn.Sequential(OrderedDict([("conv", nn.Conv2d(3, 4, 1)), *blocks]))
+    for name, (layer, kind, frozen, _) in table.items():
+        assert (swap.bn_kind(layer), swap.is_frozen(layer)) == (kind, frozen), name
+        assert swap.is_bn_like(layer) == (kind is not None)
+    expected = {name for name, row in table.items() if row[1] is not None}
+
+    data = [torch.randn(8, 3, 5, 5) for _ in range(3)]
+    report = batchnorm.diagnose(model, data, progress=False)
+    assert set(report.layers) == expected
+    modes = {name: d.mode for name, d in report.layers.items()}
+    assert modes["frozen"] == modes["torchvision"] == "frozen" and modes["torch"] == "batch"
+    with batchnorm.monitor(model) as mon:
+        model.train()(data[0])
+    assert set(mon.history) == expected
+
+    model.eval()
+    x = data[0]
+    out = model(x)
+    folded, report = fold(model, (x,))
+    assert {bn for bn, _, _ in report.folded} | {bn for bn, _ in report.skipped} == expected
+    assert {bn for bn, _, _ in report.folded} == {n for n, row in table.items() if row[3]}
+    torch.testing.assert_close(folded(x), out, atol=1e-5, rtol=1e-5)
+    fused, report = fuse_activations(copy.deepcopy(model), (x,))
+    assert {bn for bn, _, _ in report.fused} | {bn for bn, _ in report.skipped} == expected
+    assert "no fused form" in dict(report.skipped)["torchvision"]
+
+
+def test_fold_folds_torchvision_frozen_layers_in_training_mode_too():
+    """torchvision's FrozenBatchNorm2d is Algorithm 2's map in both modes, as ours: fold merges
+    it into the conv (float64 oracle: the unfolded model in float64)."""
+    frozen = import_torchvision().ops.FrozenBatchNorm2d(6)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        frozen.weight.uniform_(0.5, 1.5)
+        frozen.bias.normal_()
+        frozen.running_mean.normal_()
+        frozen.running_var.uniform_(0.5, 1.5)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), frozen, nn.ReLU()).train()
+    folded, report = fold(model)
+    assert report.folded == [("1", "0", "after")] and type(folded[1]) is nn.Identity
+    expected = copy.deepcopy(model).double()(X.double())
+    torch.testing.assert_close(folded(X).double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="another library's frozen BN layer"):
+        batchnorm.convert(copy.deepcopy(model), to="batchnorm")
+    assert type(freeze(copy.deepcopy(model))[1]) is type(frozen)  # already frozen: unchanged
+    assert type(unfreeze(copy.deepcopy(model))[1]) is type(frozen)  # not made by freeze
 
 
 @pytest.mark.parametrize("activation", list(ACTS))

@@ -23,41 +23,20 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.diagnose.problems import _accumulated_problem, _layer_problems
+from batchnorm.diagnose.problems import accumulated_problem, layer_problems
 from batchnorm.diagnose.report import DiagnosisReport, LayerDiagnosis, Thresholds
-from batchnorm.frozen import FrozenBatchNorm
 from batchnorm.inference.population import (
     SKIPPED,
     PopulationStats,
     StatisticsPass,
     check_estimator,
 )
+from batchnorm.swap import is_bn_like, is_frozen
 
-# --------------------------------------------------------------------------------------------
-# Which modules are BN layers
-# --------------------------------------------------------------------------------------------
-
-
-def _frozen_types() -> tuple[type, ...]:
-    return (FrozenBatchNorm,)
-
-
-def _is_frozen(m: nn.Module) -> bool:
-    """Fixed statistics in train and eval mode: ours, or torchvision-style FrozenBatchNorm2d."""
-    if isinstance(m, _frozen_types()):
-        return True
-    return (
-        not isinstance(m, _BatchNorm)
-        and "FrozenBatchNorm" in type(m).__name__
-        and isinstance(getattr(m, "running_mean", None), Tensor)
-        and isinstance(getattr(m, "running_var", None), Tensor)
-    )
-
-
-def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, _BatchNorm) or _is_frozen(m)
+# Which modules are BN layers, and which of them frozen, is the library's one predicate
+# (`batchnorm.swap.is_bn_like`, `batchnorm.swap.is_frozen`): fold and fuse_activations see the
+# same layers.
 
 
 def _output_tensor(out) -> Tensor | None:
@@ -191,7 +170,7 @@ class _OutputStats:
 
 
 def _mode(bn: nn.Module) -> str:
-    if _is_frozen(bn):
+    if is_frozen(bn):
         return "frozen"
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         return "batch_always"
@@ -241,9 +220,11 @@ def diagnose(
     not depend on the running statistics of the layers before it: a stale layer is blamed
     alone, not every layer after it.
 
-    Works for every ``torch.nn.modules.batchnorm._BatchNorm`` (ours, ``torch.nn.BatchNorm*d``,
-    ``SyncBatchNorm``, track_running_stats=False layers) and frozen layers (`batchnorm.
-    FrozenBatchNorm`, torchvision's ``FrozenBatchNorm2d``). The model is left exactly as it was:
+    Works for every BN layer of `batchnorm.swap.is_bn_like`, the predicate of every pass: any
+    ``torch.nn.modules.batchnorm._BatchNorm`` (ours, ``torch.nn.BatchNorm*d``,
+    ``SyncBatchNorm``, track_running_stats=False layers, subclasses of other libraries) and
+    frozen layers (`batchnorm.FrozenBatchNorm`, torchvision's ``FrozenBatchNorm2d``:
+    `batchnorm.swap.FROZEN_CLASSES`). The model is left exactly as it was:
     every buffer (running statistics, ``num_batches_tracked``, ``num_batches_skipped``) is
     restored after each batch, parameters are not touched and every module's train/eval mode
     is restored. Inputs go to the device of the model's first parameter or buffer. A batch in
@@ -300,11 +281,12 @@ def diagnose(
         raise ValueError(f"batches must be a positive integer or None, got {batches}")
     check_estimator(estimator)
     limits = thresholds if thresholds is not None else Thresholds()
-    layers = [(name, m) for name, m in model.named_modules() if _is_bn(m)]
+    layers = [(name, m) for name, m in model.named_modules() if is_bn_like(m)]
     if not layers:
         raise ValueError(
             f"diagnose found no BN layer in {type(model).__name__} (looked for torch's "
-            "_BatchNorm subclasses, ours included, and FrozenBatchNorm layers)"
+            "_BatchNorm subclasses, ours included, FrozenBatchNorm and torchvision's "
+            "FrozenBatchNorm2d: batchnorm.swap.is_bn_like)"
         )
     stats = {}
     for name, bn in layers:
@@ -334,7 +316,7 @@ def diagnose(
     gap, agreement = output.result()
     problems = []
     for d in results.values():
-        problems += _layer_problems(d, limits)
+        problems += layer_problems(d, limits)
     unseen = [name for name, d in results.items() if d.batches == 0 and d.nonfinite_batches == 0]
     if unseen:
         warnings.warn(
@@ -344,7 +326,7 @@ def diagnose(
         )
     caused = any(p.kind in ("stale_statistics", "small_batch") for p in problems)
     if not caused and accumulated is not None and accumulated > limits.train_eval_gap:
-        problems.append(_accumulated_problem(results, accumulated, gap, agreement, limits))
+        problems.append(accumulated_problem(results, accumulated, gap, agreement, limits))
     problems.sort(key=lambda p: -p.severity)
     return DiagnosisReport(results, problems, used, gap, agreement, accumulated, limits)
 

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from batchnorm.diagnose.measure import _is_bn
-from batchnorm.diagnose.report import _jsonable, _pyplot
-from batchnorm.inference.population import _mask_argument
-from batchnorm.swap import channel_axis
+from batchnorm.diagnose.report import jsonable, pyplot
+from batchnorm.inference.population import mask_argument
+from batchnorm.swap import channel_axis, is_bn_like
 
 # --------------------------------------------------------------------------------------------
 # monitor: Figure 1(b, c) for any model
@@ -68,7 +67,7 @@ class Monitor:
             raise ValueError(f"max_values must be a positive integer, got {max_values}")
         modules = dict(model.named_modules())
         if layers is None:
-            names = [n for n, m in modules.items() if _is_bn(m)]
+            names = [n for n, m in modules.items() if is_bn_like(m)]
             if not names:
                 raise ValueError(
                     f"monitor found no BN layer in {type(model).__name__}; name the modules "
@@ -117,7 +116,7 @@ class Monitor:
             x = args[0]
             if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
                 return
-            mask = _mask_argument(module, args, kwargs) if x.dim() >= 2 else None
+            mask = mask_argument(module, args, kwargs) if x.dim() >= 2 else None
             if mask is not None:
                 a = axis % x.dim()
                 if mask.shape != x.shape[:a] + x.shape[a + 1 :] or not mask.any():
@@ -206,10 +205,10 @@ class Monitor:
                 name: [
                     {
                         "step": r["step"],
-                        "percentiles": _jsonable(r["percentiles"].cpu()),
+                        "percentiles": jsonable(r["percentiles"].cpu()),
                         "per_channel": None
                         if r["per_channel"] is None
-                        else _jsonable(r["per_channel"].cpu()),
+                        else jsonable(r["per_channel"].cpu()),
                     }
                     for r in records
                 ]
@@ -244,7 +243,7 @@ class Monitor:
             channel: draw this channel's percentiles instead of those over all channels.
             titles: one panel title per layer (default: the layer names).
         """
-        plt = _pyplot()
+        plt = pyplot()
         if layers is None:
             n = len(self.layers)
             picks = sorted({round(i * (n - 1) / 3) for i in range(4)}) if n > 4 else range(n)

@@ -4,7 +4,8 @@ Each kind of problem is one `Rule`: when it is reported, what it is ranked by, a
 message, a ``str.format`` template over the problem's ``numbers`` and a few words chosen by
 the rule (`TEXT`). The functions below measure nothing: each reads a `LayerDiagnosis`
 (`batchnorm.diagnose.measure` filled it), compares it with the `Thresholds` and fills its
-rule's message in. docs/diagnose.md says why each threshold has its value.
+rule's message in: `layer_problems` for one layer, `accumulated_problem` for the model.
+docs/diagnose.md says why each threshold has its value.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def _small_batch_problem(d: LayerDiagnosis, limits: Thresholds) -> Problem | Non
     return _problem("small_batch", d.name, d.noise / limits.small_batch, numbers)
 
 
-def _layer_problems(d: LayerDiagnosis, limits: Thresholds) -> list[Problem]:
+def layer_problems(d: LayerDiagnosis, limits: Thresholds) -> list[Problem]:
     problems = [p for p in (_stale_problem(d, limits), _small_batch_problem(d, limits)) if p]
     dead = d.dead
     if dead is not None and dead.any():
@@ -248,7 +249,7 @@ def _layer_problems(d: LayerDiagnosis, limits: Thresholds) -> list[Problem]:
     return problems
 
 
-def _accumulated_problem(results, accumulated, gap, agreement, limits) -> Problem:
+def accumulated_problem(results, accumulated, gap, agreement, limits) -> Problem:
     ranked = sorted(
         (d for d in results.values() if d.stale_rms is not None), key=lambda d: -d.stale_rms
     )

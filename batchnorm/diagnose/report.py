@@ -3,7 +3,8 @@
 `Thresholds` (when a problem is reported), `Problem` (one finding), `LayerDiagnosis` (what
 was measured at one BN layer) and `DiagnosisReport` (all of it, with its three outputs:
 ``str(report)``, a table; ``report.to_dict()``, JSON-ready; ``report.plot(path)``). The
-helpers at the end (pyplot on demand, number formatting, JSON conversion) serve `monitor` too.
+helpers at the end (number formatting; `pyplot` on demand and `jsonable`, which `monitor`
+uses too) make the three outputs.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class LayerDiagnosis:
         return self.dead_gamma | self.dead_input
 
     def to_dict(self) -> dict:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
 
 
 @dataclass
@@ -174,17 +175,17 @@ class DiagnosisReport:
         """JSON-ready (non-finite numbers become None, tensors lists)."""
         return {
             "batches": self.batches,
-            "output_gap": _jsonable(self.output_gap),
-            "output_agreement": _jsonable(self.output_agreement),
-            "accumulated_stale": _jsonable(self.accumulated_stale),
+            "output_gap": jsonable(self.output_gap),
+            "output_agreement": jsonable(self.output_agreement),
+            "accumulated_stale": jsonable(self.accumulated_stale),
             "thresholds": {f.name: getattr(self.thresholds, f.name) for f in fields(Thresholds)},
             "problems": [
                 {
                     "layer": p.layer,
                     "kind": p.kind,
-                    "severity": _jsonable(p.severity),
+                    "severity": jsonable(p.severity),
                     "message": p.message,
-                    "numbers": _jsonable(p.numbers),
+                    "numbers": jsonable(p.numbers),
                 }
                 for p in self.problems
             ],
@@ -261,7 +262,7 @@ class DiagnosisReport:
         """Draw the per-layer mismatch: (a) staleness, train/eval gap and batch noise per
         layer against their thresholds, (b) per-channel mean shift, (c) per-channel variance
         ratio (log2), one column per layer. Needs matplotlib (imported here)."""
-        plt = _pyplot()
+        plt = pyplot()
         names = list(self.layers)
         layers = list(self.layers.values())
         x = torch.arange(len(names)).tolist()
@@ -312,7 +313,7 @@ class DiagnosisReport:
         plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend; only the plots need it."""
     try:
         import matplotlib
@@ -343,13 +344,13 @@ def _count(mask: Tensor | None) -> str:
     return "-" if mask is None else str(int(mask.sum()))
 
 
-def _jsonable(v):
+def jsonable(v):
     if isinstance(v, Tensor):
-        return _jsonable(v.tolist())
+        return jsonable(v.tolist())
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     return v

@@ -14,10 +14,10 @@ from batchnorm.fused import fused_class
 from batchnorm.swap import (
     NORM_ACT_CLASSES,
     TORCH_DROPS,
-    _qualname,
     bn_kind,
     foreign_reason,
     is_bn_like,
+    qualified_name,
     rebuild,
     restore,
     swap_modules,
@@ -104,7 +104,7 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
                 "any rank; build batchnorm.BatchNorm1d/2d/3d instead"
             )
         origin = getattr(m, "_origin", None)
-        if to == "torch" and origin is not None and _qualname(origin.cls) in NORM_ACT_CLASSES:
+        if to == "torch" and origin is not None and qualified_name(origin.cls) in NORM_ACT_CLASSES:
             return restore(m)  # our fused layer made from timm's: timm's layer again
         target = mapping.get(type(m))
         norm_act = target is None and to == "batchnorm" and bn_kind(m) == "norm_act"

@@ -17,13 +17,14 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from batchnorm import functional as F
-from batchnorm.frozen import FrozenBatchNorm
+from batchnorm.fused import is_fused
 from batchnorm.inference.graph import GraphReport, call_problem, capture, find_sites
 from batchnorm.swap import (
     bn_kind,
     channel_axis,
     foreign_reason,
     is_bn_like,
+    is_frozen,
     swap_modules,
     tracks_running_stats,
 )
@@ -57,8 +58,9 @@ def _name(residue: nn.Module) -> str:
 
 
 def _not_fixed_reason(bn: nn.Module) -> str | None:
-    """Why ``bn`` is not one fixed affine map now, or None when it is."""
-    if isinstance(bn, FrozenBatchNorm):
+    """Why ``bn`` is not one fixed affine map now, or None when it is (a frozen layer, ours or
+    another library's, always is: `batchnorm.swap.is_frozen`)."""
+    if is_frozen(bn):
         return None
     if not tracks_running_stats(bn):
         return "track_running_stats=False: it always normalizes with batch statistics"
@@ -85,7 +87,7 @@ def _residue(bn: nn.Module) -> nn.Module:
     """What stays in a folded BN's place: nothing (``nn.Identity``), a fused layer's activation
     module (`batchnorm.fused`), or a BN + activation layer's own ``drop`` and ``act`` children
     (timm's ``BatchNormAct2d``), under those names."""
-    if hasattr(bn, "activation_module"):
+    if is_fused(bn):
         return bn.activation_module()
     if bn_kind(bn) == "norm_act":
         kept = [(k, m) for k in ("drop", "act") if (m := bn._modules.get(k)) is not None]
@@ -210,9 +212,10 @@ def fold(
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every fixed BN into its adjacent Conv/ConvTranspose/Linear layer (Alg. 2, step 3).
 
-    A BN with fixed statistics (eval mode with running statistics, or a `FrozenBatchNorm`) is
-    the affine map y = scale * x + shift per channel (`batchnorm.functional.inference_affine`),
-    so it merges into a linear layer next to it:
+    A BN with fixed statistics (eval mode with running statistics, a `FrozenBatchNorm`, or
+    another library's frozen layer, torchvision's ``FrozenBatchNorm2d``: `batchnorm.swap.
+    is_frozen`) is the affine map y = scale * x + shift per channel (`batchnorm.functional.
+    inference_affine`), so it merges into a linear layer next to it:
 
     - after the layer (the usual conv -> BN): W' = scale * W per output channel and
       b' = scale * b + shift; Conv1d/2d/3d (grouped and depthwise included), ConvTranspose1d/

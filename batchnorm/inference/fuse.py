@@ -17,15 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.activations import ACTIVATIONS, of_call, of_module
+from batchnorm.distributed import SyncBatchNorm
 from batchnorm.frozen import FrozenBatchNorm
-from batchnorm.fused import FrozenBatchNormAct, _BatchNormActMixin, _targets
+from batchnorm.fused import FrozenBatchNormAct, fused_class, is_fused
 from batchnorm.inference.graph import (
     GraphReport,
-    _first_line,
-    _LeafTracer,
+    LeafTracer,
     call_problem,
     capture,
     find_sites,
+    first_line,
 )
 from batchnorm.swap import bn_kind, foreign_reason, is_bn_like, rebuild, swap_modules
 
@@ -59,11 +60,17 @@ class FuseReport(GraphReport):
         return self._lines(f"fused {len(self.fused) + len(self.residual)} BN layer(s)", changed)
 
 
+def _fused_form(cls: type) -> type | None:
+    """The fused class `fuse_activations` makes of a BN class: `batchnorm.fused.fused_class`'s,
+    except for SyncBatchNorm, a BN subclass it leaves alone."""
+    return None if cls is SyncBatchNorm else fused_class(cls)
+
+
 def _unfused_origin(bn: nn.Module) -> type | None:
     """The class a frozen layer was frozen from (`freeze` remembers it for `unfreeze`) when
     that class has no fused form, else None."""
     origin = getattr(bn, "_origin", None) if type(bn) is FrozenBatchNorm else None
-    if origin is None or origin.cls in _targets() and origin.cls is not FrozenBatchNorm:
+    if origin is None or _fused_form(origin.cls) is not None and origin.cls is not FrozenBatchNorm:
         return None
     return origin.cls
 
@@ -153,7 +160,6 @@ def fuse_activations(
     """
     graph, failures = capture(model, example_inputs, leaf=is_bn_like)
     report = FuseReport.of_capture(graph, failures, example_inputs, "fuse_activations")
-    targets = _targets()
     replace: dict[int, nn.Module] = {}
     residual: dict[int, tuple] = {}  # BN + add candidates: id(bn) -> (name, bn, fused class)
     seen: set[int] = set()
@@ -162,10 +168,10 @@ def fuse_activations(
         if id(bn) in seen:
             continue
         seen.add(id(bn))
-        target = targets.get(type(bn))
+        target = _fused_form(type(bn))
         why = None
         if target is None:
-            if isinstance(bn, (_BatchNormActMixin, FrozenBatchNormAct)):
+            if is_fused(bn):
                 why = "already fused"
             elif bn_kind(bn) == "norm_act":
                 act = bn._modules.get("act")
@@ -247,12 +253,12 @@ def _in_place_problem(model: nn.Module, graph, bn_call, act_call) -> str | None:
     if type(caller).forward is nn.Sequential.forward:
         return None
     try:
-        traced = _LeafTracer(is_bn_like).trace(caller)
+        traced = LeafTracer(is_bn_like).trace(caller)
     except Exception as err:  # noqa: BLE001 - any failure means: the other paths are unseen
         return (
             f"torch.export saw one path through the forward of {where} "
             f"({type(caller).__name__}) and torch.fx cannot trace it to see the others "
-            f"({_first_line(err, 120)}): another path (a flag such as return_preact=True) may "
+            f"({first_line(err, 120)}): another path (a flag such as return_preact=True) may "
             "use the BN's output without the activation"
         )
     prefix = f"{bn_call.caller}." if bn_call.caller else ""
@@ -298,7 +304,7 @@ def _fused_layer(
         origin = getattr(bn, "_origin", None)
         if origin is not None:  # unfreeze must bring back the fused trainable layer
             new._origin = origin._replace(
-                cls=_targets()[origin.cls], settings={**origin.settings, **settings, **saving}
+                cls=fused_class(origin.cls), settings={**origin.settings, **settings, **saving}
             )
         return new
     return rebuild(bn, target, **settings, **saving)
@@ -403,7 +409,7 @@ def _fuse_residuals(
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     try:
-        gm = torch.fx.GraphModule(model, _LeafTracer(is_bn_like).trace(model))
+        gm = torch.fx.GraphModule(model, LeafTracer(is_bn_like).trace(model))
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -415,7 +421,7 @@ def _fuse_residuals(
 
         Shapes(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
     except Exception as err:  # noqa: BLE001 - any failure means: leave these BNs
-        return leave(f"torch.fx could not capture the model ({_first_line(err)}), {hint}")
+        return leave(f"torch.fx could not capture the model ({first_line(err)}), {hint}")
     modules_called = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     residual_of: dict = {}  # fused call node -> the BN's name
     found = {}

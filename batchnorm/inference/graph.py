@@ -12,6 +12,8 @@ sources, tried in order:
 3. The children of every ``nn.Sequential``, each reading the previous one's output.
 
 `find_sites` then gives, for every call of a matching module, its producer and consumer.
+`LeafTracer` (torch.fx keeping the BN layers as calls) and `first_line` (an error in one
+line, for a report) serve the passes that trace a model again (`fuse_activations`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "CallGraph", "GraphReport", "Site", "call_problem", "capture", "find_sites"]
+__all__ = [
+    "Call",
+    "CallGraph",
+    "GraphReport",
+    "LeafTracer",
+    "Site",
+    "call_problem",
+    "capture",
+    "find_sites",
+    "first_line",
+]
 
 
 @dataclass(eq=False)
@@ -236,7 +248,7 @@ def _from_export(model: nn.Module, example_inputs: tuple, leaf: Callable) -> Cal
     return CallGraph(calls, "torch.export", times)
 
 
-class _LeafTracer(torch.fx.Tracer):
+class LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps the modules ``leaf`` selects (BN layers: ours check shapes in
     Python) as calls."""
 
@@ -249,7 +261,7 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _from_fx(model: nn.Module, leaf: Callable) -> CallGraph:
-    graph = _LeafTracer(leaf).trace(model)
+    graph = LeafTracer(leaf).trace(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     # Modules whose tensors the forward reads directly (self.conv.weight).
     touched = {
@@ -306,7 +318,8 @@ def _from_sequential(model: nn.Module) -> CallGraph:
     return CallGraph(calls, "nn.Sequential", times)
 
 
-def _first_line(err: Exception, limit: int = 300) -> str:
+def first_line(err: Exception, limit: int = 300) -> str:
+    """``err`` as "Type: its first line", at most ``limit`` characters of the line."""
     text = str(err).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(err).__name__}: {line[:limit]}"
@@ -391,5 +404,5 @@ def capture(
         try:
             return build(), failures
         except Exception as err:  # noqa: BLE001 - any capture failure means: try the next
-            failures.append(f"{tool}: {_first_line(err)}")
+            failures.append(f"{tool}: {first_line(err)}")
     return _from_sequential(model), failures

@@ -29,7 +29,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from batchnorm import functional as F
 from batchnorm.swap import channel_axis
 
-__all__ = ["ESTIMATORS", "check_estimator", "PopulationStats", "StatisticsPass", "SKIPPED"]
+__all__ = [
+    "ESTIMATORS",
+    "check_estimator",
+    "mask_argument",
+    "PopulationStats",
+    "StatisticsPass",
+    "SKIPPED",
+]
 
 ESTIMATORS = ("algorithm2", "pooled")
 
@@ -124,8 +131,9 @@ class _TooFewValues(Exception):
         self.layer, self.count = layer, count
 
 
-def _mask_argument(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
-    """The ``mask`` a layer's forward was called with (our layers take one), or None."""
+def mask_argument(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+    """The ``mask`` a layer's forward was called with (our layers take one), or None: read
+    from a forward pre-hook's arguments (this pass's hooks, `batchnorm.monitor`'s)."""
     if not kwargs and len(args) < 2:
         return None
     try:
@@ -143,7 +151,7 @@ def _layer_batch_stats(layer: nn.Module, args: tuple, kwargs: dict, axis: int):
     and one entry per group for Ghost BN (``virtual_batch_size``; each group is one batch of
     Algorithm 2, as the layer's running statistics treat it), else the whole input."""
     x = args[0] if args else kwargs.get("input")
-    mask = _mask_argument(layer, args, kwargs)
+    mask = mask_argument(layer, args, kwargs)
     v = getattr(layer, "virtual_batch_size", None)
     if v is not None and mask is None and v != x.shape[0]:
         s = F.ghost_batch_stats(x, axis, v)

@@ -19,7 +19,7 @@ import torch
 # Re-exported: the kernels refuse a transformed tensor or one with a tangent.
 from batchnorm.functional import has_tangent as has_tangent
 from batchnorm.functional import transformed as transformed
-from batchnorm.kernels.layout import addressable
+from batchnorm.kernels.layout import DTYPES, addressable
 
 __all__ = [
     "batch_norm_act",
@@ -28,9 +28,6 @@ __all__ = [
     "is_available",
     "supports",
 ]
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def is_available() -> bool:
     """Whether Triton can be imported (it ships with PyTorch's CUDA builds)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchnorm.kernels import DTYPES, has_tangent, transformed
+from batchnorm.functional import has_tangent, transformed
 from batchnorm.kernels import backward as B
 from batchnorm.kernels import forward as F
 from batchnorm.kernels.common import ACTIVATIONS, REGISTRY
+from batchnorm.kernels.layout import DTYPES
 
 GAMMA_MIN = 1e-3  # memory saving divides by gamma; below this |gamma| it keeps x instead
 # ... and it keeps x where rebuilding would add more than this to any |xhat' - xhat|

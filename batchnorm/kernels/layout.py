@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 INDEX_LIMIT = 2**31  # the kernels index with int32
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the element types they load and store
 
 
 class Geometry(NamedTuple):

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from realmodels import import_torchvision
 from torch import nn
 
 import batchnorm
@@ -78,24 +79,10 @@ def test_diagnose_skips_a_one_sample_batch_as_recalibrate_does(layer):
     assert torch.equal(net[1].running_var, report.layers["1"].population_var.float())
 
 
-class TorchvisionFrozenBatchNorm2d(nn.Module):
-    """torchvision.ops.FrozenBatchNorm2d's shape: buffers only, no settings of its own."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.eps = 1e-5
-        for name, value in (
-            ("weight", 1.0),
-            ("bias", 0.0),
-            ("running_mean", 0.0),
-            ("running_var", 1.0),
-        ):
-            self.register_buffer(name, torch.full((c,), value))
-
-    def forward(self, x):
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale[:, None, None] + shift[:, None, None]
+def torchvision_frozen(c: int) -> nn.Module:
+    """torchvision.ops.FrozenBatchNorm2d: buffers only, no settings but eps (a layer of
+    batchnorm.swap.FROZEN_CLASSES)."""
+    return import_torchvision().ops.FrozenBatchNorm2d(c)
 
 
 def test_each_layer_measured_on_its_own_channel_axis():
@@ -106,7 +93,7 @@ def test_each_layer_measured_on_its_own_channel_axis():
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 1)
-            self.frozen = TorchvisionFrozenBatchNorm2d(4)
+            self.frozen = torchvision_frozen(4)
             self.last = batchnorm.BatchNorm(4, axis=-1)
 
         def forward(self, x):
