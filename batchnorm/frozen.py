@@ -141,7 +141,7 @@ class FrozenBatchNorm(FixedBatchNorm):
                 f"axis {self.axis}, got input of shape {tuple(input.shape)}"
             )
         if mask is not None:
-            F._check_mask(mask, input, self.axis % input.dim())
+            F.check_mask(mask, input, self.axis % input.dim())
         return F.normalize(
             input, self.running_mean, self.running_var, self.weight, self.bias, self.eps, self.axis
         )

@@ -149,7 +149,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         if backward not in ("native", "paper"):
             raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
         if virtual_batch_size is not None:
-            F._check_virtual_batch_size(virtual_batch_size)
+            F.check_virtual_batch_size(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
             # torch >= 2.13's ``bias=False``: gamma without beta (older torch lacks the flag).
@@ -248,9 +248,9 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
                 f"{tuple(input.shape)})"
             )
         if not self.eps > 0:
-            F._check_eps(self.eps, self.training or self.running_mean is None)
+            F.check_eps(self.eps, self.training or self.running_mean is None)
         if mask is not None:
-            F._check_mask(mask, input, axis % dim)
+            F.check_mask(mask, input, axis % dim)
 
     def _transform(self, input: Tensor, mask: Tensor | None):
         """The transform step: (output, BatchStats or None), Algorithm 1 by default.
@@ -554,7 +554,7 @@ class _BatchRenormMixin:
                 "Batch Renormalization does not implement Ghost BN: virtual_batch_size must be "
                 f"None, got {kwargs['virtual_batch_size']!r}"
             )
-        F._check_renorm_limits(r_max, d_max)
+        F.check_renorm_limits(r_max, d_max)
         super().__init__(num_features, eps, momentum, *args, **kwargs)
         if not self.track_running_stats:
             raise ValueError(
@@ -571,7 +571,7 @@ class _BatchRenormMixin:
                 f"{type(self).__name__} takes no mask in training (Batch Renormalization "
                 "corrects full-batch statistics); a mask is accepted and ignored in eval mode"
             )
-        F._check_renorm_limits(self.r_max, self.d_max)
+        F.check_renorm_limits(self.r_max, self.d_max)
         return F.batch_renorm_transform(
             input, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
             r_max=self.r_max, d_max=self.d_max, axis=self._axis, backward=self.backward,
