@@ -264,27 +264,36 @@ def _fused_applies(layer, input: Tensor, mask, s: State) -> bool:
 
 
 def _run_fused(layer, input, mask, residual, s: State) -> Tensor:
-    """Transform and the rule in one call of torch's kernel, on copies of the buffers (one
-    (2C,) cat on the CPU; whole clones elsewhere, as vmap's rule for the kernel does not
-    write through views); the layer's write then guards and stores them."""
+    """Transform and the rule in one call of torch's kernel; the layer's write then guards
+    what it wrote. On the eager CPU the kernel writes the buffers in place, after a (2C,)
+    backup that a failed guard restores; elsewhere it writes copies (whole tensors: vmap's
+    rule for the kernel does not write through views), which the guard selects from."""
     readable = F.host_readable(s.running_var)
     momentum = F.momentum_value(layer.momentum, s.num_batches_tracked, s.running_mean, readable)
     axis = layer._axis
     x = input if axis == 1 else input.movedim(axis, 1)
-    if readable:
+    if readable and not layer._holds_commit():
+        backup = torch.cat((s.running_mean, s.running_var))
         # On the CPU torch.batch_norm dispatches to this kernel through a composite layer
         # (_batch_norm_impl_index) that only adds time; cuDNN paths never come here.
-        new_mean, new_var = torch.cat((s.running_mean, s.running_var)).chunk(2)
         output = torch.native_batch_norm(
-            x, s.weight, s.bias, new_mean, new_var, True, momentum, layer.eps
+            x, s.weight, s.bias, s.running_mean, s.running_var, True, momentum, layer.eps
         )[0]
+        F.write_running_stats(
+            s.running_mean, s.running_var, s.running_mean, s.running_var,
+            s.num_batches_tracked, s.num_batches_skipped, readable, backup,
+        )  # fmt: skip
     else:
         new_mean, new_var = s.running_mean.clone(), s.running_var.clone()
         output = torch.batch_norm(
             x, s.weight, s.bias, new_mean, new_var, True, momentum, layer.eps,
             torch.backends.cudnn.enabled,
         )  # fmt: skip
-    layer._write(new_mean, new_var)
+        if not layer._holds_commit():
+            F.write_running_stats(
+                s.running_mean, s.running_var, new_mean, new_var, s.num_batches_tracked,
+                s.num_batches_skipped, readable,
+            )  # fmt: skip
     return output if axis == 1 else output.movedim(1, axis)
 
 

@@ -252,17 +252,10 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             s.num_batches_skipped,
         )  # fmt: skip
 
-    def _write(self, new_mean: Tensor, new_var: Tensor) -> None:
-        """The commit step of an engine that applied the rule itself (torch's kernel, into
-        copies of the buffers): the guarded write alone, held back as `_commit` is (a
-        deferred commit never takes that engine)."""
-        if _recomputing():
-            return
-        s = _dispatch.state(self)
-        F.write_running_stats(
-            s.running_mean, s.running_var, new_mean, new_var, s.num_batches_tracked,
-            s.num_batches_skipped,
-        )  # fmt: skip
+    def _holds_commit(self) -> bool:
+        """Whether `_commit` holds this forward's statistics back (deferred, or recomputed):
+        an engine that writes the buffers itself (torch's kernel) must then not write."""
+        return self._pending is not None or _recomputing()
 
     # ----------------------------------------------------------------------------------------
 

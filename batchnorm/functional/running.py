@@ -9,6 +9,8 @@ copies) and the Triton kernels (which return the batch statistics).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,6 +66,14 @@ def finite_step(new_mean: Tensor, new_var: Tensor) -> Tensor:
     if new_mean.element_size() < 4:
         return all_finite(new_mean, new_var)
     return all_finite(new_var)
+
+
+def _finite_on_host(new_mean: Tensor, new_var: Tensor) -> bool:
+    # `finite_step` read back, in its fast form: max propagates NaN, so one reduction and one
+    # read tell whether every value is finite (isfinite + all costs several operations).
+    if new_mean.element_size() < 4 and not math.isfinite(new_mean.abs().max().item()):
+        return False
+    return math.isfinite(new_var.max().item())
 
 
 def update_running_stats(
@@ -127,25 +137,38 @@ def write_running_stats(
     new_var: Tensor,
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
+    readable: bool | None = None,
+    backup: Tensor | None = None,
 ) -> None:
     """The one write of running statistics, guarded: store ``new_mean``, ``new_var`` in place
     if `finite_step` allows and count the batch in ``num_batches_tracked``; otherwise leave
-    the buffers alone and count it in ``num_batches_skipped`` (either counter may be None).
+    the buffers as they were and count it in ``num_batches_skipped`` (either counter may be
+    None).
 
-    In eager mode on the CPU (`host_readable`) the guard is read back and branches, and the
-    copies go through ``.data``, as torch's kernel writes: no autograd version bump, so a
-    graph that saved the buffers stays valid. Elsewhere it selects with `torch.where` and
-    adds the 0-d bool guard to the counters: nothing synchronizes or breaks a compiled graph
-    (plain copies: foreach ops have no vmap rule).
+    In eager mode on the CPU (`host_readable`; ``readable`` when the caller has it already)
+    the guard is read back and branches, and the buffers are written through ``.data``, as
+    torch's kernel writes them: no autograd version bump, so a graph that saved the buffers
+    stays valid. There a kernel may have written the new values into the buffers already
+    (torch's, which applies `running_stats_step`'s rule in place): it passes the buffers as
+    ``new_mean``/``new_var`` and ``backup``, the old values as one (2C,) tensor, which a
+    failed guard restores. Elsewhere the guard selects with `torch.where` and is added to the
+    counters as a 0-d bool: nothing synchronizes or breaks a compiled graph (plain copies:
+    foreach ops have no vmap rule).
     """
-    if host_readable(running_var):
-        if finite_step(new_mean, new_var).item():
-            torch._foreach_copy_([running_mean.data, running_var.data], [new_mean, new_var])
+    if readable if readable is not None else host_readable(running_var):
+        if _finite_on_host(new_mean, new_var):
+            if new_mean is not running_mean:
+                torch._foreach_copy_([running_mean.data, running_var.data], [new_mean, new_var])
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(_ONE)
-        elif num_batches_skipped is not None:
+            return
+        if backup is not None:
+            torch._foreach_copy_([running_mean.data, running_var.data], list(backup.chunk(2)))
+        if num_batches_skipped is not None:
             num_batches_skipped.add_(_ONE)
         return
+    if backup is not None:
+        raise ValueError("a kernel writes the buffers in place only where the guard is read back")
     updated = finite_step(new_mean, new_var)
     running_mean.copy_(torch.where(updated, new_mean, running_mean))
     running_var.copy_(torch.where(updated, new_var, running_var))
@@ -170,5 +193,6 @@ def commit_running_stats(
     weight = momentum_value(momentum, num_batches_tracked, running_mean, readable)
     new_mean, new_var = running_stats_step(running_mean, running_var, stats, weight)
     write_running_stats(
-        running_mean, running_var, new_mean, new_var, num_batches_tracked, num_batches_skipped
-    )
+        running_mean, running_var, new_mean, new_var, num_batches_tracked, num_batches_skipped,
+        readable,
+    )  # fmt: skip
