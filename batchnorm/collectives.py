@@ -90,22 +90,22 @@ def _local_moments(input: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, 
     device, never read back). An empty rank gives n = 0 and zero moments."""
     input = input.detach()  # the statistics enter SyncBatchNormFunction as constants
     if mask is None:
-        n = F._values_per_channel(input, 1)
+        n = F.values_per_channel(input, 1)
         count = torch.full((1,), float(n), dtype=torch.float64, device=input.device)
         if n == 0:  # the mean of nothing is NaN; an empty rank contributes count 0 instead
-            zeros = torch.zeros(input.shape[1], dtype=F._stats_dtype(input), device=input.device)
+            zeros = torch.zeros(input.shape[1], dtype=F.stats_dtype(input), device=input.device)
             return count, zeros, zeros.clone()
         # F.batch_stats's two passes, with the square taken in place (no autograd here).
-        x = input.to(F._stats_dtype(input))
-        dims = F._reduce_dims(input, 1)
+        x = input.to(F.stats_dtype(input))
+        dims = F.reduce_dims(input, 1)
         mean = x.mean(dims, keepdim=True)
         deviation = x - mean
         return count, mean.reshape(-1), deviation.mul_(deviation).sum(dims)
-    F._check_mask(mask, input, 1)
+    F.check_mask(mask, input, 1)
     keep = mask.unsqueeze(1)
     count = mask.sum().reshape(1).to(torch.float64)
-    x = torch.where(keep, input.to(F._stats_dtype(input)), 0.0)
-    dims = F._reduce_dims(input, 1)
+    x = torch.where(keep, input.to(F.stats_dtype(input)), 0.0)
+    dims = F.reduce_dims(input, 1)
     # n = 0 gives 0/0 = NaN: clamp the divisor (the sums are 0 then, so the mean is 0).
     mean = x.sum(dims, keepdim=True) / count.clamp_min(1).to(x.dtype)
     m2 = torch.square(torch.where(keep, x - mean, 0.0)).sum(dims)
@@ -209,12 +209,12 @@ def differentiable_sync(input, weight, bias, eps, group, timeout, mask):
     padding is normalized with the detached statistics, as in the single-process transform.
 
     Returns (output, BatchStats detached)."""
-    dtype = F._stats_dtype(input)
-    dims = F._reduce_dims(input, 1)
+    dtype = F.stats_dtype(input)
+    dims = F.reduce_dims(input, 1)
     x = input.to(dtype)
     keep = None if mask is None else mask.unsqueeze(1)
     if keep is None:
-        n = torch.full((1,), float(F._values_per_channel(input, 1)), dtype=torch.float64,
+        n = torch.full((1,), float(F.values_per_channel(input, 1)), dtype=torch.float64,
                        device=input.device)  # fmt: skip
         xs = x
     else:
@@ -225,7 +225,7 @@ def differentiable_sync(input, weight, bias, eps, group, timeout, mask):
     )
     count = sums[0]
     mean = (sums[1:] / count).to(dtype)
-    deviation = xs - F._per_channel(mean, x, 1)
+    deviation = xs - F.per_channel(mean, x, 1)
     if keep is not None:
         deviation = torch.where(keep, deviation, 0.0)
     m2 = _AllReduce.apply(
@@ -233,7 +233,7 @@ def differentiable_sync(input, weight, bias, eps, group, timeout, mask):
     )
     var = (m2 / count).to(dtype)
     scale, shift = F.inference_affine(mean, var, weight, bias, eps)
-    scale_c, shift_c = F._per_channel(scale, x, 1), F._per_channel(shift, x, 1)
+    scale_c, shift_c = F.per_channel(scale, x, 1), F.per_channel(shift, x, 1)
     output = torch.addcmul(shift_c, xs, scale_c)
     if keep is not None:
         padding = torch.addcmul(shift_c.detach(), x, scale_c.detach())
@@ -365,17 +365,17 @@ def _fast_backward(grad_output, input, weight, mean, var, count, eps, all_reduce
 
 def _generic_backward(grad_output, input, weight, mean, var, count, eps, all_reduce, mask,
                       input_grad):  # fmt: skip
-    dims = F._reduce_dims(input, 1)
+    dims = F.reduce_dims(input, 1)
     invstd = torch.rsqrt(var + eps)
     dtype = invstd.dtype
-    invstd_c = F._per_channel(invstd, input, 1)
+    invstd_c = F.per_channel(invstd, input, 1)
     xhat = input.to(dtype) * invstd_c
-    xhat.add_(F._per_channel(-mean * invstd, input, 1))  # as `normalize` computes it
+    xhat.add_(F.per_channel(-mean * invstd, input, 1))  # as `normalize` computes it
     grad_input, grad_gamma, grad_beta = F.batch_norm_backward(
         grad_output.to(dtype),
         xhat,
         invstd_c,
-        None if weight is None else F._per_channel(weight.to(dtype), input, 1),
+        None if weight is None else F.per_channel(weight.to(dtype), input, 1),
         dims,
         count=count,
         mask=None if mask is None else mask.unsqueeze(1),

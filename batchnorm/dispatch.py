@@ -1,18 +1,38 @@
-"""Which implementation a BN layer's forward runs: the torch path or the Triton kernels.
+"""Which engine computes a BN layer's forward, chosen once per call, and the engines.
 
-A layer's ``backend`` chooses (``"auto"``, ``"torch"`` or ``"triton"``):
+Every layer here runs one forward (`batchnorm.modules._BatchNormBase._run`): validate once,
+read the layer's tensors once (`state`), choose the engine once (`choose`), run it. The
+engines:
 
-- ``"torch"``: always the torch path (validate -> transform -> commit in
-  `batchnorm.modules`).
-- ``"auto"`` (the default): the kernels (`batchnorm.kernels`) for a CUDA tensor they take
-  (`kernels.supports`: float32/float16/bfloat16, an address span under 2^31 elements, Triton
-  importable) on a GPU architecture listed in `MEASURED`, the torch path for everything
-  else: CPU tensors, unmeasured architectures, float64, tensor subclasses (fake tensors
-  under ``torch.export``, DTensor), forward-mode AD, and calls the kernels do not implement
-  (`kernel_refusal`). `MEASURED` is empty: the kernels have not run on a GPU yet, so
-  ``"auto"`` is the torch path everywhere and the kernels are opt-in with ``"triton"``.
-- ``"triton"``: the kernels, on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
-  (how the tests run them). A call they cannot take raises a ``ValueError`` that says why.
+- ``inference``: eval mode with running statistics, Algorithm 2's fixed map
+  (`batchnorm.functional.batch_norm_inference`); a mask is checked, then ignored.
+- ``fused``: training with running statistics, torch's kernel (``native_batch_norm``) for
+  the plain native case (no mask, Ghost BN, paper backward, deferred commit, or transform of
+  its own): it normalizes and applies the running-statistics rule to copies of the buffers,
+  which the layer's write (`batchnorm.functional.write_running_stats`) then guards and stores.
+  The fast path on the CPU.
+- ``reference``: everything else on the torch path: the layer's transform step
+  (`_transform`, Algorithm 1 or a subclass's: Batch Renorm, SyncBatchNorm, masks, Ghost BN,
+  ``backward="paper"``), then its commit step (`_commit`).
+- ``kernels``: the Triton kernels (`batchnorm.kernels`), transform in one or two launches
+  (act(BN(x) + residual) for the fused layers), then the same commit step.
+
+So the running statistics are written by one function for every engine, and a deferred
+commit (`batchnorm.accumulate`) or a checkpoint's recomputation is handled once, in the
+commit step.
+
+The kernels are chosen by the layer's ``backend`` (``"auto"``, ``"torch"`` or ``"triton"``):
+
+- ``"torch"``: never.
+- ``"auto"`` (the default): for a CUDA tensor they take (`kernels.supports`:
+  float32/float16/bfloat16, an address span under 2^31 elements, Triton importable) on a GPU
+  architecture listed in `MEASURED`; never for CPU tensors, unmeasured architectures,
+  float64, tensor subclasses (fake tensors under ``torch.export``, DTensor), forward-mode AD,
+  and calls the kernels do not implement (`kernel_refusal`). `MEASURED` is empty: the kernels
+  have not run on a GPU yet, so ``"auto"`` is the torch path everywhere and the kernels are
+  opt-in with ``"triton"``.
+- ``"triton"``: on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the
+  tests run them). A call they cannot take raises a ``ValueError`` that says why.
 
 Both ``"auto"`` and ``"triton"`` take the torch path under ``torch.compile``, inside
 ``torch.func`` transforms and under forward-mode AD (``torch.autograd.forward_ad``): the
@@ -22,30 +42,30 @@ path instead), and they have no forward-mode derivative. A backward through the 
 is itself differentiated (``create_graph=True``) or batched (``is_grads_batched=True``) is
 computed in torch operations (`batchnorm.kernels.function`); with memory saving, a double
 backward raises (x was not kept).
-
-The kernel call is transform and commit in one (like the layer's ``_forward_fused``): it
-leaves the buffers and counters as the torch path's commit step would (Algorithm 1 and the
-guarded running-statistics update, on the device, without a host synchronization).
-While a layer defers its commit (`batchnorm.accumulate`) its forwards take the torch path,
-which hands the batch statistics over; a checkpointed forward that autograd recomputes runs
-the kernels without the update.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
+from batchnorm import functional as F
 from batchnorm import kernels
 from batchnorm.activations import ACTIVATIONS
 
 __all__ = [
     "BACKENDS",
     "MEASURED",
+    "State",
+    "Engine",
+    "state",
+    "choose",
     "check_backend",
     "kernel_refusal",
     "use_kernels",
-    "forward_kernels",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -159,10 +179,6 @@ def use_kernels(layer, input: Tensor, mask: Tensor | None = None, residual=None)
         or kernels.has_tangent(input, residual, *layer._parameters.values())
     ):
         return False
-    if layer._pending is not None:
-        # A deferred commit (batchnorm.accumulate) needs the batch statistics, which the
-        # kernels keep to themselves: the torch path hands them over.
-        return False
     why = kernel_refusal(layer, input, mask, residual)
     if why is None:
         return True
@@ -171,47 +187,154 @@ def use_kernels(layer, input: Tensor, mask: Tensor | None = None, residual=None)
     return False
 
 
-def forward_kernels(
-    layer,
-    input: Tensor,
-    residual: Tensor | None = None,
-    activation: str = "identity",
-    negative_slope: float = 0.01,
-    memory_saving: bool = False,
-) -> Tensor:
-    """act(BN(input) + residual) for ``layer`` by the kernels: transform and commit in one.
+class State(NamedTuple):
+    """A layer's tensors, read once per call (`state`): what every engine computes with."""
 
-    In training with running statistics the buffers move and the counters count as the
-    commit step would; in eval mode with running statistics it is Algorithm 2's map; without
-    running statistics, batch statistics and no update. The channel axis (``BatchNorm``'s
-    ``axis``) is moved to 1 as a view: the kernels address strides, nothing is copied.
-    """
-    buffers, params = layer._buffers, layer._parameters
-    running_mean = buffers.get("running_mean")
-    training = layer.training
-    # A recomputed checkpointed forward (`_holds_commit`) normalizes and commits nothing.
-    commit = training and layer.track_running_stats and running_mean is not None
-    commit = commit and not layer._holds_commit()
-    use_running = commit or (not training and running_mean is not None)
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
+
+
+def state(layer) -> State:
+    """The accessor of a layer's parameters and buffers, straight from their dicts: one
+    ``nn.Module.__getattr__`` costs about 1 us, which a (60, 100) layer notices (torch's own
+    forward pays it eight times)."""
+    params, buffers = layer._parameters, layer._buffers
+    return State(
+        params.get("weight"),
+        params.get("bias"),
+        buffers.get("running_mean"),
+        buffers.get("running_var"),
+        buffers.get("num_batches_tracked"),
+        buffers.get("num_batches_skipped"),
+    )
+
+
+class Engine(NamedTuple):
+    """One way to compute a layer's forward: ``run(layer, input, mask, residual, state)``.
+    ``activates``: it computes act(BN(input) + residual) itself (the kernels); the torch
+    engines return BN(input) and the layer adds the residual and applies the activation."""
+
+    name: str
+    run: Callable[..., Tensor]
+    activates: bool = False
+
+
+def _commits(layer, s: State) -> bool:
+    """Whether this forward moves the running statistics: training, and tracking them."""
+    return layer.training and layer.track_running_stats and s.running_mean is not None
+
+
+def _run_inference(layer, input, mask, residual, s: State) -> Tensor:
+    return F.batch_norm_inference(
+        input, s.running_mean, s.running_var, s.weight, s.bias, layer.eps, axis=layer._axis,
+        backward=layer.backward,
+    )  # fmt: skip
+
+
+def _run_reference(layer, input, mask, residual, s: State) -> Tensor:
+    output, stats = layer._transform(input, mask)
+    if stats is not None and _commits(layer, s):
+        layer._commit(stats)
+    return output
+
+
+def _fused_applies(layer, input: Tensor, mask, s: State) -> bool:
+    """Whether torch's kernel computes this call: training with running statistics, the
+    base transform with the native backward, no mask, Ghost BN or deferred commit (which
+    needs the batch statistics), more than one value per channel (else the transform
+    handles the empty batch or raises), parameters in the buffers' dtype (FSDP2's bf16
+    parameters with fp32 buffers have no such kernel), and a float momentum (momentum=None
+    keeps 1/k a tensor where reading k back is not free)."""
+    if not _commits(layer, s) or mask is not None or not layer._fusable:
+        return False
+    if layer.backward != "native" or layer.virtual_batch_size is not None:
+        return False
+    if layer._pending is not None:
+        return False
+    channels = input.shape[layer._axis]
+    if channels == 0 or input.numel() // channels < 2:
+        return False
+    if s.weight is not None and s.weight.dtype != s.running_var.dtype:
+        return False
+    return layer.momentum is not None or F.host_readable(s.running_var)
+
+
+def _run_fused(layer, input, mask, residual, s: State) -> Tensor:
+    """Transform and the rule in one call of torch's kernel; the layer's write then guards
+    what it wrote. On the eager CPU the kernel writes the buffers in place, after a (2C,)
+    backup that a failed guard restores; elsewhere it writes copies (whole tensors: vmap's
+    rule for the kernel does not write through views), which the guard selects from."""
+    readable = F.host_readable(s.running_var)
+    momentum = F.momentum_value(layer.momentum, s.num_batches_tracked, s.running_mean, readable)
+    axis = layer._axis
+    x = input if axis == 1 else input.movedim(axis, 1)
+    if readable and not layer._holds_commit():
+        backup = torch.cat((s.running_mean, s.running_var))
+        # On the CPU torch.batch_norm dispatches to this kernel through a composite layer
+        # (_batch_norm_impl_index) that only adds time; cuDNN paths never come here.
+        output = torch.native_batch_norm(
+            x, s.weight, s.bias, s.running_mean, s.running_var, True, momentum, layer.eps
+        )[0]
+        F.write_running_stats(
+            s.running_mean, s.running_var, s.running_mean, s.running_var,
+            s.num_batches_tracked, s.num_batches_skipped, readable, backup,
+        )  # fmt: skip
+    else:
+        new_mean, new_var = s.running_mean.clone(), s.running_var.clone()
+        output = torch.batch_norm(
+            x, s.weight, s.bias, new_mean, new_var, True, momentum, layer.eps,
+            torch.backends.cudnn.enabled,
+        )  # fmt: skip
+        if not layer._holds_commit():
+            F.write_running_stats(
+                s.running_mean, s.running_var, new_mean, new_var, s.num_batches_tracked,
+                s.num_batches_skipped, readable,
+            )  # fmt: skip
+    return output if axis == 1 else output.movedim(1, axis)
+
+
+def _run_kernels(layer, input, mask, residual, s: State) -> Tensor:
+    """act(BN(input) + residual) by the kernels, then the commit step. The channel axis
+    (``BatchNorm``'s ``axis``) is moved to 1 as a view: the kernels address strides."""
     axis = layer._axis % input.dim()
     if axis != 1:
         input = input.movedim(axis, 1)
         if residual is not None:
             residual = residual.movedim(axis, 1)
-    output = kernels.batch_norm_act(
-        input,
-        params.get("weight"),
-        params.get("bias"),
-        running_mean if use_running else None,
-        buffers["running_var"] if use_running else None,
-        buffers.get("num_batches_tracked") if commit else None,
-        buffers.get("num_batches_skipped") if commit else None,
-        training=not use_running or training,
-        momentum=layer.momentum,
-        eps=layer.eps,
-        activation=activation,
-        negative_slope=negative_slope,
-        residual=residual,
-        memory_saving=memory_saving,
-    )
+    output, stats = kernels.transform(
+        input, s.weight, s.bias, residual, s.running_mean, s.running_var, layer.training,
+        layer.eps, activation=getattr(layer, "activation", "identity"),
+        negative_slope=getattr(layer, "negative_slope", 0.01),
+        memory_saving=getattr(layer, "memory_saving", False),
+    )  # fmt: skip
+    if stats is not None and _commits(layer, s):
+        layer._commit(stats)
     return output if axis == 1 else output.movedim(1, axis)
+
+
+INFERENCE = Engine("inference", _run_inference)
+FUSED = Engine("fused", _run_fused)
+REFERENCE = Engine("reference", _run_reference)
+KERNELS = Engine("kernels", _run_kernels, activates=True)
+
+
+def choose(layer, input: Tensor, mask: Tensor | None, residual: Tensor | None, s: State) -> Engine:
+    """The engine of this call, by the rules of the module docstring (the call is valid:
+    the layer has checked it).
+
+    Raises:
+        ValueError: ``backend="triton"`` and the kernels cannot take the call.
+    """
+    backend = layer.backend
+    if backend != "torch" and (input.is_cuda or backend == "triton"):
+        if use_kernels(layer, input, mask, residual):
+            return KERNELS
+    if not layer.training and s.running_mean is not None:
+        return INFERENCE
+    if _fused_applies(layer, input, mask, s):
+        return FUSED
+    return REFERENCE

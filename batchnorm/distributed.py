@@ -139,7 +139,7 @@ class SyncBatchNorm(_BatchNormBase):
         # N >= n: only a rank with at most one local value needs to read N back (a device
         # sync). If N <= 1 every rank has n <= 1, so every rank reads it and acts together.
         # With a mask n is the mask's count, read back (on an accelerator, a sync).
-        local = F._values_per_channel(input, 1) if mask is None else int(mask.sum())
+        local = F.values_per_channel(input, 1) if mask is None else int(mask.sum())
         if local <= 1 and int(stats.count) <= 1:
             if int(stats.count) == 0:  # every rank's batch is empty or fully masked:
                 return super()._transform(input, mask)  # the single-process answer, (y, None)
@@ -163,7 +163,7 @@ class SyncBatchNorm(_BatchNormBase):
         )
         if int(stats.count) <= 1:
             if int(stats.count) == 0:
-                return F._empty_output(input, self.weight, self.bias, 1), None
+                return F.empty_output(input, self.weight, self.bias, 1), None
             raise ValueError(
                 "Expected more than 1 value per channel when training, got "
                 f"{int(stats.count)} over all {dist.get_world_size(self.process_group)} ranks "

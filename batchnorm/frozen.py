@@ -134,14 +134,14 @@ class FrozenBatchNorm(FixedBatchNorm):
         """Algorithm 2's map of ``input``; ``mask`` is checked and ignored, as the BN layers
         ignore it in eval mode (so a model that passes one keeps working once frozen)."""
         if isinstance(input, Proxy):
-            return M._fx_leaf(self, input, mask)
+            return M.fx_leaf(self, input, mask)
         if input.dim() < 2 or input.shape[self.axis] != self.num_features:
             raise ValueError(
                 f"FrozenBatchNorm({self.num_features}) expected {self.num_features} channels on "
                 f"axis {self.axis}, got input of shape {tuple(input.shape)}"
             )
         if mask is not None:
-            F._check_mask(mask, input, self.axis % input.dim())
+            F.check_mask(mask, input, self.axis % input.dim())
         return F.normalize(
             input, self.running_mean, self.running_var, self.weight, self.bias, self.eps, self.axis
         )

@@ -108,17 +108,12 @@ class _BatchNormActMixin(_Activated):
     ) -> Tensor:
         """act(BN(input) + residual); ``mask`` as for the BN layers (torch path only)."""
         if isinstance(input, Proxy):
-            return M._fx_leaf(self, input, residual, mask)
+            return M.fx_leaf(self, input, residual, mask)
         _check_residual(self, input, residual)
-        backend = self.backend
-        if backend != "torch" and (input.is_cuda or backend == "triton"):
-            self._check_input_dim(input, mask)
-            if _dispatch.use_kernels(self, input, mask, residual):
-                return _dispatch.forward_kernels(
-                    self, input, residual, self.activation, self.negative_slope,
-                    self.memory_saving,
-                )  # fmt: skip
-        return self._activate(super().forward(input, mask), residual)
+        return self._run(input, mask, residual)
+
+    def _finish(self, output: Tensor, residual: Tensor | None) -> Tensor:
+        return self._activate(output, residual)
 
     def _settings(self) -> dict:
         return {**super()._settings(), "memory_saving": self.memory_saving}
@@ -241,7 +236,7 @@ class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
     ) -> Tensor:
         """act(FrozenBatchNorm(input) + residual); ``mask`` checked and ignored, as there."""
         if isinstance(input, Proxy):
-            return M._fx_leaf(self, input, residual, mask)
+            return M.fx_leaf(self, input, residual, mask)
         _check_residual(self, input, residual)
         return self._activate(super().forward(input, mask), residual)
 

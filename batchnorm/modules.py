@@ -6,12 +6,10 @@ once, in `batchnorm.functional`'s docstring. They subclass torch's `_BatchNorm`,
 BatchNorm1d/2d/3d torch's class of the same name, so names, defaults, state_dict keys,
 checkpoint migration and ``isinstance`` checks of torch's tooling and of model code (weight
 init, weight decay, precise BN) carry over unchanged; torch.fx traces each as one call
-(`_fx_leaf`) and torch's ``fuse_modules`` folds them (`_register_torch_fusers`).
+(`fx_leaf`) and torch's ``fuse_modules`` folds them (`_register_torch_fusers`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor, nn
@@ -31,44 +29,23 @@ __all__ = [
 ]
 
 
-# Counters on the CPU add this instead of the int 1, which the dispatcher would first wrap
-# into a tensor (0.8 us of a (60, 100) layer's ~40 us forward).
-_ONE = torch.ones((), dtype=torch.long)
-
-
-def _host_readable(t: Tensor) -> bool:
-    """Whether reading a value of ``t`` back to Python is free: eager mode on the CPU.
-
-    On accelerators it would synchronize; under torch.compile it would break the graph;
-    under torch.func transforms it is not allowed. There the commit selects with
-    `torch.where` instead of branching."""
-    return (
-        t.is_cpu
-        and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
-
-
-def _recomputing(eager: bool = False) -> bool:
+def recomputing() -> bool:
     """Whether this forward runs inside autograd's backward pass: a checkpointed segment
     being recomputed (``torch.utils.checkpoint``, reentrant or not, and the wrappers built
     on it), whose real forward already committed. Under torch.compile the compiled graph
     does its own recomputation, without running this forward again (and dynamo cannot trace
-    the query). ``eager``: the caller knows it is not compiling (`_host_readable`), which
-    saves that check on the CPU fast path."""
-    return (eager or not torch.compiler.is_compiling()) and (
-        torch._C._current_graph_task_id() != -1
-    )
+    the query)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-def _fx_leaf(layer: nn.Module, input: Proxy, *args) -> Proxy:
+def fx_leaf(layer: nn.Module, input: Proxy, *args) -> Proxy:
     """``layer(input, *args)`` as one ``call_module`` node of the torch.fx trace ``input`` is in.
 
     torch.fx's tracer keeps torch.nn's modules as calls (leaves) and traces through every other
     module's code; ours branch in Python on shapes and values (the checks, the empty batch,
     the guard), which a symbolic trace cannot follow. So every BN-like layer here (BN, Batch
     Renorm, SyncBatchNorm, BatchNormAct, FrozenBatchNorm) opens its forward with
-    ``if isinstance(input, Proxy): return _fx_leaf(self, input, ...)``: it records its own
+    ``if isinstance(input, Proxy): return fx_leaf(self, input, ...)``: it records its own
     call, as the tracer records a leaf, and a ``torch.fx.GraphModule`` then runs the layer's
     forward (checks, mask, residual, commit) on real tensors, in training and eval mode.
     ``args`` are the forward's other arguments; trailing Nones are left out (``bn(x)``).
@@ -91,22 +68,25 @@ def _fx_leaf(layer: nn.Module, input: Proxy, *args) -> Proxy:
 
 
 class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
-    """The one forward of every BN layer here: validate -> transform -> commit.
+    """The one forward of every BN layer here (`_run`): validate -> transform -> commit.
 
     - validate (`_check_input_dim`): rank, dtype, channel count, eps and mask, with errors
-      that name the layer, what it expected and what came;
+      that name the layer, what it expected and what came; once per call;
     - transform (`_transform`, the one step a subclass replaces): the output and the batch
       statistics (`batchnorm.functional.BatchStats`), or None when nothing is to be
       committed (an empty batch);
     - commit (`_commit`): the guarded running-statistics update (momentum, momentum=None's
       cumulative 1/k, Algorithm 2's m/(m-1), the non-finite guard) written in place into
-      the buffers, with the counters ``num_batches_tracked`` and ``num_batches_skipped``.
-      It is the layer's only write to its state.
+      the buffers, with the counters ``num_batches_tracked`` and ``num_batches_skipped``,
+      by `batchnorm.functional.commit_running_stats`. It is the layer's only write to its
+      state.
 
-    In eval mode with running statistics, forward is Algorithm 2's fixed map, for every
-    layer (a mask is checked, then ignored). A fused kernel may do transform and commit in
-    one call and must leave the same state: for the native backward without mask or Ghost
-    BN that is torch's own kernel (`_forward_fused`), the fast path on the CPU.
+    The engine that computes the call is chosen once (`batchnorm.dispatch.choose`): in eval
+    mode with running statistics, Algorithm 2's fixed map, for every layer (a mask is
+    checked, then ignored); torch's own kernel for the plain native case, the fast path on
+    the CPU (it applies the rule to copies of the buffers, and `_write` guards and stores
+    them); the Triton kernels (their transform, then `_commit`); else `_transform` and
+    `_commit`.
 
     Beyond torch's module: a batch with non-finite statistics never reaches the running
     statistics (the update is skipped and counted in ``num_batches_skipped``, a buffer that is
@@ -149,7 +129,7 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         if backward not in ("native", "paper"):
             raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
         if virtual_batch_size is not None:
-            F._check_virtual_batch_size(virtual_batch_size)
+            F.check_virtual_batch_size(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
             # torch >= 2.13's ``bias=False``: gamma without beta (older torch lacks the flag).
@@ -185,37 +165,22 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         """Normalize ``input``; ``mask`` (bool, the input's shape without the channel axis)
         keeps padded positions out of the batch statistics in training."""
         if isinstance(input, Proxy):
-            return _fx_leaf(self, input, mask)
+            return fx_leaf(self, input, mask)
+        return self._run(input, mask)
+
+    def _run(self, input: Tensor, mask: Tensor | None, residual: Tensor | None = None) -> Tensor:
+        """The one forward: validate once, read the tensors once, choose the engine once
+        (`batchnorm.dispatch`: inference, torch's fused kernel, the reference transform +
+        commit, or the Triton kernels), run it; then `_finish` (a fused layer's residual and
+        activation) unless the engine computed them."""
         self._check_input_dim(input, mask)
-        backend = self.backend  # the Triton kernels: batchnorm.dispatch (auto: CUDA only)
-        if backend != "torch" and (input.is_cuda or backend == "triton"):
-            if _dispatch.use_kernels(self, input, mask):
-                return _dispatch.forward_kernels(self, input)
-        # Buffers straight from their dict: nn.Module.__getattr__ costs about 1 us a lookup,
-        # which a (60, 100) layer notices (torch's own forward pays it eight times).
-        buffers = self._buffers
-        running_mean = buffers["running_mean"]
-        training = self.training
-        if not training and running_mean is not None:
-            return F.batch_norm_inference(
-                input, running_mean, buffers["running_var"], self.weight, self.bias, self.eps,
-                axis=self._axis, backward=self.backward,
-            )  # fmt: skip
-        commit = training and self.track_running_stats and running_mean is not None
-        if (
-            commit
-            and mask is None
-            and self._fusable
-            and self.backward == "native"
-            and self.virtual_batch_size is None
-        ):
-            output = self._forward_fused(input, running_mean, buffers)
-            if output is not None:
-                return output
-        output, stats = self._transform(input, mask)
-        if commit and stats is not None:
-            self._commit(stats)
-        return output
+        state = _dispatch.state(self)
+        engine = _dispatch.choose(self, input, mask, residual, state)
+        output = engine.run(self, input, mask, residual, state)
+        return output if engine.activates else self._finish(output, residual)
+
+    def _finish(self, output: Tensor, residual: Tensor | None) -> Tensor:
+        return output  # a BN layer takes no residual; see batchnorm.fused
 
     def _check_input_dim(self, input: Tensor, mask: Tensor | None = None) -> None:
         dim = input.dim()
@@ -248,9 +213,9 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
                 f"{tuple(input.shape)})"
             )
         if not self.eps > 0:
-            F._check_eps(self.eps, self.training or self.running_mean is None)
+            F.check_eps(self.eps, self.training or self.running_mean is None)
         if mask is not None:
-            F._check_mask(mask, input, axis % dim)
+            F.check_mask(mask, input, axis % dim)
 
     def _transform(self, input: Tensor, mask: Tensor | None):
         """The transform step: (output, BatchStats or None), Algorithm 1 by default.
@@ -264,149 +229,33 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             stats=self.training and self.track_running_stats,
         )  # fmt: skip
 
-    def _momentum(self, readable: bool) -> float | Tensor:
-        if self.momentum is not None:
-            return self.momentum
-        # Cumulative average: the k-th tracked batch gets weight 1/k (Algorithm 2's E_B). A
-        # tensor unless reading k back is free, so that torch.compile keeps it in the graph
-        # instead of specializing (and recompiling) on every new k.
-        k = self.num_batches_tracked
-        if readable:
-            return 1.0 / (k.item() + 1)
-        return (k + 1).to(self.running_mean.dtype).reciprocal()
-
-    def _holds_commit(self) -> bool:
-        """Whether `_commit` would hold this forward's statistics back from the buffers
-        (deferred, or recomputed): a fused path that writes the buffers itself (the Triton
-        kernels, `batchnorm.dispatch`) must then not write them."""
-        return self._pending is not None or _recomputing()
-
     def _commit(self, stats: F.BatchStats) -> None:
-        """The commit step: move the running statistics towards ``stats``, in place, guarded.
-
-        The rule is `F.running_stats_step` (momentum, m/(m-1)); a batch whose step is not
-        finite leaves the buffers alone and counts in ``num_batches_skipped``, one that is
-        counts in ``num_batches_tracked``. On the CPU in eager mode the guard is read back and
-        branches; elsewhere it selects with `torch.where` and adds the 0-d bool ``updated`` to
-        the counters, so nothing synchronizes or breaks a compiled graph.
+        """The commit step: move the running statistics towards ``stats``, in place, guarded,
+        by the library's one rule (`batchnorm.functional.commit_running_stats`: momentum,
+        momentum=None's cumulative 1/k, Algorithm 2's m/(m-1), the non-finite guard, the
+        counters ``num_batches_tracked`` and ``num_batches_skipped``). Without a host
+        synchronization off the eager CPU.
 
         Held back in two cases, so that the buffers move once per real forward: while the
         layer defers its commit (`batchnorm.accumulate`: the statistics go to ``_pending``
-        and this rule commits their exact merge once per logical step), and while autograd
-        recomputes a checkpointed forward (`_recomputing`: nothing is committed).
+        and this step commits their exact merge once per logical step), and while autograd
+        recomputes a checkpointed forward (`recomputing`: nothing is committed).
         """
-        if _recomputing():
+        if recomputing():
             return
         if self._pending is not None:
             self._pending.add(stats)
             return
-        running_mean, running_var = self.running_mean, self.running_var
-        readable = _host_readable(running_var)
-        momentum = self._momentum(readable)
-        if readable:
-            new_mean, new_var = F.running_stats_step(running_mean, running_var, stats, momentum)
-            if math.isfinite(new_var.max().item()):
-                # Through .data, as torch's kernel writes them: no autograd version bump, so a
-                # graph that saved the buffers (torch's kernel does) stays valid.
-                torch._foreach_copy_([running_mean.data, running_var.data], [new_mean, new_var])
-                self.num_batches_tracked.add_(_ONE)
-            else:
-                self.num_batches_skipped.add_(_ONE)
-            return
-        new_mean, new_var, updated = F.update_running_stats(
-            running_mean, running_var, stats, momentum
-        )
-        self._write(running_mean, running_var, new_mean, new_var, updated)
+        s = _dispatch.state(self)
+        F.commit_running_stats(
+            s.running_mean, s.running_var, stats, self.momentum, s.num_batches_tracked,
+            s.num_batches_skipped,
+        )  # fmt: skip
 
-    def _write(self, running_mean, running_var, new_mean, new_var, updated: Tensor) -> None:
-        # The tensor form of the write-back: plain copies (foreach ops have no vmap rule) and
-        # the 0-d bool ``updated`` added to the counters.
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
-        self.num_batches_tracked.add_(updated)
-        self.num_batches_skipped.add_(~updated)
-
-    def _forward_fused(self, input: Tensor, running_mean: Tensor, buffers) -> Tensor | None:
-        """Transform and commit in one call of torch's kernel: the native path's fast case.
-
-        torch's kernel normalizes with the batch statistics and applies the same rule as
-        `F.running_stats_step` to the buffers in place. The guard then runs after it: a copy
-        of the two buffers taken before (one (2C,) cat) restores them if the new variance is
-        not finite. Off the eager CPU the kernel updates that copy instead, and the guard
-        selects between it and the buffers without reading anything back. Returns None where
-        this path does not apply (empty or one-value batches, which the transform reports;
-        momentum=None where 1/k must stay a tensor; a deferred commit, which needs the
-        statistics). A recomputed checkpointed forward runs the kernel on copies of the buffers.
-
-        Operations beyond torch.nn's forward (benchmarks/bench_bn.py counts them): the
-        backup ``cat``, and the guard's ``max`` with its read-back (``_local_scalar_dense``);
-        ``momentum=None`` reads k back (one more ``_local_scalar_dense``). Off the eager CPU
-        the guard is two clones, ``isfinite``, ``all``, two ``where``, two copies and the counters'
-        adds.
-        """
-        if self._pending is not None:
-            return None
-        axis = self._axis
-        channels = input.shape[axis]
-        if channels == 0 or input.numel() // channels < 2:
-            return None
-        running_var = buffers["running_var"]
-        weight = self._parameters["weight"]
-        if weight is not None and weight.dtype != running_var.dtype:
-            return None  # bf16 parameters, fp32 buffers (FSDP2 mixed precision): no such kernel
-        readable = _host_readable(running_var)
-        momentum = self.momentum
-        if momentum is None:
-            if not readable:
-                return None  # the commit step keeps 1/k a tensor in the graph
-            momentum = 1.0 / (buffers["num_batches_tracked"].item() + 1)
-        params = self._parameters
-        x = input if axis == 1 else input.movedim(axis, 1)
-        if _recomputing(readable):
-            # Autograd recomputes a checkpointed forward: the real forward's kernel call (a
-            # non-reentrant checkpoint checks that it saves the same tensors) on copies of
-            # the buffers, which the real forward already moved.
-            copies = running_mean.clone(), running_var.clone()
-            weight, bias = params["weight"], params["bias"]
-            if readable:
-                output = torch.native_batch_norm(
-                    x, weight, bias, *copies, True, momentum, self.eps
-                )[0]
-            else:
-                output = torch.batch_norm(
-                    x, weight, bias, *copies, True, momentum, self.eps,
-                    torch.backends.cudnn.enabled,
-                )  # fmt: skip
-            return output if axis == 1 else output.movedim(1, axis)
-        if readable:
-            backup = torch.cat((running_mean, running_var))
-            # On the CPU torch.batch_norm dispatches to this kernel through a composite layer
-            # (_batch_norm_impl_index) that only adds time; cuDNN paths never come here.
-            output = torch.native_batch_norm(
-                x, params["weight"], params["bias"], running_mean, running_var, True, momentum,
-                self.eps,
-            )[0]  # fmt: skip
-            if math.isfinite(running_var.max().item()):
-                buffers["num_batches_tracked"].add_(_ONE)
-            else:
-                # Roll back through .data, as the kernel wrote: no autograd version bump (the
-                # kernel saved the buffers for its backward, which does not read them).
-                old = backup.chunk(2)
-                torch._foreach_copy_([running_mean.data, running_var.data], list(old))
-                buffers["num_batches_skipped"].add_(_ONE)
-        else:
-            # The kernel updates copies (whole tensors: vmap's rule for the kernel does not
-            # write through views); the guard selects between them and the buffers.
-            new_mean, new_var = running_mean.clone(), running_var.clone()
-            output = torch.batch_norm(
-                x, params["weight"], params["bias"], new_mean, new_var, True, momentum, self.eps,
-                torch.backends.cudnn.enabled,
-            )  # fmt: skip
-            updated = F.all_finite(new_var)
-            kept_mean = torch.where(updated, new_mean, running_mean)
-            kept_var = torch.where(updated, new_var, running_var)
-            self._write(running_mean, running_var, kept_mean, kept_var, updated)
-        return output if axis == 1 else output.movedim(1, axis)
+    def _holds_commit(self) -> bool:
+        """Whether `_commit` holds this forward's statistics back (deferred, or recomputed):
+        an engine that writes the buffers itself (torch's kernel) must then not write."""
+        return self._pending is not None or recomputing()
 
     # ----------------------------------------------------------------------------------------
 
@@ -554,7 +403,7 @@ class _BatchRenormMixin:
                 "Batch Renormalization does not implement Ghost BN: virtual_batch_size must be "
                 f"None, got {kwargs['virtual_batch_size']!r}"
             )
-        F._check_renorm_limits(r_max, d_max)
+        F.check_renorm_limits(r_max, d_max)
         super().__init__(num_features, eps, momentum, *args, **kwargs)
         if not self.track_running_stats:
             raise ValueError(
@@ -571,7 +420,7 @@ class _BatchRenormMixin:
                 f"{type(self).__name__} takes no mask in training (Batch Renormalization "
                 "corrects full-batch statistics); a mask is accepted and ignored in eval mode"
             )
-        F._check_renorm_limits(self.r_max, self.d_max)
+        F.check_renorm_limits(self.r_max, self.d_max)
         return F.batch_renorm_transform(
             input, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
             r_max=self.r_max, d_max=self.d_max, axis=self._axis, backward=self.backward,

@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import functional as F
 from batchnorm.inference.recalibrate import recalibrate
-from batchnorm.modules import _BatchNormBase, _recomputing
+from batchnorm.modules import _BatchNormBase, recomputing
 
 __all__ = ["Accumulation", "accumulate", "checkpoint_safe", "ema_update", "EMA_BUFFERS"]
 
@@ -139,7 +139,7 @@ class Accumulation:
         self.open = True
 
     def _after_forward(self, module, args, output) -> None:
-        if not module.training or _recomputing():
+        if not module.training or recomputing():
             return  # evaluation and checkpoint recomputation are not micro-batches
         self.forwards += 1
         if self.forwards == self.steps:
@@ -268,7 +268,7 @@ class _RecomputeGuard:
             self.handles.append(layer.register_forward_hook(self._after, always_call=True))
 
     def _before(self, layer, args) -> None:
-        if layer.training and layer.track_running_stats and _recomputing():
+        if layer.training and layer.track_running_stats and recomputing():
             # The same kernel call as the real forward (a non-reentrant checkpoint checks
             # that it saves the same tensors), on copies of the buffers it would move.
             buffers = layer._buffers

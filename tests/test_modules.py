@@ -147,6 +147,28 @@ def test_non_finite_batches_are_skipped_and_counted():
     assert bn.num_batches_tracked.item() == 2
 
 
+@pytest.mark.parametrize("compiled_form", [False, True])
+def test_a_mean_that_16_bit_buffers_cannot_hold_is_skipped(monkeypatch, compiled_form):
+    # float32 input, float16 buffers: a batch mean of 7e4 is finite in float32 and its
+    # variance small, but float16 stores 7e4 as inf. The guard checks what the buffers would
+    # hold (mean included for 16-bit buffers); before issue 18 it looked at the variance
+    # alone and stored running_mean = inf. Both forms of the guard: read back on the CPU, and
+    # the torch.where form of GPUs and compiled graphs.
+    from batchnorm.functional import running
+
+    if compiled_form:
+        monkeypatch.setattr(running, "host_readable", lambda t: False)
+    bn = batchnorm.BatchNorm1d(3)
+    bn.running_mean = bn.running_mean.half()
+    bn.running_var = bn.running_var.half()
+    bn(torch.randn(8, 3))
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    bn(7e4 + torch.randn(8, 3))
+    assert torch.isfinite(bn.running_mean).all() and torch.equal(bn.running_mean, before[0])
+    assert torch.equal(bn.running_var, before[1])
+    assert (bn.num_batches_tracked.item(), bn.num_batches_skipped.item()) == (1, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_input_into_float32_layer(dtype):
     bn = batchnorm.BatchNorm2d(4)

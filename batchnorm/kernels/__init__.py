@@ -1,10 +1,12 @@
-"""Fused Triton kernels for BN + activation (+ residual): Algorithm 1's forward with the
-running-statistics update on the device, the paper's backward (Sec. 3), Algorithm 2's eval
-map, and In-Place ABN's memory-saving backward.
+"""Fused Triton kernels for BN + activation (+ residual): Algorithm 1's forward (output and
+batch statistics in one or two launches), the paper's backward (Sec. 3), Algorithm 2's eval
+map, and In-Place ABN's memory-saving backward. The running statistics are committed by the
+library's one rule (`batchnorm.functional.commit_running_stats`).
 
 Triton is imported only when a kernel is first used, so ``import batchnorm`` never needs it.
-Public names: `batch_norm_act` (the functional form), `BatchNormActFunction` (its
-autograd.Function), `gamma_invertible`, and for dispatchers `is_available`, `supports`,
+Public names: `batch_norm_act` (the functional form), `transform` (the same without the
+commit, for a layer's forward), `BatchNormActFunction` (their autograd.Function),
+`gamma_invertible`, and for dispatchers `is_available`, `supports`,
 `transformed` and `has_tangent`.
 See docs/kernels.md.
 """
@@ -23,6 +25,7 @@ from batchnorm.kernels.layout import DTYPES, addressable
 
 __all__ = [
     "batch_norm_act",
+    "transform",
     "BatchNormActFunction",
     "gamma_invertible",
     "is_available",
@@ -59,6 +62,13 @@ def supports(input: torch.Tensor) -> bool:
 def batch_norm_act(*args, **kwargs):
     """act(BN(input) + residual) by the Triton kernels; see `function.batch_norm_act`."""
     from batchnorm.kernels.function import batch_norm_act as impl
+
+    return impl(*args, **kwargs)
+
+
+def transform(*args, **kwargs):
+    """The kernels as a transform step, (output, batch statistics); see `function.transform`."""
+    from batchnorm.kernels.function import transform as impl
 
     return impl(*args, **kwargs)
 

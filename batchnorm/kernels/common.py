@@ -11,7 +11,6 @@ from batchnorm.activations import ACTIVATIONS as REGISTRY
 # The activations the kernels implement, name -> the ACT code `activate` branches on: read
 # from the one registry (batchnorm.activations, which imports only torch).
 ACTIVATIONS = {name: act.kernel for name, act in REGISTRY.items() if act.kernel is not None}
-FLT_MAX = 3.4028234663852886e38  # |v| <= FLT_MAX is "finite" (NaN compares false)
 
 
 @triton.jit
@@ -27,12 +26,6 @@ def tile(t, tiles_per_row, cols, chans, C, BLOCK_S: tl.constexpr):
 def addr(row, s, chans, stride_n, stride_s, stride_c):
     # (BLOCK_S, BLOCK_C) element offsets; see layout.Geometry.
     return row * stride_n + s[:, None] * stride_s + chans[None, :] * stride_c
-
-
-@triton.jit
-def stored(ptr, value):
-    """``value`` as ``ptr``'s dtype holds it, back in float32 (what a store would keep)."""
-    return value.to(ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit

@@ -6,13 +6,13 @@ otherwise:
   1. ``_partial_moments``: a (channel block, split) grid; each program writes the exact
      (n, mean, M2) of its share of one channel block's values, shifted by each channel's
      first value (`common.shift_of`).
-  2. ``_normalize_commit``: the same grid; each program merges its channel block's partials
+  2. ``_normalize_merged``: the same grid; each program merges its channel block's partials
      (`merge_stats`'s formula), normalizes its share and applies act(. + residual). Program
-     (0, 0) also merges every block, writes the saved statistics and commits the running
-     statistics: the guard (a non-finite new running mean or variance in ANY channel skips
-     the whole update and increments ``num_batches_skipped``, else ``num_batches_tracked``
-     is incremented) and the cumulative momentum 1/(k+1) read from ``num_batches_tracked``
-     happen on the device, so nothing waits for the host.
+     (0, 0) also merges every block and writes the batch statistics it returns.
+
+The running statistics are not written here: the kernels return mu_B and sigma2_B, and the
+caller commits them by the library's one rule (`batchnorm.functional.commit_running_stats`),
+as every other engine does.
 """
 
 from __future__ import annotations
@@ -27,59 +27,12 @@ from batchnorm.kernels.layout import geometry
 
 
 @triton.jit
-def _running_step(rm_ptr, rv_ptr, chans, cmask, mean, var, momentum, unbias):
-    # torch's convention: momentum weighs the new value; running_var stores m/(m-1) sigma2_B.
-    rm = tl.load(rm_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
-    rv = tl.load(rv_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
-    return rm + momentum * (mean - rm), rv + momentum * (var * unbias - rv)
-
-
-@triton.jit
-def _commit(
-    mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, C, momentum, unbias,
-    BLOCK_C: tl.constexpr, HAS_TRACKED: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-    CUMULATIVE: tl.constexpr,
-):
-    """Guarded running-statistics update from the saved batch statistics (one program): the
-    guard checks the new values as the buffers' dtype stores them."""
-    tl.debug_barrier()  # the saved statistics were just written by other threads of this program
-    if CUMULATIVE:
-        momentum = 1.0 / (tl.load(nbt_ptr).to(tl.float32) + 1.0)
-    bad = tl.zeros([BLOCK_C], tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        chans = c0 + tl.arange(0, BLOCK_C)
-        cmask = chans < C
-        mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
-        var = tl.load(var_ptr + chans, mask=cmask, other=0.0)
-        new_m, new_v = _running_step(rm_ptr, rv_ptr, chans, cmask, mean, var, momentum, unbias)
-        # Guard what the buffers would hold: 1e5 is finite in float32, inf in float16.
-        new_m, new_v = K.stored(rm_ptr, new_m), K.stored(rv_ptr, new_v)
-        finite = (tl.abs(new_m) <= K.FLT_MAX) & (tl.abs(new_v) <= K.FLT_MAX)
-        bad += tl.where(cmask, tl.where(finite, 0, 1), 0)
-    ok = tl.sum(bad, 0) == 0
-    for c0 in range(0, C, BLOCK_C):
-        chans = c0 + tl.arange(0, BLOCK_C)
-        cmask = chans < C
-        mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
-        var = tl.load(var_ptr + chans, mask=cmask, other=0.0)
-        new_m, new_v = _running_step(rm_ptr, rv_ptr, chans, cmask, mean, var, momentum, unbias)
-        K.store(rm_ptr + chans, new_m, cmask & ok)
-        K.store(rv_ptr + chans, new_v, cmask & ok)
-    if HAS_TRACKED:
-        tl.store(nbt_ptr, tl.load(nbt_ptr) + ok.to(tl.int64))
-    if HAS_SKIPPED:
-        tl.store(nbs_ptr, tl.load(nbs_ptr) + (1 - ok.to(tl.int64)))
-
-
-@triton.jit
 def _forward_single(
     x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
-    w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, mean_ptr, var_ptr,
-    C, tiles_per_row, cols, tiles, momentum, unbias, eps, slope,
+    w_ptr, b_ptr, mean_ptr, var_ptr,
+    C, tiles_per_row, cols, tiles, eps, slope,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-    HAS_RUNNING: tl.constexpr, HAS_TRACKED: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-    CUMULATIVE: tl.constexpr,
 ):
     # Small inputs: one program, channel block after channel block (launch-bound regime).
     for c0 in range(0, C, BLOCK_C):
@@ -98,11 +51,6 @@ def _forward_single(
         K.normalize_range(
             x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
             0, tiles, tiles_per_row, cols, chans, C, mean, a, beta, slope, BLOCK_S, ACT, HAS_R,
-        )
-    if HAS_RUNNING:
-        _commit(
-            mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, C, momentum, unbias,
-            BLOCK_C, HAS_TRACKED, HAS_SKIPPED, CUMULATIVE,
         )
 
 
@@ -143,15 +91,13 @@ def _merged(pn_ptr, pmean_ptr, pm2_ptr, chans, cmask, C, splits, SPLITS_P2: tl.c
 
 
 @triton.jit
-def _normalize_commit(
+def _normalize_merged(
     x_ptr, sxn, sxs, sxc, y_ptr, syn, sys, syc, r_ptr, srn, srs, src,
-    w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, mean_ptr, var_ptr,
+    w_ptr, b_ptr, mean_ptr, var_ptr,
     pn_ptr, pmean_ptr, pm2_ptr,
-    C, tiles_per_row, cols, tiles, tiles_per_split, splits, momentum, unbias, eps, slope,
+    C, tiles_per_row, cols, tiles, tiles_per_split, splits, eps, slope,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr, ACT: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-    HAS_RUNNING: tl.constexpr, HAS_TRACKED: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-    CUMULATIVE: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -167,7 +113,7 @@ def _normalize_commit(
         t_begin, t_end, tiles_per_row, cols, chans, C, mean, a, beta, slope, BLOCK_S, ACT, HAS_R,
     )
     if (pid_c == 0) & (split == 0):
-        # One program sees every channel: the guard is all-or-nothing over the batch.
+        # One program writes every channel's batch statistics.
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             csmask = cs < C
@@ -175,11 +121,6 @@ def _normalize_commit(
             m = K.shift_of(x_ptr, sxc, cs, csmask) + m
             tl.store(mean_ptr + cs, m, mask=csmask)
             tl.store(var_ptr + cs, v, mask=csmask)
-        if HAS_RUNNING:
-            _commit(
-                mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, nbs_ptr, C, momentum, unbias,
-                BLOCK_C, HAS_TRACKED, HAS_SKIPPED, CUMULATIVE,
-            )
 
 
 @triton.jit
@@ -217,15 +158,11 @@ def _io(x, residual, out_dtype):
 
 
 def forward_train(
-    x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-    num_batches_skipped, momentum, eps, activation, negative_slope, out_dtype=None,
-    allow_single=True,
+    x, weight, bias, residual, eps, activation, negative_slope, out_dtype=None, allow_single=True
 ):
     """Training forward: y = act(BN(x) + residual) with batch statistics; returns
-    (y, mean, var), the batch's mu_B and biased sigma2_B in float32 (C,).
-
-    The running statistics and counters (any may be None) are updated in place on the device;
-    ``momentum=None`` is the cumulative average. Arguments are validated by the caller
+    (y, mean, var), the batch's mu_B and biased sigma2_B in float32 (C,), which the caller
+    commits to the running statistics. Arguments are validated by the caller
     (`batchnorm.kernels.batch_norm_act`); x has N > 0 and more than one value per channel.
     """
     (x, y, r), geom, strides = _io(x, residual, out_dtype)
@@ -233,21 +170,13 @@ def forward_train(
     c = geom.channels
     mean = torch.empty(c, device=x.device, dtype=torch.float32)
     var = torch.empty_like(mean)
-    m = geom.count
     tiles_per_row = launch.tiles // geom.rows
     flags = dict(
         BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, ACT=K.ACTIVATIONS[activation],
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-        HAS_RUNNING=running_mean is not None, HAS_TRACKED=num_batches_tracked is not None,
-        HAS_SKIPPED=num_batches_skipped is not None, CUMULATIVE=momentum is None,
     )
-    pointers = [
-        t if t is not None else mean
-        for t in (weight, bias, running_mean, running_var, num_batches_tracked,
-                  num_batches_skipped)
-    ]
-    scalars = (0.0 if momentum is None else float(momentum), m / (m - 1), float(eps),
-               float(negative_slope))
+    pointers = [t if t is not None else mean for t in (weight, bias)]
+    scalars = (float(eps), float(negative_slope))
     if launch.single:
         _forward_single[(1,)](
             x, *strides[0:3], y, *strides[3:6], r, *strides[6:9], *pointers, mean, var,
@@ -261,7 +190,7 @@ def forward_train(
         x, *strides[0:3], pn, pmean, pm2, c, tiles_per_row, geom.cols, launch.tiles,
         launch.tiles_per_split, BLOCK_S=launch.block_s, BLOCK_C=launch.block_c,
     )
-    _normalize_commit[grid](
+    _normalize_merged[grid](
         x, *strides[0:3], y, *strides[3:6], r, *strides[6:9], *pointers, mean, var,
         pn, pmean, pm2, c, tiles_per_row, geom.cols, launch.tiles, launch.tiles_per_split,
         launch.splits, *scalars, SPLITS_P2=launch.splits_p2, **flags,

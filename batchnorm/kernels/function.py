@@ -1,8 +1,11 @@
-"""The Triton BN + activation (+ residual) as one autograd.Function and its functional form.
+"""The Triton BN + activation (+ residual) as one autograd.Function and its functional forms.
 
 Conventions are those of `batchnorm.functional` (biased sigma2_B for normalizing, unbiased
-running_var, momentum weighing the new value, the non-finite guard), here applied on the
-device by the kernels in `forward` and `backward`.
+running_var, momentum weighing the new value, the non-finite guard). The kernels in
+`forward` and `backward` compute the output, the batch statistics and the gradients; the
+running statistics are committed by the library's one rule,
+`batchnorm.functional.commit_running_stats` (`batch_norm_act`), or by the layer that called
+`transform` (`batchnorm.dispatch`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchnorm.functional import has_tangent, transformed
+from batchnorm.functional import (
+    BatchStats,
+    check_training_batch,
+    commit_running_stats,
+    has_tangent,
+    transformed,
+)
 from batchnorm.kernels import backward as B
 from batchnorm.kernels import forward as F
 from batchnorm.kernels.common import ACTIVATIONS, REGISTRY
@@ -124,10 +133,7 @@ class BatchNormActFunction(torch.autograd.Function):
         residual,
         running_mean,
         running_var,
-        num_batches_tracked,
-        num_batches_skipped,
         training,
-        momentum,
         eps,
         activation,
         negative_slope,
@@ -141,39 +147,24 @@ class BatchNormActFunction(torch.autograd.Function):
             out_dtype = torch.promote_types(out_dtype, residual.dtype)
         if input.numel() == 0:
             # Empty batch, spatial size or channels: nothing to normalize, nothing to learn
-            # from; buffers untouched (as the torch path).
+            # from, no statistics (the caller commits nothing).
             ctx.empty = True
             ctx.save_for_backward(input, weight, bias, residual)
-            return torch.empty_like(input, dtype=out_dtype)
+            none = input.new_full((input.shape[1],), float("nan"), dtype=torch.float32)
+            ctx.mark_non_differentiable(none)
+            return torch.empty_like(input, dtype=out_dtype), none, none
         ctx.empty = False
         w, b = _unit_stride(weight), _unit_stride(bias)
-        rm, rv = _unit_stride(running_mean), _unit_stride(running_var)
         if use_batch:
-            commit = training and rm is not None
             output, mean, var = F.forward_train(
-                input,
-                w,
-                b,
-                residual,
-                rm if commit else None,
-                rv if commit else None,
-                num_batches_tracked if commit else None,
-                num_batches_skipped if commit else None,
-                momentum,
-                eps,
-                activation,
-                negative_slope,
-                out_dtype,
+                input, w, b, residual, eps, activation, negative_slope, out_dtype
             )
-            if commit and rm is not running_mean:
-                running_mean.copy_(rm)
-            if commit and rv is not running_var:
-                running_var.copy_(rv)
         else:
+            rm, rv = _unit_stride(running_mean), _unit_stride(running_var)
             output = F.forward_eval(
                 input, w, b, residual, rm, rv, eps, activation, negative_slope, out_dtype
             )
-            mean, var = rm, rv
+            mean, var = rm.detach(), rv.detach()  # new tensors: an input is never an output
         ctx.memory_saving = memory_saving and gamma_invertible(
             weight, bias=bias, dtype=output.dtype
         )
@@ -184,10 +175,11 @@ class BatchNormActFunction(torch.autograd.Function):
             ctx.save_for_backward(
                 input, mean, var, weight, bias, residual, output if keep_output else None
             )
-        return output
+        ctx.mark_non_differentiable(mean, var)
+        return output, mean, var
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: D102
+    def backward(ctx, grad_output, _grad_mean, _grad_var):  # noqa: D102
         needs = ctx.needs_input_grad[:4]
         try:
             saved = ctx.saved_tensors
@@ -205,7 +197,7 @@ class BatchNormActFunction(torch.autograd.Function):
                 torch.zeros_like(t) if t is not None and need else None
                 for t, need in zip(saved, needs)
             ]
-            return (*input_grads, *([None] * 10))
+            return (*input_grads, *([None] * 7))
         if torch.is_grad_enabled() or transformed(grad_output):
             if ctx.memory_saving and torch.is_grad_enabled():
                 raise RuntimeError(
@@ -213,7 +205,7 @@ class BatchNormActFunction(torch.autograd.Function):
                     "layer: the input was not kept, so the gradients cannot be differentiated "
                     "with respect to it; use memory_saving=False"
                 )
-            return (*_torch_gradients(ctx, grad_output, saved), *([None] * 10))
+            return (*_torch_gradients(ctx, grad_output, saved), *([None] * 7))
         x, mean, var, weight, bias, residual, output = saved
         dx, dw, db, dr = B.backward(
             grad_output,
@@ -231,7 +223,7 @@ class BatchNormActFunction(torch.autograd.Function):
             ctx.memory_saving,
             needs,
         )
-        return dx, dw, db, dr, *([None] * 10)
+        return dx, dw, db, dr, *([None] * 7)
 
 
 def _check(
@@ -304,13 +296,8 @@ def _check(
             )
     if training and running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if training and input.numel() > 0 and input.numel() // c <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got {input.numel() // c} "
-            f"(input size {tuple(input.shape)}): the batch variance of a single value is "
-            "undefined. Use a larger batch, drop the last incomplete batch, or evaluate with "
-            "population statistics (eval mode)."
-        )
+    if training and input.numel() > 0:
+        check_training_batch(input, 1, input.numel() // c)
 
 
 def batch_norm_act(
@@ -333,11 +320,12 @@ def batch_norm_act(
 
     Algorithm 1 in training (batch statistics; two kernel launches, one for small inputs),
     Algorithm 2's affine map otherwise (one elementwise launch). Conventions are those of
-    `batchnorm.functional`; unlike its pure functions, this one writes the buffers like a
-    layer's commit step would, on the device and without synchronizing: the running
-    statistics move (momentum weighs the new value; ``momentum=None`` is the cumulative
-    average 1/(k+1), k = ``num_batches_tracked``) unless a statistic is not finite, and
-    ``num_batches_tracked`` or ``num_batches_skipped`` is incremented.
+    `batchnorm.functional`; unlike its pure functions, this one writes the buffers as a
+    layer's commit step does, by the same function (`commit_running_stats`, without a host
+    synchronization on a GPU): the running statistics move (momentum weighs the new value;
+    ``momentum=None`` is the cumulative average 1/(k+1), k = ``num_batches_tracked``) unless
+    a statistic is not finite, and ``num_batches_tracked`` or ``num_batches_skipped`` is
+    incremented.
 
     Args:
         input: (N, C, *) float32, float16 or bfloat16 on a CUDA device (or on the CPU under
@@ -374,19 +362,42 @@ def batch_norm_act(
         negative_slope,
         memory_saving,
     )
-    return BatchNormActFunction.apply(
-        input,
-        weight,
-        bias,
-        residual,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        num_batches_skipped,
-        training,
-        momentum,
-        eps,
-        activation,
-        negative_slope,
-        memory_saving,
-    )
+    output, stats = transform(
+        input, weight, bias, residual, running_mean, running_var, training, eps, activation,
+        negative_slope, memory_saving,
+    )  # fmt: skip
+    if stats is not None and running_mean is not None and training:
+        commit_running_stats(
+            running_mean, running_var, stats, momentum, num_batches_tracked, num_batches_skipped
+        )
+    return output
+
+
+def transform(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    memory_saving: bool,
+) -> tuple[Tensor, BatchStats | None]:
+    """The kernels as a transform step: (act(BN(input) + residual), the batch statistics or
+    None), nothing written. For a caller that has checked its arguments (a layer:
+    `batchnorm.dispatch`); `batch_norm_act` checks them, then commits what this returns.
+    The statistics are None in eval mode with running statistics and for an empty input."""
+    use_batch = training or running_mean is None
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if use_batch and count:
+        check_training_batch(input, 1, count)
+    output, mean, var = BatchNormActFunction.apply(
+        input, weight, bias, residual, running_mean, running_var, training, eps, activation,
+        negative_slope, memory_saving,
+    )  # fmt: skip
+    if not use_batch or input.numel() == 0:
+        return output, None
+    return output, BatchStats(mean, var, count)

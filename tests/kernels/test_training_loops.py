@@ -1,6 +1,7 @@
 """The Triton kernels in training loops (batchnorm.training), on the CPU under the interpreter:
-a deferred commit takes the torch path (the kernels keep the statistics to themselves), and a
-recomputed checkpointed forward runs the kernels without their in-kernel update.
+the kernels return the batch statistics and the layer's one commit step handles them, so a
+deferred commit runs on the kernels and commits the exact merge once, and a recomputed
+checkpointed forward runs the kernels and commits nothing.
 
 Oracles: the same layer without checkpointing (state, gradients), one forward over the
 concatenated micro-batches (state).
@@ -18,21 +19,21 @@ from batchnorm import dispatch, kernels
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Record, per kernel call, whether it was handed the running statistics to update."""
+    """Record, per kernel call of a layer, whether autograd was recomputing a checkpoint."""
     calls = []
-    real = kernels.batch_norm_act
+    real = kernels.transform
 
-    def recording(input, weight, bias, running_mean, *args, **kwargs):
-        calls.append(running_mean is not None)
-        return real(input, weight, bias, running_mean, *args, **kwargs)
+    def recording(*args, **kwargs):
+        calls.append(torch._C._current_graph_task_id() != -1)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(dispatch.kernels, "batch_norm_act", recording)
+    monkeypatch.setattr(dispatch.kernels, "transform", recording)
     return calls
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("layer_class", [batchnorm.BatchNorm2d, batchnorm.BatchNormAct2d])
-def test_checkpoint_recompute_runs_the_kernels_without_the_update(spy, layer_class, reentrant):
+def test_checkpoint_recompute_runs_the_kernels_and_commits_nothing(spy, layer_class, reentrant):
     torch.manual_seed(0)
     layer = layer_class(3, backend="triton")
     ref = copy.deepcopy(layer)
@@ -40,7 +41,7 @@ def test_checkpoint_recompute_runs_the_kernels_without_the_update(spy, layer_cla
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     checkpoint(layer, xa, use_reentrant=reentrant).square().sum().backward()
     ref(xb).square().sum().backward()
-    assert spy == [True, False, True]  # the real forward, its recomputation, the reference
+    assert spy == [False, True, False]  # the real forward, its recomputation, the reference
     torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=0, atol=0)
     torch.testing.assert_close(layer.running_var, ref.running_var, rtol=0, atol=0)
     assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked) == 1
@@ -48,7 +49,7 @@ def test_checkpoint_recompute_runs_the_kernels_without_the_update(spy, layer_cla
     torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
 
 
-def test_accumulate_takes_the_torch_path_and_commits_once(spy):
+def test_accumulate_runs_the_kernels_and_commits_once(spy):
     torch.manual_seed(0)
     layer = batchnorm.BatchNorm2d(3, backend="triton")
     ref = copy.deepcopy(layer)
@@ -56,10 +57,12 @@ def test_accumulate_takes_the_torch_path_and_commits_once(spy):
     with batchnorm.accumulate(layer):
         for x in xs:
             layer(x)
-    assert spy == []
+    assert spy == [False, False, False]  # each micro-batch on the kernels
     ref(torch.cat(xs))
     torch.testing.assert_close(layer.running_mean, ref.running_mean)
     torch.testing.assert_close(layer.running_var, ref.running_var)
     assert int(layer.num_batches_tracked) == 1
+    before = layer.running_mean.clone()
     layer(xs[0])
-    assert spy == [True, True]  # after the step the kernels commit again
+    assert len(spy) == 5 and int(layer.num_batches_tracked) == 2  # after the step: commits
+    assert not torch.equal(layer.running_mean, before)
