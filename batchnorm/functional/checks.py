@@ -26,6 +26,7 @@ __all__ = [
     "check_arguments",
     "check_virtual_batch_size",
     "check_renorm_limits",
+    "check_residual",
 ]
 
 
@@ -134,3 +135,23 @@ def check_virtual_batch_size(v) -> None:
 def check_renorm_limits(r_max: float, d_max: float) -> None:
     if not (r_max >= 1 and d_max >= 0):
         raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+
+
+def check_residual(
+    input: Tensor, residual: Tensor | None, memory_saving: bool = False, who: str = ""
+) -> None:
+    """A residual of fused BN, act(BN(x) + residual), has the input's shape; memory saving
+    takes none. ``who`` (a layer's name) opens the message."""
+    if residual is None:
+        return
+    prefix = f"{who} " if who else ""
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"{prefix}expected a residual of the input's shape {tuple(input.shape)}, got "
+            f"{tuple(residual.shape)}"
+        )
+    if memory_saving:
+        raise ValueError(
+            f"{prefix}memory_saving=True takes no residual: subtracting it from the output "
+            "would cancel most digits of gamma * xhat; add the residual after the layer instead"
+        )
