@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 __all__ = [
+    "check_input",
     "channel_axis",
     "transformed",
     "has_tangent",
@@ -28,6 +29,38 @@ __all__ = [
     "check_renorm_limits",
     "check_residual",
 ]
+
+
+def check_input(
+    input: Tensor, num_features: int, axis: int = 1, ranks: tuple[int, ...] = (), who: str = ""
+) -> None:
+    """A layer's input, before any work: a rank in ``ranks`` (any rank >= 2 when empty), a
+    channel ``axis`` it has, a floating-point dtype, ``num_features`` channels. The errors
+    name ``who`` (the layer), what it expected and what came."""
+    dim = input.dim()
+    if ranks:
+        if dim not in ranks:
+            expected = " or ".join(f"{r}D" for r in ranks)
+            raise ValueError(
+                f"{who} expected {expected} input, got {dim}D input of shape {tuple(input.shape)}"
+            )
+    elif dim < 2:
+        raise ValueError(
+            f"{who} expected input of at least 2 dimensions (N, C, ...), "
+            f"got shape {tuple(input.shape)}"
+        )
+    if not -dim <= axis < dim:
+        raise ValueError(
+            f"{who} normalizes channel axis {axis}, which input of shape "
+            f"{tuple(input.shape)} does not have"
+        )
+    if not input.is_floating_point():
+        raise TypeError(f"{who} expected a floating-point input, got {input.dtype}")
+    if input.shape[axis] != num_features:
+        raise ValueError(
+            f"{who}({num_features}) expected {num_features} channels on axis {axis}, got "
+            f"{input.shape[axis]} (input shape {tuple(input.shape)})"
+        )
 
 
 def channel_axis(input: Tensor, axis: int) -> int:
