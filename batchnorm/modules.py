@@ -124,10 +124,8 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         virtual_batch_size: int | None = None,
         backend: str = "auto",
     ) -> None:
-        if not eps >= 0:  # never valid; eps = 0 is torch's "eval only" (checked in forward)
-            raise ValueError(f"eps must be positive, got {eps}")
-        if backward not in ("native", "paper"):
-            raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
+        F.check_eps(eps, batch_statistics=False)  # eps = 0 is torch's "eval only": see forward
+        F.check_backward(backward)
         if virtual_batch_size is not None:
             F.check_virtual_batch_size(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)

@@ -54,6 +54,7 @@ from batchnorm.functional.backward import BatchNormFunction, batch_norm_backward
 from batchnorm.functional.checks import (
     channel_axis,
     check_arguments,
+    check_backward,
     check_eps,
     check_input,
     check_mask,
@@ -118,6 +119,7 @@ __all__ = [
     # (`running`) and the helpers that the layers, the collectives and the kernels build on.
     "channel_axis",
     "check_arguments",
+    "check_backward",
     "check_eps",
     "check_input",
     "check_mask",

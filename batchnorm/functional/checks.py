@@ -25,6 +25,7 @@ __all__ = [
     "check_mask",
     "check_training_batch",
     "check_arguments",
+    "check_backward",
     "check_virtual_batch_size",
     "check_renorm_limits",
     "check_residual",
@@ -122,7 +123,8 @@ def check_eps(eps: float, batch_statistics: bool) -> None:
     if batch_statistics and not eps > 0:
         raise ValueError(f"eps must be positive when normalizing with batch statistics, got {eps}")
     if not eps >= 0:
-        raise ValueError(f"eps must be non-negative, got {eps}")
+        # torch's words (its module tests match "eps must be positive").
+        raise ValueError(f"eps must be positive (or 0 with population statistics), got {eps}")
 
 
 def check_mask(mask: Tensor, input: Tensor, axis: int) -> None:
@@ -148,9 +150,14 @@ def check_training_batch(input: Tensor, axis: int, count: int, what: str = "") -
         )
 
 
-def check_arguments(input, axis, eps, batch_statistics, backward, mask, virtual_batch_size):
+def check_backward(backward: str) -> None:
+    """``backward`` names a backward pass: "native" (torch's kernel) or "paper" (Sec. 3)."""
     if backward not in ("native", "paper"):
         raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
+
+
+def check_arguments(input, axis, eps, batch_statistics, backward, mask, virtual_batch_size):
+    check_backward(backward)
     axis = channel_axis(input, axis)
     check_eps(eps, batch_statistics)
     if mask is not None:
