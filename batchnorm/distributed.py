@@ -143,12 +143,7 @@ class SyncBatchNorm(_BatchNormBase):
         if local <= 1 and int(stats.count) <= 1:
             if int(stats.count) == 0:  # every rank's batch is empty or fully masked:
                 return super()._transform(input, mask)  # the single-process answer, (y, None)
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got "
-                f"{int(stats.count)} over all {dist.get_world_size(self.process_group)} ranks "
-                f"(this rank's input size {tuple(input.shape)}): the batch variance of a single "
-                "value is undefined."
-            )
+            F.check_training_batch(input, 1, int(stats.count), self._over_ranks())
         output = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, stats.mean, stats.var, stats.count, self.eps,
             self.process_group, timeout, mask,
@@ -164,12 +159,11 @@ class SyncBatchNorm(_BatchNormBase):
         if int(stats.count) <= 1:
             if int(stats.count) == 0:
                 return F.empty_output(input, self.weight, self.bias, 1), None
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got "
-                f"{int(stats.count)} over all {dist.get_world_size(self.process_group)} ranks "
-                f"(this rank's input size {tuple(input.shape)})"
-            )
+            F.check_training_batch(input, 1, int(stats.count), self._over_ranks())
         return output, stats
+
+    def _over_ranks(self) -> str:
+        return f" over all {dist.get_world_size(self.process_group)} ranks"
 
     def _settings(self) -> dict:
         # Only what this constructor takes: no bias=False, no Ghost BN.

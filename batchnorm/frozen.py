@@ -18,6 +18,7 @@ from batchnorm.swap import TRAINING_ONLY, FixedBatchNorm, rebuild, restore, trac
 
 __all__ = ["FrozenBatchNorm"]
 
+
 class FrozenBatchNorm(FixedBatchNorm):
     """BN with fixed statistics in train and eval mode: Algorithm 2's inference map, always.
 
@@ -135,11 +136,7 @@ class FrozenBatchNorm(FixedBatchNorm):
         ignore it in eval mode (so a model that passes one keeps working once frozen)."""
         if isinstance(input, Proxy):
             return M.fx_leaf(self, input, mask)
-        if input.dim() < 2 or input.shape[self.axis] != self.num_features:
-            raise ValueError(
-                f"FrozenBatchNorm({self.num_features}) expected {self.num_features} channels on "
-                f"axis {self.axis}, got input of shape {tuple(input.shape)}"
-            )
+        F.check_input(input, self.num_features, self.axis, (), type(self).__name__)
         if mask is not None:
             F.check_mask(mask, input, self.axis % input.dim())
         return F.normalize(

@@ -23,6 +23,7 @@ from batchnorm import modules as M
 from batchnorm.activations import ACTIVATIONS, check_activation
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.frozen import FrozenBatchNorm
+from batchnorm.functional import check_residual
 from batchnorm.swap import rebuild, restore
 
 __all__ = [
@@ -45,22 +46,6 @@ def activate(input: Tensor, activation: str, negative_slope: float = 0.01) -> Te
 def activation_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
     """The torch.nn module of an activation (what stays in place when a BN is folded away)."""
     return ACTIVATIONS[activation].make_module(negative_slope)
-
-
-def _check_residual(layer: nn.Module, input: Tensor, residual: Tensor | None) -> None:
-    if residual is None:
-        return
-    if residual.shape != input.shape:
-        raise ValueError(
-            f"{type(layer).__name__} expected a residual of the input's shape "
-            f"{tuple(input.shape)}, got {tuple(residual.shape)}"
-        )
-    if getattr(layer, "memory_saving", False):
-        raise ValueError(
-            f"{type(layer).__name__}(memory_saving=True) takes no residual: subtracting it from "
-            "the output would cancel most digits of gamma * xhat; add the residual after the "
-            "layer instead"
-        )
 
 
 class _Activated:
@@ -109,7 +94,7 @@ class _BatchNormActMixin(_Activated):
         """act(BN(input) + residual); ``mask`` as for the BN layers (torch path only)."""
         if isinstance(input, Proxy):
             return M.fx_leaf(self, input, residual, mask)
-        _check_residual(self, input, residual)
+        check_residual(input, residual, getattr(self, "memory_saving", False), type(self).__name__)
         return self._run(input, mask, residual)
 
     def _finish(self, output: Tensor, residual: Tensor | None) -> Tensor:
@@ -237,7 +222,7 @@ class FrozenBatchNormAct(_Activated, FrozenBatchNorm):
         """act(FrozenBatchNorm(input) + residual); ``mask`` checked and ignored, as there."""
         if isinstance(input, Proxy):
             return M.fx_leaf(self, input, residual, mask)
-        _check_residual(self, input, residual)
+        check_residual(input, residual, getattr(self, "memory_saving", False), type(self).__name__)
         return self._activate(super().forward(input, mask), residual)
 
     def to_batchnorm(self) -> nn.Module:

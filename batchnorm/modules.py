@@ -124,10 +124,8 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         virtual_batch_size: int | None = None,
         backend: str = "auto",
     ) -> None:
-        if not eps >= 0:  # never valid; eps = 0 is torch's "eval only" (checked in forward)
-            raise ValueError(f"eps must be positive, got {eps}")
-        if backward not in ("native", "paper"):
-            raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
+        F.check_eps(eps, batch_statistics=False)  # eps = 0 is torch's "eval only": see forward
+        F.check_backward(backward)
         if virtual_batch_size is not None:
             F.check_virtual_batch_size(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
@@ -183,39 +181,11 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
         return output  # a BN layer takes no residual; see batchnorm.fused
 
     def _check_input_dim(self, input: Tensor, mask: Tensor | None = None) -> None:
-        dim = input.dim()
-        if self._ranks:
-            if dim not in self._ranks:
-                expected = " or ".join(f"{r}D" for r in self._ranks)
-                raise ValueError(
-                    f"{type(self).__name__} expected {expected} input, got {dim}D input "
-                    f"of shape {tuple(input.shape)}"
-                )
-        elif dim < 2:
-            raise ValueError(
-                f"{type(self).__name__} expected input of at least 2 dimensions (N, C, ...), "
-                f"got shape {tuple(input.shape)}"
-            )
-        axis = self._axis
-        if not -dim <= axis < dim:
-            raise ValueError(
-                f"{type(self).__name__} normalizes channel axis {axis}, which input of shape "
-                f"{tuple(input.shape)} does not have"
-            )
-        if not input.is_floating_point():
-            raise TypeError(
-                f"{type(self).__name__} expected a floating-point input, got {input.dtype}"
-            )
-        if input.shape[axis] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
-                f"channels on axis {axis}, got {input.shape[axis]} (input shape "
-                f"{tuple(input.shape)})"
-            )
+        F.check_input(input, self.num_features, self._axis, self._ranks, type(self).__name__)
         if not self.eps > 0:
             F.check_eps(self.eps, self.training or self.running_mean is None)
         if mask is not None:
-            F.check_mask(mask, input, axis % dim)
+            F.check_mask(mask, input, self._axis % input.dim())
 
     def _transform(self, input: Tensor, mask: Tensor | None):
         """The transform step: (output, BatchStats or None), Algorithm 1 by default.

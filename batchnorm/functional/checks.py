@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 __all__ = [
+    "check_input",
     "channel_axis",
     "transformed",
     "has_tangent",
@@ -24,9 +25,43 @@ __all__ = [
     "check_mask",
     "check_training_batch",
     "check_arguments",
+    "check_backward",
     "check_virtual_batch_size",
     "check_renorm_limits",
+    "check_residual",
 ]
+
+
+def check_input(
+    input: Tensor, num_features: int, axis: int = 1, ranks: tuple[int, ...] = (), who: str = ""
+) -> None:
+    """A layer's input, before any work: a rank in ``ranks`` (any rank >= 2 when empty), a
+    channel ``axis`` it has, a floating-point dtype, ``num_features`` channels. The errors
+    name ``who`` (the layer), what it expected and what came."""
+    dim = input.dim()
+    if ranks:
+        if dim not in ranks:
+            expected = " or ".join(f"{r}D" for r in ranks)
+            raise ValueError(
+                f"{who} expected {expected} input, got {dim}D input of shape {tuple(input.shape)}"
+            )
+    elif dim < 2:
+        raise ValueError(
+            f"{who} expected input of at least 2 dimensions (N, C, ...), "
+            f"got shape {tuple(input.shape)}"
+        )
+    if not -dim <= axis < dim:
+        raise ValueError(
+            f"{who} normalizes channel axis {axis}, which input of shape "
+            f"{tuple(input.shape)} does not have"
+        )
+    if not input.is_floating_point():
+        raise TypeError(f"{who} expected a floating-point input, got {input.dtype}")
+    if input.shape[axis] != num_features:
+        raise ValueError(
+            f"{who}({num_features}) expected {num_features} channels on axis {axis}, got "
+            f"{input.shape[axis]} (input shape {tuple(input.shape)})"
+        )
 
 
 def channel_axis(input: Tensor, axis: int) -> int:
@@ -88,7 +123,8 @@ def check_eps(eps: float, batch_statistics: bool) -> None:
     if batch_statistics and not eps > 0:
         raise ValueError(f"eps must be positive when normalizing with batch statistics, got {eps}")
     if not eps >= 0:
-        raise ValueError(f"eps must be non-negative, got {eps}")
+        # torch's words (its module tests match "eps must be positive").
+        raise ValueError(f"eps must be positive (or 0 with population statistics), got {eps}")
 
 
 def check_mask(mask: Tensor, input: Tensor, axis: int) -> None:
@@ -114,9 +150,14 @@ def check_training_batch(input: Tensor, axis: int, count: int, what: str = "") -
         )
 
 
-def check_arguments(input, axis, eps, batch_statistics, backward, mask, virtual_batch_size):
+def check_backward(backward: str) -> None:
+    """``backward`` names a backward pass: "native" (torch's kernel) or "paper" (Sec. 3)."""
     if backward not in ("native", "paper"):
         raise ValueError(f"backward must be 'native' or 'paper', got {backward!r}")
+
+
+def check_arguments(input, axis, eps, batch_statistics, backward, mask, virtual_batch_size):
+    check_backward(backward)
     axis = channel_axis(input, axis)
     check_eps(eps, batch_statistics)
     if mask is not None:
@@ -134,3 +175,23 @@ def check_virtual_batch_size(v) -> None:
 def check_renorm_limits(r_max: float, d_max: float) -> None:
     if not (r_max >= 1 and d_max >= 0):
         raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+
+
+def check_residual(
+    input: Tensor, residual: Tensor | None, memory_saving: bool = False, who: str = ""
+) -> None:
+    """A residual of fused BN, act(BN(x) + residual), has the input's shape; memory saving
+    takes none. ``who`` (a layer's name) opens the message."""
+    if residual is None:
+        return
+    prefix = f"{who} " if who else ""
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"{prefix}expected a residual of the input's shape {tuple(input.shape)}, got "
+            f"{tuple(residual.shape)}"
+        )
+    if memory_saving:
+        raise ValueError(
+            f"{prefix}memory_saving=True takes no residual: subtracting it from the output "
+            "would cancel most digits of gamma * xhat; add the residual after the layer instead"
+        )

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from batchnorm.activations import check_activation
 from batchnorm.functional import (
     BatchStats,
+    check_residual,
     check_training_batch,
     commit_running_stats,
     has_tangent,
@@ -22,7 +24,7 @@ from batchnorm.functional import (
 )
 from batchnorm.kernels import backward as B
 from batchnorm.kernels import forward as F
-from batchnorm.kernels.common import ACTIVATIONS, REGISTRY
+from batchnorm.kernels.common import ACTIVATIONS
 from batchnorm.kernels.layout import DTYPES
 
 GAMMA_MIN = 1e-3  # memory saving divides by gamma; below this |gamma| it keeps x instead
@@ -268,32 +270,14 @@ def _check(
                 f"expected a {name} whose entries do not share memory (it is written in "
                 f"place), got stride 0"
             )
-    if residual is not None and residual.shape != input.shape:
-        raise ValueError(
-            f"expected residual of the input's shape {tuple(input.shape)}, "
-            f"got {tuple(residual.shape)}"
-        )
+    check_residual(input, residual, memory_saving)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
+    check_activation(activation, negative_slope, memory_saving)
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if activation == "leaky_relu" and not negative_slope >= 0:
         raise ValueError(
-            f"the fused leaky_relu takes negative_slope >= 0 (memory saving inverts it, like "
-            f"torch's in-place leaky_relu), got {negative_slope}"
+            f"activation must be one of {sorted(ACTIVATIONS)} on the kernels, got {activation!r}"
         )
-    if memory_saving:
-        if not REGISTRY[activation].invertible(negative_slope):
-            raise ValueError(
-                f"memory_saving rebuilds the input from the output and needs an invertible "
-                f"activation (identity, or leaky_relu with negative_slope > 0), got "
-                f"{activation!r} with negative_slope={negative_slope}"
-            )
-        if residual is not None:
-            raise ValueError(
-                "memory_saving does not take a residual: subtracting it from the output would "
-                "cancel most digits of gamma * xhat; add the residual after the layer instead"
-            )
     if training and running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if training and input.numel() > 0:

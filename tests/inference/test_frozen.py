@@ -189,3 +189,21 @@ def test_an_optimizer_keeps_training_gamma_after_freeze_and_unfreeze():
     net(torch.randn(8, 3)).square().sum().backward()
     opt.step()
     assert not torch.equal(net[1].weight.detach(), before)
+
+
+def test_frozen_bn_checks_its_input_as_the_layers_do():
+    # One input check for every layer (functional.check_input): before issue 18 the frozen
+    # layer had its own, which normalized an integer tensor without a word and named no axis
+    # range; now the same errors as BatchNorm2d's, naming the layer.
+    frozen, bn = FrozenBatchNorm(3), batchnorm.BatchNorm2d(3)
+    for x, error, match in [
+        (torch.ones(4, 3, dtype=torch.long), TypeError, "expected a floating-point input"),
+        (torch.randn(3), ValueError, "at least 2 dimensions"),
+        (torch.randn(4, 5), ValueError, r"\(3\) expected 3 channels on axis 1, got 5"),
+    ]:
+        with pytest.raises(error, match="FrozenBatchNorm.*" + match):
+            frozen(x)
+    with pytest.raises(ValueError, match="channel axis 3"):
+        FrozenBatchNorm(3, axis=3)(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="BatchNorm2d expected a floating-point input"):
+        bn(torch.ones(2, 3, 2, 2, dtype=torch.long))

@@ -361,7 +361,7 @@ BAD_CALLS = [
         "residual memory saving",
         dict(residual=True, memory_saving=True),
         ValueError,
-        "does not take a residual",
+        "takes no residual",
     ),
     (
         "negative slope",
