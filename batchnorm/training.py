@@ -195,7 +195,7 @@ class Accumulation:
 
 def _count_groups(layer: nn.Module, args: tuple) -> None:
     # Ghost BN's merge weighs each forward by its number of groups, N / virtual_batch_size.
-    if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+    if layer._pending is not None and args and isinstance(args[0], Tensor) and args[0].dim() > 0:
         layer._pending.current_groups = args[0].shape[0] // layer.virtual_batch_size
 
 

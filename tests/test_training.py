@@ -227,6 +227,41 @@ def test_accumulate_exception_discards_and_stops_deferring():
     assert int(layer.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("ghost", [None, 2])
+def test_diagnose_and_recalibrate_inside_an_open_accumulate_are_not_micro_batches(ghost):
+    # Before: the passes' forwards (training mode, to record batch statistics) handed their
+    # statistics to the pending step, so the commit merged diagnose's batches with the
+    # micro-batches. Now the deferral is suspended during a pass.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), batchnorm.BatchNorm1d(3, virtual_batch_size=ghost))
+    model = model.to(D)
+    ref = copy.deepcopy(model)
+    micro = [torch.randn(4, 4, dtype=D) for _ in range(2)]
+    other = [torch.randn(8, 4, dtype=D) * 3 + 2 for _ in range(3)]
+    with batchnorm.accumulate(model) as acc:
+        model(micro[0])
+        batchnorm.diagnose(model, other)
+        model(micro[1])
+        acc.step()
+        assert model[1]._pending is not None  # still deferring after the pass
+    with batchnorm.accumulate(ref) as acc:
+        for x in micro:
+            ref(x)
+        acc.step()
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var)
+    assert int(model[1].num_batches_tracked) == int(ref[1].num_batches_tracked) == 1
+    with batchnorm.accumulate(model):
+        model(micro[0])
+        batchnorm.recalibrate(model, other)  # sets the population statistics of `other`
+        expected = copy.deepcopy(model)  # a copy commits each forward (no pending step)
+    # The step at exit commits micro[0] alone, on top of the recalibrated statistics.
+    expected(micro[0])
+    torch.testing.assert_close(model[1].running_mean, expected[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, expected[1].running_var)
+    assert int(model[1].num_batches_tracked) == int(expected[1].num_batches_tracked)
+
+
 def test_accumulate_refusals():
     with pytest.raises(TypeError, match="batchnorm.convert"):
         batchnorm.accumulate(nn.Sequential(nn.BatchNorm1d(3)))

@@ -201,7 +201,9 @@ class StatisticsPass:
     put back after each batch, so each batch sees the model as it was (the statistics never
     depend on momentum or on the order of the batches) and the model is left as it was. On
     exit, also after an exception, the hooks are removed and every module's train/eval mode
-    is restored. Runs under ``torch.no_grad``; parameters are never touched.
+    is restored. Inside an open `batchnorm.accumulate` the pass's forwards are not part of the
+    logical step: the layers' deferral is suspended during the pass and restored after it.
+    Runs under ``torch.no_grad``; parameters are never touched.
 
     Across processes (``process_group``): each rank runs its own batches, and `finish` pools
     every rank's accumulators into every rank's, as if one process had seen all the batches
@@ -241,10 +243,17 @@ class StatisticsPass:
         self._hooks: list = []
         self._modes: list = []
         self._saved: list = []
+        self._deferred: list = []
 
     def __enter__(self) -> StatisticsPass:
         self._modes = [(m, m.training) for m in self.model.modules()]
         self._saved = [(b, b.clone()) for b in self.model.buffers()]
+        # A layer inside an open `batchnorm.accumulate` defers its commit: this pass's
+        # forwards are not micro-batches of that step, so the deferral is suspended here
+        # (the layers commit, and every buffer is put back after each batch).
+        self._deferred = [(m, m._pending) for m in self._bn if getattr(m, "_pending", None)]
+        for m, _ in self._deferred:
+            m._pending = None
         try:
             for name, (layer, acc) in self.layers.items():
                 hook = self._hook(name, acc, channel_axis(layer))
@@ -261,6 +270,9 @@ class StatisticsPass:
         self._hooks = []
         for m, training in self._modes:
             m.training = training
+        for m, pending in self._deferred:
+            m._pending = pending
+        self._deferred = []
         self._restore_buffers()
 
     def _hook(self, name: str, acc: PopulationStats, axis: int):
