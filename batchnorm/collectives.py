@@ -284,10 +284,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     The fast case (no mask; float32/float64 input in the parameters' dtype) runs torch's own
     kernels: forward is the eval-mode ``torch.batch_norm`` with the global statistics; the
-    backward's ``native_batch_norm_backward`` in eval mode gives dl/dy * gamma / s and the
-    two local sums in one call, one collective adds the sums, and the correction
-    ``- gamma/s * (sum_all dl/dy / N + xhat * sum_all(dl/dy * xhat) / N)``, an affine map of
-    xhat per channel, is the eval-mode kernel again, applied to x. Other cases use the
+    backward's ``native_batch_norm_backward`` in eval mode gives the two local sums alone
+    (one read of dl/dy and x, nothing full-size written), one collective adds them, the
+    correction ``- gamma/s * (sum_all dl/dy / N + xhat * sum_all(dl/dy * xhat) / N)``, an
+    affine map of xhat per channel, is the eval-mode kernel again, applied to x, and
+    gamma/s * dl/dy is added to it in place. Other cases use the
     library's one gradient helper, `batchnorm.functional.batch_norm_backward`, with the sums
     all-reduced.
 
