@@ -28,6 +28,8 @@ merge correctly.
 from __future__ import annotations
 
 import datetime
+import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -58,20 +60,34 @@ def as_timedelta(timeout) -> datetime.timedelta | None:
     return datetime.timedelta(seconds=float(timeout))
 
 
+# How long a rank polls a gloo collective before it blocks (see `run_collective`).
+_SPIN_SECONDS = 0.005
+
+
 def run_collective(op: str, fn, group, timeout: datetime.timedelta | None) -> None:
     """Run one collective; turn a dead or missing peer into a RuntimeError that says so.
 
-    With ``timeout`` the call is issued asynchronously and waited on for at most that long;
-    without it the process group's own timeout applies (``init_process_group(timeout=...)``;
-    gloo honours it per operation, NCCL through its watchdog). A peer that has exited
-    usually fails the collective at once (the connection closes); one that is alive but
-    never joins fails it at the timeout.
+    With ``timeout`` the call is waited on for at most that long; without it the process
+    group's own timeout applies (``init_process_group(timeout=...)``; gloo honours it per
+    operation, NCCL through its watchdog). A peer that has exited usually fails the
+    collective at once (the connection closes); one that is alive but never joins fails it
+    at the timeout.
+
+    On gloo the calling thread first polls the operation for up to `_SPIN_SECONDS`, yielding
+    the core between polls, and only then blocks: a BN layer's collective is a few hundred
+    values that complete in well under a millisecond once every rank has joined, and a
+    blocked thread is woken late (measured with `benchmarks/bench_sync.py`). A rank that
+    waits longer for a slow peer stops polling and sleeps. With NCCL ``wait`` only orders
+    the streams, so there is nothing to poll.
     """
     try:
+        work = fn(async_op=True)
+        if dist.get_backend(group) == "gloo":
+            _poll(work, _SPIN_SECONDS)
         if timeout is None:
-            fn(async_op=False)
+            work.wait()
         else:
-            fn(async_op=True).wait(timeout=timeout)
+            work.wait(timeout=timeout)
     except RuntimeError as err:  # DistBackendError and gloo/NCCL failures subclass it
         limit = f"{timeout.total_seconds():g} s" if timeout is not None else "its timeout"
         raise RuntimeError(
@@ -81,6 +97,14 @@ def run_collective(op: str, fn, group, timeout: datetime.timedelta | None) -> No
             f"(every rank must run every SyncBatchNorm forward and backward, even with an empty "
             f"batch). Backend error: {err}"
         ) from err
+
+
+def _poll(work, seconds: float) -> None:
+    """Return when ``work`` has completed (or failed), or after about ``seconds``."""
+    yield_ = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
+    deadline = time.perf_counter() + seconds
+    while not work.is_completed() and time.perf_counter() < deadline:
+        yield_()
 
 
 def _local_moments(input: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -260,10 +284,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     The fast case (no mask; float32/float64 input in the parameters' dtype) runs torch's own
     kernels: forward is the eval-mode ``torch.batch_norm`` with the global statistics; the
-    backward's ``native_batch_norm_backward`` in eval mode gives dl/dy * gamma / s and the
-    two local sums in one call, one collective adds the sums, and the correction
-    ``- gamma/s * (sum_all dl/dy / N + xhat * sum_all(dl/dy * xhat) / N)``, an affine map of
-    xhat per channel, is the eval-mode kernel again, applied to x. Other cases use the
+    backward's ``native_batch_norm_backward`` in eval mode gives the two local sums alone
+    (one read of dl/dy and x, nothing full-size written), one collective adds them, the
+    correction ``- gamma/s * (sum_all dl/dy / N + xhat * sum_all(dl/dy * xhat) / N)``, an
+    affine map of xhat per channel, is the eval-mode kernel again, applied to x, and
+    gamma/s * dl/dy is added to it in place. Other cases use the
     library's one gradient helper, `batchnorm.functional.batch_norm_backward`, with the sums
     all-reduced.
 
@@ -341,9 +366,10 @@ def _sums_all_reduce(group, timeout):
 
 
 def _fast_backward(grad_output, input, weight, mean, var, count, eps, all_reduce, input_grad):
-    # dl/dy * gamma / s, sum dl/dy * xhat (= dl/dgamma) and sum dl/dy (= dl/dbeta), local.
-    grad_scaled, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
-        grad_output, input, weight, mean, var, None, None, False, eps, [input_grad, True, True]
+    # sum dl/dy * xhat (= dl/dgamma) and sum dl/dy (= dl/dbeta), local: the eval-mode kernel
+    # asked for the two sums only reads dl/dy and x once and writes nothing full-size.
+    _, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+        grad_output, input, weight, mean, var, None, None, False, eps, [False, True, True]
     )
     if not input_grad:
         return None, grad_gamma, grad_beta
@@ -355,12 +381,13 @@ def _fast_backward(grad_output, input, weight, mean, var, count, eps, all_reduce
         k = k * weight  # gamma / s
     # dl/dx = gamma/s * dl/dy - gamma/s * (sum dl/dy / N + xhat * sum(dl/dy * xhat) / N):
     # the correction is an affine map of xhat per channel, which torch's eval-mode kernel
-    # computes from x in one pass (x - mu inside, no cancellation).
-    correction = torch.batch_norm(
+    # computes from x in one pass (x - mu inside, no cancellation); gamma/s * dl/dy is then
+    # added in place, one more pass and no other full-size tensor.
+    grad_input = torch.batch_norm(
         input, -k * (sum_dy_xhat / count), -k * (sum_dy / count), mean, var, False, 0.0, eps,
         torch.backends.cudnn.enabled,
     )  # fmt: skip
-    return grad_scaled.add_(correction), grad_gamma, grad_beta
+    return grad_input.addcmul_(grad_output, F.per_channel(k, input, 1)), grad_gamma, grad_beta
 
 
 def _generic_backward(grad_output, input, weight, mean, var, count, eps, all_reduce, mask,
