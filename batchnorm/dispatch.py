@@ -203,12 +203,14 @@ def state(layer) -> State:
     ``nn.Module.__getattr__`` costs about 1 us, which a (60, 100) layer notices (torch's own
     forward pays it eight times)."""
     params, buffers = layer._parameters, layer._buffers
+    # torch's _BatchNorm registers all but the last (as None where a layer has no such
+    # tensor); num_batches_skipped is ours, absent from a layer pickled before it existed.
     return State(
-        params.get("weight"),
-        params.get("bias"),
-        buffers.get("running_mean"),
-        buffers.get("running_var"),
-        buffers.get("num_batches_tracked"),
+        params["weight"],
+        params["bias"],
+        buffers["running_mean"],
+        buffers["running_var"],
+        buffers["num_batches_tracked"],
         buffers.get("num_batches_skipped"),
     )
 
@@ -248,17 +250,19 @@ def _fused_applies(layer, input: Tensor, mask, s: State) -> bool:
     needs the batch statistics), more than one value per channel (else the transform
     handles the empty batch or raises), parameters in the buffers' dtype (FSDP2's bf16
     parameters with fp32 buffers have no such kernel), and a float momentum (momentum=None
-    keeps 1/k a tensor where reading k back is not free)."""
-    if not _commits(layer, s) or mask is not None or not layer._fusable:
+    keeps 1/k a tensor where reading k back is not free). The cheapest tests first: this
+    runs on every training call of the CPU fast path."""
+    if mask is not None or s.running_mean is None or not layer.training:
         return False
-    if layer.backward != "native" or layer.virtual_batch_size is not None:
+    if not (layer._fusable and layer.track_running_stats and layer.backward == "native"):
         return False
-    if layer._pending is not None:
+    if layer.virtual_batch_size is not None or layer._pending is not None:
         return False
     channels = input.shape[layer._axis]
-    if channels == 0 or input.numel() // channels < 2:
+    if channels == 0 or input.numel() < 2 * channels:
         return False
-    if s.weight is not None and s.weight.dtype != s.running_var.dtype:
+    weight = s.weight
+    if weight is not None and weight.dtype != s.running_var.dtype:
         return False
     return layer.momentum is not None or F.host_readable(s.running_var)
 
@@ -272,7 +276,7 @@ def _run_fused(layer, input, mask, residual, s: State) -> Tensor:
     momentum = F.momentum_value(layer.momentum, s.num_batches_tracked, s.running_mean, readable)
     axis = layer._axis
     x = input if axis == 1 else input.movedim(axis, 1)
-    if readable and not layer._holds_commit():
+    if readable and not layer._holds_commit(eager=True):
         backup = torch.cat((s.running_mean, s.running_var))
         # On the CPU torch.batch_norm dispatches to this kernel through a composite layer
         # (_batch_norm_impl_index) that only adds time; cuDNN paths never come here.

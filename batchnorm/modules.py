@@ -29,13 +29,16 @@ __all__ = [
 ]
 
 
-def recomputing() -> bool:
+def recomputing(eager: bool = False) -> bool:
     """Whether this forward runs inside autograd's backward pass: a checkpointed segment
     being recomputed (``torch.utils.checkpoint``, reentrant or not, and the wrappers built
     on it), whose real forward already committed. Under torch.compile the compiled graph
     does its own recomputation, without running this forward again (and dynamo cannot trace
-    the query)."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    the query). ``eager``: the caller knows it is not compiling (`functional.host_readable`),
+    which saves that check on the CPU fast path."""
+    return (eager or not torch.compiler.is_compiling()) and (
+        torch._C._current_graph_task_id() != -1
+    )
 
 
 def fx_leaf(layer: nn.Module, input: Proxy, *args) -> Proxy:
@@ -222,10 +225,11 @@ class _BatchNormBase(nn.modules.batchnorm._BatchNorm):
             s.num_batches_skipped,
         )  # fmt: skip
 
-    def _holds_commit(self) -> bool:
+    def _holds_commit(self, eager: bool = False) -> bool:
         """Whether `_commit` holds this forward's statistics back (deferred, or recomputed):
-        an engine that writes the buffers itself (torch's kernel) must then not write."""
-        return self._pending is not None or recomputing()
+        an engine that writes the buffers itself (torch's kernel) must then not write.
+        ``eager``: as for `recomputing`."""
+        return self._pending is not None or recomputing(eager)
 
     # ----------------------------------------------------------------------------------------
 

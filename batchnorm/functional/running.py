@@ -100,17 +100,17 @@ def update_running_stats(
 _ONE = torch.ones((), dtype=torch.long)
 
 
+_compiling = torch.compiler.is_compiling  # bound once: every training call asks
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def host_readable(t: Tensor) -> bool:
     """Whether reading a value of ``t`` back to Python is free: eager mode on the CPU.
 
     On accelerators it would synchronize; under torch.compile it would break the graph;
     under torch.func transforms it is not allowed. There the write selects with
     `torch.where` instead of branching."""
-    return (
-        t.is_cpu
-        and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
+    return t.is_cpu and not _compiling() and not _wrapped(t)
 
 
 def momentum_value(
