@@ -156,7 +156,7 @@ def test_kernels_and_the_activation_registry_import_only_what_they_may():
 
 
 # Cycles left, each with its reason; a new one fails the test below. None is left (issue 18:
-# kernels/function.py reads DTYPES from kernels/layout.py and has_tangent from functional.py,
+# kernels/function.py reads DTYPES from kernels/layout.py and has_tangent from functional/,
 # not from the package that imports it lazily; distributed.py never imports the fused layers).
 KNOWN_CYCLES: list[set[str]] = []
 
