@@ -201,18 +201,23 @@ class State(NamedTuple):
 def state(layer) -> State:
     """The accessor of a layer's parameters and buffers, straight from their dicts: one
     ``nn.Module.__getattr__`` costs about 1 us, which a (60, 100) layer notices (torch's own
-    forward pays it eight times)."""
+    forward pays it eight times). A tensor set as a plain attribute instead (``del
+    layer.weight; layer.weight = w``, as a functional or double-backward test does) is read
+    as one."""
     params, buffers = layer._parameters, layer._buffers
-    # torch's _BatchNorm registers all but the last (as None where a layer has no such
-    # tensor); num_batches_skipped is ours, absent from a layer pickled before it existed.
-    return State(
-        params["weight"],
-        params["bias"],
-        buffers["running_mean"],
-        buffers["running_var"],
-        buffers["num_batches_tracked"],
-        buffers.get("num_batches_skipped"),
-    )
+    try:
+        # torch's _BatchNorm registers all but the last (as None where a layer has no such
+        # tensor); num_batches_skipped is ours, absent from a layer pickled before it existed.
+        return State(
+            params["weight"],
+            params["bias"],
+            buffers["running_mean"],
+            buffers["running_var"],
+            buffers["num_batches_tracked"],
+            buffers.get("num_batches_skipped"),
+        )
+    except KeyError:
+        return State(*(getattr(layer, name, None) for name in State._fields))
 
 
 class Engine(NamedTuple):

@@ -630,3 +630,20 @@ def test_backward_after_a_skipped_batch_and_after_a_second_call():
     y2 = bn(z.unsqueeze(-1) * 2, mask=torch.ones(8, 1, dtype=torch.bool))  # then the commit
     (y1.sum() + y2.sum()).backward()
     assert bn.num_batches_tracked.item() == 2 and z.grad.shape == z.shape
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_parameter_replaced_by_a_plain_tensor_is_used(training):
+    # `del bn.weight; bn.weight = w` (how functional and double-backward code sets
+    # parameters per call): every engine reads the tensor the attribute holds.
+    torch.manual_seed(0)
+    bn = batchnorm.BatchNorm2d(3).train(training)
+    ref = nn.BatchNorm2d(3).train(training)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    del bn.weight, bn.bias
+    bn.weight, bn.bias = w, b
+    with torch.no_grad():
+        ref.weight.copy_(w), ref.bias.copy_(b)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(bn(x), ref(x))
+    torch.testing.assert_close(bn.running_var, ref.running_var)
