@@ -276,33 +276,37 @@ def _run_fused(layer, input, mask, residual, s: State) -> Tensor:
     """Transform and the rule in one call of torch's kernel; the layer's write then guards
     what it wrote. On the eager CPU the kernel writes the buffers in place, after a (2C,)
     backup that a failed guard restores; elsewhere it writes copies (whole tensors: vmap's
-    rule for the kernel does not write through views), which the guard selects from."""
+    rule for the kernel does not write through views), which the guard selects from. A
+    checkpointed forward that autograd recomputes (`_holds_commit`) runs the same kernel on
+    copies (a non-reentrant checkpoint checks that it saves what the real forward saved) and
+    writes nothing."""
     readable = F.host_readable(s.running_var)
+    held = layer._holds_commit(eager=readable)
     momentum = F.momentum_value(layer.momentum, s.num_batches_tracked, s.running_mean, readable)
     axis = layer._axis
     x = input if axis == 1 else input.movedim(axis, 1)
-    if readable and not layer._holds_commit(eager=True):
+    backup = None
+    if readable and not held:
         backup = torch.cat((s.running_mean, s.running_var))
+        new_mean, new_var = s.running_mean, s.running_var
+    else:
+        new_mean, new_var = s.running_mean.clone(), s.running_var.clone()
+    if readable:
         # On the CPU torch.batch_norm dispatches to this kernel through a composite layer
         # (_batch_norm_impl_index) that only adds time; cuDNN paths never come here.
         output = torch.native_batch_norm(
-            x, s.weight, s.bias, s.running_mean, s.running_var, True, momentum, layer.eps
+            x, s.weight, s.bias, new_mean, new_var, True, momentum, layer.eps
         )[0]
-        F.write_running_stats(
-            s.running_mean, s.running_var, s.running_mean, s.running_var,
-            s.num_batches_tracked, s.num_batches_skipped, readable, backup,
-        )  # fmt: skip
     else:
-        new_mean, new_var = s.running_mean.clone(), s.running_var.clone()
         output = torch.batch_norm(
             x, s.weight, s.bias, new_mean, new_var, True, momentum, layer.eps,
             torch.backends.cudnn.enabled,
         )  # fmt: skip
-        if not layer._holds_commit():
-            F.write_running_stats(
-                s.running_mean, s.running_var, new_mean, new_var, s.num_batches_tracked,
-                s.num_batches_skipped, readable,
-            )  # fmt: skip
+    if not held:
+        F.write_running_stats(
+            s.running_mean, s.running_var, new_mean, new_var, s.num_batches_tracked,
+            s.num_batches_skipped, readable, backup,
+        )  # fmt: skip
     return output if axis == 1 else output.movedim(1, axis)
 
 
