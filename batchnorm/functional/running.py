@@ -87,6 +87,11 @@ def update_running_stats(
         back to the host, so this is the same under torch.compile, torch.func and on GPUs.
     """
     new_mean, new_var = running_stats_step(running_mean, running_var, stats, momentum)
+    return _guarded(running_mean, running_var, new_mean, new_var)
+
+
+def _guarded(running_mean, running_var, new_mean, new_var) -> tuple[Tensor, Tensor, Tensor]:
+    # The guard in tensor form: the new statistics where `finite_step` allows, else the old.
     updated = finite_step(new_mean, new_var)
     return (
         torch.where(updated, new_mean, running_mean),
@@ -169,9 +174,9 @@ def write_running_stats(
         return
     if backup is not None:
         raise ValueError("a kernel writes the buffers in place only where the guard is read back")
-    updated = finite_step(new_mean, new_var)
-    running_mean.copy_(torch.where(updated, new_mean, running_mean))
-    running_var.copy_(torch.where(updated, new_var, running_var))
+    kept_mean, kept_var, updated = _guarded(running_mean, running_var, new_mean, new_var)
+    running_mean.copy_(kept_mean)
+    running_var.copy_(kept_var)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(updated)
     if num_batches_skipped is not None:
